@@ -1,0 +1,132 @@
+"""OT-MEL configuration."""
+
+from transformers import CLIPConfig, PreTrainedConfig
+
+
+_CHOICES = {
+    "fusion_assignment": ("ot", "attention", "off"),
+    "unimodal_assignment": ("ot", "attention", "off"),
+    "pooling": ("softpool", "mean", "max"),
+    "distillation": ("off", "kl", "mse", "row_kl"),
+    "inference_assignment": ("ot", "attention"),
+}
+
+
+class OTMELConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`OTMELModel`]: a CLIP backbone (`clip_config`) plus the OT-MEL heads of
+    Zhang et al., "Optimal Transport Guided Correlation Assignment for Multimodal Entity Linking" (2024).
+
+    Every design choice that the paper ablates (Table 2) is a value here, so each variant is a config, not a code
+    edit:
+
+    | paper variant | setting |
+    |---|---|
+    | OT-MEL (OT) | defaults |
+    | ATT | `fusion_assignment="attention", unimodal_assignment="attention"` |
+    | OT-MEL (KD) | `distillation="kl", inference_assignment="attention"` |
+    | F1 repl. ATT in fusion | `fusion_assignment="attention"` |
+    | F2 w/o fusion | `fusion_assignment="off"` |
+    | M1 repl. ATT in unimodal | `unimodal_assignment="attention"` |
+    | M2 w/o unimodal | `unimodal_assignment="off"` |
+    | O1 / O2 softpool -> mean / max | `pooling="mean"` / `pooling="max"` |
+    | K1 MSE / K2 row KL | `distillation="mse"` / `distillation="row_kl"` |
+    | CLIP baseline | `fusion_assignment="off", unimodal_assignment="off"` |
+
+    Args:
+        clip_config (`dict` or [`CLIPConfig`], *optional*):
+            The CLIP backbone shared by mentions and entities.
+        hidden_size (`int`, *optional*, defaults to 96):
+            Size of the correlation-assignment space (W_q, W_k, W_h of Eq. 6-12 and 19-24).
+        ot_epsilon (`float`, *optional*, defaults to 0.1):
+            Entropic regularisation of Sinkhorn. Costs lie in [0, 1]; 0.6 (paper text) gives a nearly uniform plan.
+        sinkhorn_iterations (`int`, *optional*, defaults to 20):
+            Maximum number of Sinkhorn iterations (one iteration updates both potentials).
+        sinkhorn_tolerance (`float`, *optional*, defaults to 1e-3):
+            Early stop once the L2 norm of the row-marginal violation (each plan normalised to total mass 1) is below
+            this for every problem of the batch. 0 disables early stopping.
+        logit_scale_init (`float`, *optional*, defaults to 20.0):
+            Initial inverse temperature of the InfoNCE losses (cosine scores are multiplied by it).
+        learnable_logit_scale (`bool`, *optional*, defaults to `True`):
+            Whether the inverse temperature is trained (clamped to at most 100, as in CLIP).
+        max_text_length (`int`, *optional*, defaults to 40):
+            Token budget of mention (`surface [SEP] sentence`) and entity (`name [SEP] attributes`) texts.
+        fusion_assignment (`str`, *optional*, defaults to `"ot"`):
+            Cross-modal assignment inside the multimodal fusion (S_F): `"ot"`, `"attention"` or `"off"` (no S_F).
+        unimodal_assignment (`str`, *optional*, defaults to `"ot"`):
+            Token-to-token and patch-to-patch assignment of S_T / S_V: `"ot"`, `"attention"` or `"off"` (S_T and S_V
+            keep only their global-feature term).
+        pooling (`str`, *optional*, defaults to `"softpool"`):
+            Set pooling (Eq. 13-14): `"softpool"`, `"mean"` or `"max"`.
+        distillation (`str`, *optional*, defaults to `"off"`):
+            OT-to-attention distillation (Eq. 28-29): `"off"`, `"kl"` (row and column KL), `"mse"`, `"row_kl"`.
+        kd_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_KD in J = L + kd_weight * L_KD.
+        inference_assignment (`str`, *optional*, defaults to `"ot"`):
+            What replaces each `"ot"` assignment when the model is not training: `"ot"` or `"attention"` (the attention
+            softmax of the same projections, the fast path of a distilled model).
+        retrieval_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of an extra InfoNCE term on the mention-independent score S_R (S_F and the global terms), which
+            ranks a whole KB by one matrix product before re-ranking. Not in the paper; 0 gives the paper's objective.
+    """
+
+    model_type = "otmel"
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+
+    clip_config: dict | CLIPConfig | None = None
+    hidden_size: int = 96
+    ot_epsilon: float = 0.1
+    sinkhorn_iterations: int = 20
+    sinkhorn_tolerance: float = 1e-3
+    logit_scale_init: float = 20.0
+    learnable_logit_scale: bool = True
+    max_text_length: int = 40
+    fusion_assignment: str = "ot"
+    unimodal_assignment: str = "ot"
+    pooling: str = "softpool"
+    distillation: str = "off"
+    kd_weight: float = 1.0
+    inference_assignment: str = "ot"
+    retrieval_loss_weight: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_settings()
+
+    def check_settings(self):
+        """Raises `ValueError` naming the setting and its allowed values for any invalid value or combination."""
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"OTMELConfig.{name}={value!r} is invalid; allowed values: {', '.join(allowed)}.")
+        uses_ot = "ot" in (self.fusion_assignment, self.unimodal_assignment)
+        if self.distillation != "off" and not uses_ot:
+            raise ValueError(
+                f"OTMELConfig.distillation={self.distillation!r} needs an OT teacher: set fusion_assignment or "
+                f"unimodal_assignment to 'ot' (now {self.fusion_assignment!r} / {self.unimodal_assignment!r}), "
+                "or distillation='off'."
+            )
+        if self.inference_assignment == "attention" and uses_ot and self.distillation == "off":
+            raise ValueError(
+                "OTMELConfig.inference_assignment='attention' replaces OT by attention at inference, which is only "
+                "meaningful after distillation: set distillation to one of 'kl', 'mse', 'row_kl', or "
+                "inference_assignment='ot'."
+            )
+        for name in ("hidden_size", "sinkhorn_iterations", "max_text_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"OTMELConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not self.ot_epsilon > 0:
+            raise ValueError(f"OTMELConfig.ot_epsilon must be > 0, got {self.ot_epsilon!r}.")
+        if self.sinkhorn_tolerance < 0 or self.kd_weight < 0 or self.retrieval_loss_weight < 0:
+            raise ValueError("OTMELConfig.sinkhorn_tolerance, kd_weight and retrieval_loss_weight must be >= 0.")
+        if not self.logit_scale_init > 0:
+            raise ValueError(f"OTMELConfig.logit_scale_init must be > 0, got {self.logit_scale_init!r}.")
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        self.check_settings()
+
+
+__all__ = ["OTMELConfig"]
+
+OTMELConfig.register_for_auto_class()

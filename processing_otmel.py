@@ -1,0 +1,182 @@
+"""Processor for OT-MEL: mention / entity texts plus images, for a CLIP backbone."""
+
+import io
+import logging
+import os
+from collections import Counter
+from urllib.parse import unquote
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+
+logger = logging.getLogger(__name__)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (RGBA, LA, P, L, I;16, CMYK, ...) as RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[-1])
+        return background
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = array.max() - array.min()
+        array = (array - array.min()) / (span if span > 0 else 1) * 255
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def read_image(source) -> tuple[Image.Image | None, str | None]:
+    """Reads an image given as a PIL image, a path, raw bytes, a datasets `{"bytes", "path"}` dict, or None.
+
+    Returns `(RGB image, None)` or `(None, reason)`; a missing or unreadable picture is "no image", never an error and
+    never a stand-in picture. Truncated files are rejected rather than half-decoded.
+    """
+    if source is None:
+        return None, None
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+        if source is None:
+            return None, None
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        elif isinstance(source, (str, os.PathLike)):
+            if not os.path.isfile(source):
+                return None, f"missing file {os.fspath(source)}"
+            image = Image.open(source)
+        else:
+            return None, f"unsupported image type {type(source).__name__}"
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            image.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        if image.width < 1 or image.height < 1:
+            return None, "empty image"
+        return to_rgb(image), None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        return None, f"unreadable image ({type(err).__name__}: {err})"
+
+
+class OTMELProcessor(ProcessorMixin):
+    r"""Builds OT-MEL inputs: a CLIP image processor plus a tokenizer.
+
+    Mentions become `surface [SEP] sentence`, entities `name [SEP] attributes` (names and surfaces are URL-unquoted, as
+    in the MIMIC data), truncated to `max_text_length` tokens. Images may be PIL images (any mode), file paths, bytes,
+    `datasets` image dicts, or None; unreadable ones count as "no image" (`has_image` False) with a counted warning.
+
+    Args:
+        image_processor ([`CLIPImageProcessorPil`] or any CLIP image processor).
+        tokenizer ([`PreTrainedTokenizerBase`]): a CLIP tokenizer or the offline tiny one.
+        max_text_length (`int`, *optional*, defaults to 40): token budget of each text.
+        separator (`str`, *optional*): text between the two fields; defaults to the tokenizer's `sep_token` when it has
+            one distinct from its end token, else `" : "` (CLIP pools at the first end token, so it cannot be used).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, max_text_length: int = 40, separator: str | None = None, **kwargs):
+        self.max_text_length = max_text_length
+        self.separator = separator
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def _separator(self) -> str:
+        if self.separator is not None:
+            return self.separator
+        sep = getattr(self.tokenizer, "sep_token", None)
+        if sep and sep != getattr(self.tokenizer, "eos_token", None):
+            return f" {sep} "
+        return " : "
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        return self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+
+    def _images(self, images, n: int) -> dict:
+        if images is None:
+            images = [None] * n
+        if len(images) != n:
+            raise ValueError(f"got {len(images)} images for {n} texts; pass None for an item without image")
+        decoded, problems = [], Counter()
+        first = {}
+        for source in images:
+            image, reason = read_image(source)
+            decoded.append(image)
+            if reason is not None:
+                key = reason.split(" ")[0]
+                problems[key] += 1
+                first.setdefault(key, reason)
+        if problems:
+            logger.warning(
+                "%d of %d images treated as 'no image': %s",
+                sum(problems.values()),
+                n,
+                "; ".join(f"{count} {key} (e.g. {first[key]})" for key, count in problems.items()),
+            )
+        has_image = torch.tensor([image is not None for image in decoded], dtype=torch.bool)
+        size = self.image_processor.crop_size or self.image_processor.size
+        height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
+        pixel_values = torch.zeros(n, 3, height, width)
+        present = [image for image in decoded if image is not None]
+        if present:
+            processed = self.image_processor(images=present, return_tensors="pt")["pixel_values"]
+            pixel_values[has_image] = processed.to(pixel_values.dtype)
+        return {"pixel_values": pixel_values, "has_image": has_image}
+
+    def mention_texts(self, mentions: list[str], sentences: list[str]) -> list[str]:
+        sep = self._separator()
+        return [f"{unquote(m or '')}{sep}{s or ''}" for m, s in zip(mentions, sentences)]
+
+    def entity_texts(self, names: list[str], attributes: list[str]) -> list[str]:
+        sep = self._separator()
+        return [f"{unquote(n or '')}{sep}{a or ''}" for n, a in zip(names, attributes)]
+
+    def process_mentions(self, mentions: list[str], sentences: list[str], images=None) -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
+        if len(mentions) != len(sentences):
+            raise ValueError(f"got {len(mentions)} mentions and {len(sentences)} sentences")
+        data = dict(self._tokenize(self.mention_texts(mentions, sentences)))
+        data.update(self._images(images, len(mentions)))
+        return BatchFeature(data)
+
+    def process_entities(self, names: list[str], attributes: list[str], images=None) -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
+        if len(names) != len(attributes):
+            raise ValueError(f"got {len(names)} names and {len(attributes)} attribute texts")
+        data = dict(self._tokenize(self.entity_texts(names, attributes)))
+        data.update(self._images(images, len(names)))
+        return BatchFeature(data)
+
+    def __call__(self, mentions=None, sentences=None, images=None, names=None, attributes=None, **kwargs):
+        """`processor(mentions=..., sentences=..., images=...)` for mentions, `processor(names=..., attributes=...)`
+        for entities."""
+        if mentions is not None:
+            return self.process_mentions(mentions, sentences if sentences is not None else [""] * len(mentions), images)
+        if names is not None:
+            return self.process_entities(names, attributes if attributes is not None else [""] * len(names), images)
+        raise ValueError("pass mentions= (with sentences=) or names= (with attributes=)")
+
+
+OTMELProcessor.register_for_auto_class()
+
+try:  # in-library registration, so AutoProcessor does not fall back to a bare tokenizer
+    from .configuration_otmel import OTMELConfig
+except ImportError:
+    from configuration_otmel import OTMELConfig
+from transformers import AutoProcessor
+
+AutoProcessor.register(OTMELConfig, OTMELProcessor, exist_ok=True)
+
+__all__ = ["OTMELProcessor", "read_image", "to_rgb"]
