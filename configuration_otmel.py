@@ -68,6 +68,11 @@ class OTMELConfig(PreTrainedConfig):
         retrieval_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of an extra InfoNCE term on the mention-independent score S_R (S_F and the global terms), which
             ranks a whole KB by one matrix product before re-ranking. Not in the paper; 0 gives the paper's objective.
+        pairwise_negatives (`int`, *optional*, defaults to 0):
+            Training only. 0: the pairwise terms (S_T, S_V and so S_O) score every mention against every in-batch
+            entity, B^2 unimodal assignments (the paper). k > 0: against its gold entity and the k other in-batch
+            entities with the highest S_R, B(k+1) assignments: the hard negatives that two-stage ranking re-ranks.
+            S_F and S_R always use every in-batch entity.
     """
 
     model_type = "otmel"
@@ -88,6 +93,7 @@ class OTMELConfig(PreTrainedConfig):
     kd_weight: float = 1.0
     inference_assignment: str = "ot"
     retrieval_loss_weight: float = 1.0
+    pairwise_negatives: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -117,6 +123,8 @@ class OTMELConfig(PreTrainedConfig):
                 raise ValueError(f"OTMELConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not self.ot_epsilon > 0:
             raise ValueError(f"OTMELConfig.ot_epsilon must be > 0, got {self.ot_epsilon!r}.")
+        if self.pairwise_negatives < 0:
+            raise ValueError(f"OTMELConfig.pairwise_negatives must be >= 0 (0: all in-batch entities), got {self.pairwise_negatives!r}.")
         if self.sinkhorn_tolerance < 0 or self.kd_weight < 0 or self.retrieval_loss_weight < 0:
             raise ValueError("OTMELConfig.sinkhorn_tolerance, kd_weight and retrieval_loss_weight must be >= 0.")
         if not self.logit_scale_init > 0:

@@ -28,14 +28,24 @@ except ImportError:
 # Sinkhorn
 # ----------------------------------------------------------------------------------------------------------------
 
-# Above this ratio of cost range to epsilon, exp(-C / eps) can underflow in float32, so the solver works on log
-# potentials; below it the kernel form is exact and far cheaper (matrix-vector products instead of logsumexp).
-_KERNEL_DOMAIN_MAX_RATIO = 50.0
+# Up to this ratio of a problem's cost spread to epsilon, the kernel exp(-(C - min C) / epsilon) stays above
+# e^-30 ~ 1e-13, so the scalings, and their squares met in the backward pass, stay far inside float32's range: the
+# solver runs in the kernel form (matrix-vector products, cheap). Above it, it works on log potentials (logsumexp
+# updates), which cannot overflow at any epsilon.
+_KERNEL_DOMAIN_MAX_RATIO = 30.0
 
 
-def _marginal_error(plan_rows: torch.Tensor, a: torch.Tensor) -> float:
-    # L2 norm of the row-marginal violation of each problem, worst problem of the batch.
-    return (plan_rows - a).norm(dim=-1).max().item()
+def _marginal_error(plan_rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    # L2 norm of the row-marginal violation of each problem, shape (...).
+    return torch.linalg.vector_norm(plan_rows - a, dim=-1)
+
+
+def _still_running(error: torch.Tensor, tol: float, running: torch.Tensor | None) -> torch.Tensor | None | bool:
+    """Problems that keep iterating after a convergence check: None if all, False if none, else a bool mask."""
+    running = error >= tol if running is None else running & (error >= tol)
+    if not bool(running.any()):
+        return False
+    return None if bool(running.all()) else running
 
 
 def sinkhorn(
@@ -45,29 +55,37 @@ def sinkhorn(
     tol: float = 1e-6,
     row_mask: torch.Tensor | None = None,
     col_mask: torch.Tensor | None = None,
-    check_every: int = 5,
+    check_every: int = 1,
 ) -> torch.Tensor:
     r"""Entropic optimal transport between uniform marginals, batched over any leading dimensions.
 
     Solves min_P <C, P> - epsilon * H(P) subject to P 1 = mu, P^T 1 = nu, with mu uniform over the unmasked rows and
-    nu uniform over the unmasked columns (masked rows and columns receive exactly zero mass). Iterations are unrolled,
-    so the plan is differentiable with respect to `cost`. The updates are those of the log-domain Sinkhorn (POT's
-    `sinkhorn_log`); when `(max C - min C) / epsilon` is small enough for `exp(-C / epsilon)` to be safe in float32,
-    the same updates run in the kernel form, which gives the same plan at a fraction of the cost. Half-precision
-    inputs are solved in float32 and the plan is returned in the input dtype.
+    nu uniform over the unmasked columns (masked rows and columns receive exactly zero mass). The plan is
+    differentiable with respect to `cost`, with the exact gradient of the iterations run. The updates are those of the
+    log-domain Sinkhorn (POT's `sinkhorn_log`, row potential first); when every problem's cost spread is at most 30
+    epsilon, the same updates run in the kernel form (batched matrix-vector products, and a hand-written backward pass
+    that keeps only the scaling vectors of each iteration), which gives the same plan at a fraction of the cost.
+    Half-precision inputs are solved in float32 and the plan is returned in the input dtype.
+
+    Each problem stops at the first check where its own marginal error is below `tol`, so its plan does not depend on
+    the other problems of the batch (nor on padding).
 
     Args:
         cost (`torch.Tensor` of shape `(..., n, m)`): transport costs.
         epsilon (`float`): entropic regularisation (> 0).
-        max_iter (`int`): maximum number of iterations (each updates both potentials).
-        tol (`float`): stop once the L2 norm of the row-marginal error is below `tol` for every problem; checked every
-            `check_every` iterations. 0 runs exactly `max_iter` iterations.
+        max_iter (`int`): maximum number of iterations (each updates both potentials), at least 1.
+        tol (`float`): a problem stops once the L2 norm of its row-marginal error is below `tol` (its column marginals
+            are exact after each iteration); checked every `check_every` iterations, at no extra matrix product. 0 runs
+            exactly `max_iter` iterations.
         row_mask (`torch.Tensor` of shape `(..., n)`, *optional*): 1 for real rows, 0 for padding.
         col_mask (`torch.Tensor` of shape `(..., m)`, *optional*): 1 for real columns, 0 for padding.
+        check_every (`int`): iterations between two convergence checks.
 
     Returns:
         `torch.Tensor` of shape `(..., n, m)`: the transport plan; its entries sum to 1 over each problem.
     """
+    if max_iter < 1:
+        raise ValueError(f"sinkhorn needs max_iter >= 1, got {max_iter}")
     out_dtype = cost.dtype
     work_dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
     cost = cost.to(work_dtype)
@@ -81,34 +99,163 @@ def sinkhorn(
     col_mask = col_mask.to(work_dtype).expand(*batch_shape, m)
     a = row_mask / row_mask.sum(-1, keepdim=True).clamp_min(1)
     b = col_mask / col_mask.sum(-1, keepdim=True).clamp_min(1)
-    valid = (row_mask.unsqueeze(-1) * col_mask.unsqueeze(-2)) > 0
+    if cost.numel() == 0:
+        return cost.new_zeros(cost.shape, dtype=out_dtype)
+
+    def valid_pairs():
+        return row_mask.unsqueeze(-1).bool() & col_mask.unsqueeze(-2).bool()
 
     with torch.no_grad():
-        finite_cost = cost.masked_fill(~valid, 0.0)
-        spread = (finite_cost.amax() - finite_cost.amin()).item() if cost.numel() else 0.0
-    if spread / epsilon <= _KERNEL_DOMAIN_MAX_RATIO:
-        plan = _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, valid, check_every)
+        # Cost range of each problem over all its entries, in one pass: it bounds the range over the valid ones.
+        low, high = cost.flatten(-2).aminmax(dim=-1)
+        masked_kernel = False
+        if not bool((high - low).max() <= _KERNEL_DOMAIN_MAX_RATIO * epsilon):
+            # Padding may hold any value (even inf): range over the valid entries, and a kernel zeroed elsewhere.
+            valid = valid_pairs()
+            low = torch.where(valid, cost, float("inf")).amin(dim=(-2, -1))
+            high = torch.where(valid, cost, float("-inf")).amax(dim=(-2, -1))
+            empty = torch.isinf(low)
+            low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
+            masked_kernel = True
+        use_kernel = bool((high - low).max() <= _KERNEL_DOMAIN_MAX_RATIO * epsilon)
+    if use_kernel:
+        valid = valid_pairs() if masked_kernel else None
+        plan = _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, low, valid, check_every)
     else:
-        plan = _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every)
+        plan = _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid_pairs(), check_every)
     return plan.to(out_dtype)
 
 
-def _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, valid, check_every):
-    # Subtracting the smallest valid cost of each problem changes no plan but keeps the kernel's largest entry at 1.
-    shift = cost.masked_fill(~valid, float("inf")).amin(dim=(-2, -1), keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    kernel = torch.exp(-(cost - shift.detach()) / epsilon) * valid
-    tiny = torch.finfo(cost.dtype).tiny
-    v = b
+def _batched_products(kernel, kernel_t):
+    """`(K v, K^T u)` as functions of `(B, m)` and `(B, n)` vectors, for flat `(B, n, m)` kernels.
+
+    Batched matrix-vector products of small matrices are fast in one orientation and several times slower in the
+    other, and which one depends on the size: PyTorch's CPU `bmm` runs a plain loop, fast for a matrix times a column,
+    when n * m < 400, and BLAS, fast for a row times a matrix, above. The contiguous transpose serves either way.
+    """
+    n, m = kernel.shape[-2:]
+    if n * m < 400:
+        return (
+            lambda v: torch.bmm(kernel, v.unsqueeze(-1)).squeeze(-1),
+            lambda u: torch.bmm(kernel_t, u.unsqueeze(-1)).squeeze(-1),
+        )
+    return (
+        lambda v: torch.bmm(v.unsqueeze(-2), kernel_t).squeeze(-2),
+        lambda u: torch.bmm(u.unsqueeze(-2), kernel).squeeze(-2),
+    )
+
+
+def _kernel_iterations(kernel, kernel_t, a, b, max_iter, tol, check_every, history=None):
+    """Sinkhorn scalings of flat `(B, n, m)` kernels, without autograd: returns `(u, v, n_iter)`.
+
+    u_t = a / (K v_{t-1}), v_t = b / (K^T u_t), v_0 = b. The row marginal of the current plan, u * (K v), needs the
+    K v that the next update computes anyway, so a convergence check costs no extra product. A problem whose error is
+    below `tol` keeps its scalings from then on. `history`, when given, is a triple of buffers `(max_iter, B, n)`,
+    `(max_iter, B, m)`, `(max_iter, B)` that receive u_t, v_t and whether each problem was updated at iteration t.
+    """
+    tiny = torch.finfo(kernel.dtype).tiny
+    kv, ktu = _batched_products(kernel, kernel_t)
+    u, v = None, b
+    running = None  # None: every problem is still iterating
+    n_iter = 0
     for it in range(max_iter):
-        u = a / (kernel @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
-        v = b / (u.unsqueeze(-2) @ kernel).squeeze(-2).clamp_min(tiny)
-        if tol > 0 and (it + 1) % check_every == 0 and it + 1 < max_iter:
-            with torch.no_grad():
-                rows = u * (kernel @ v.unsqueeze(-1)).squeeze(-1)
-                if _marginal_error(rows, a) < tol:
-                    break
-    return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+        r = kv(v)
+        if it > 0 and tol > 0 and it % check_every == 0:
+            running = _still_running(_marginal_error(u * r, a), tol, running)
+            if running is False:
+                break
+        u_new = a / r.clamp_min_(tiny)
+        v_new = b / ktu(u_new).clamp_min_(tiny)
+        if running is not None:
+            u_new = torch.where(running.unsqueeze(-1), u_new, u)
+            v_new = torch.where(running.unsqueeze(-1), v_new, v)
+        u, v = u_new, v_new
+        if history is not None:
+            history[0][it], history[1][it] = u, v
+            history[2][it] = True if running is None else running
+        n_iter = it + 1
+    return u, v, n_iter
+
+
+def _kernel_from_cost(cost, shift, epsilon, valid):
+    # exp(-(C - shift) / epsilon) in two passes; shift is each problem's smallest cost, so the largest entry is 1.
+    kernel = torch.sub(shift.unsqueeze(-1) / epsilon, cost, alpha=1.0 / epsilon).exp_()
+    if valid is not None:
+        kernel.masked_fill_(~valid, 0.0)
+    return kernel
+
+
+class _SinkhornKernelFunction(torch.autograd.Function):
+    """Kernel-form Sinkhorn of flat `(B, n, m)` problems, with the exact gradient of the iterations run.
+
+    Backward pass through u_t = a / (K v_{t-1}), v_t = b / (K^T u_t), P = diag(u_T) K diag(v_T): the gradient with
+    respect to K is gP * u_T v_T^T plus two rank-one terms per iteration, summed by two batched matrix products over
+    the saved scaling vectors, instead of one full-size tensor per iteration as autograd would build.
+    """
+
+    @staticmethod
+    def forward(ctx, cost, shift, a, b, valid, epsilon, max_iter, tol, check_every):
+        kernel = _kernel_from_cost(cost, shift, epsilon, valid)
+        kernel_t = kernel.transpose(-1, -2).contiguous()
+        history = (a.new_empty(max_iter, *a.shape), b.new_empty(max_iter, *b.shape))
+        history += (torch.empty(max_iter, a.shape[0], dtype=torch.bool, device=a.device),)
+        u, v, n_iter = _kernel_iterations(kernel, kernel_t, a, b, max_iter, tol, check_every, history)
+        plan = u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+        ctx.epsilon = epsilon
+        us, vs, updated = (x[:n_iter] for x in history)
+        ctx.save_for_backward(kernel, kernel_t, plan, a, b, us, vs, updated)
+        return plan
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_plan):
+        kernel, kernel_t, plan, a, b, us, vs, updated = ctx.saved_tensors
+        kv, ktu = _batched_products(kernel, kernel_t)
+        n_iter = us.shape[0]
+        # u_t = a / r_t with r_t = K v_{t-1}; v_t = b / s_t with s_t = K^T u_t. du/dr = -u^2 / a, dv/ds = -v^2 / b
+        # (0 on padding, where u and v are 0).
+        du_dr = us.square().div_(torch.where(a > 0, a, 1.0))
+        dv_ds = vs.square().div_(torch.where(b > 0, b, 1.0))
+        # With Q = gP * P: dL/du_T = (Q 1) / u_T and dL/dv_T = (Q^T 1) / v_T.
+        weighted = grad_plan * plan
+        u, v = us[-1], vs[-1]
+        grad_u = torch.where(u > 0, weighted.sum(-1) / torch.where(u > 0, u, 1.0), 0.0)
+        grad_v = torch.where(v > 0, weighted.sum(-2) / torch.where(v > 0, v, 1.0), 0.0)
+        # A problem's last update (t_last) receives dL/du_T, dL/dv_T; after it, its scalings were only copied.
+        last = updated & ~torch.cat([updated[1:], torch.zeros_like(updated[:1])])
+        last = last.to(grad_u.dtype).unsqueeze(-1)
+        # Backward through the iterations with x_t = dL/ds_t and y_t = -dL/dr_t (signs chosen so that a step negates
+        # nothing): x_t = (K^T y_{t+1} - [t = t_last] dL/dv_T) dv_ds_t, y_t = (K x_t + [t = t_last] dL/du_T) du_dr_t.
+        # Both are 0 for a problem after its last update.
+        xs, ys = torch.empty_like(vs), torch.empty_like(us)
+        y = None
+        for t in range(n_iter - 1, -1, -1):
+            start_v = grad_v * last[t]
+            x = start_v.neg_() if y is None else ktu(y).sub_(start_v)
+            x = torch.mul(x, dv_ds[t], out=xs[t])
+            y = torch.mul(kv(x).addcmul_(grad_u, last[t]), du_dr[t], out=ys[t])
+        # dL/dK = gP * u_T v_T^T + sum_t (u_t (dL/ds_t)^T + (dL/dr_t) v_{t-1}^T)
+        #       = gP * u_T v_T^T + sum_t (u_t x_t^T - y_t v_{t-1}^T),   and dL/dC = -K * dL/dK / epsilon.
+        v_prev = torch.cat([b.unsqueeze(0), vs[:-1]], dim=0)
+        rank_one = torch.bmm(us.permute(1, 2, 0), xs.transpose(0, 1))
+        rank_one.baddbmm_(ys.permute(1, 2, 0), v_prev.transpose(0, 1), alpha=-1.0)
+        grad_cost = torch.addcmul(weighted, rank_one, kernel).mul_(-1.0 / ctx.epsilon)
+        return grad_cost, None, None, None, None, None, None, None, None
+
+
+def _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, shift, valid, check_every):
+    n, m = cost.shape[-2:]
+    cost3, shift2 = cost.reshape(-1, n, m), shift.reshape(-1, 1)
+    a2, b2 = a.reshape(-1, n), b.reshape(-1, m)
+    valid3 = valid.reshape(-1, n, m) if valid is not None else None
+    if torch.is_grad_enabled() and cost.requires_grad:
+        plan = _SinkhornKernelFunction.apply(cost3, shift2, a2, b2, valid3, epsilon, max_iter, tol, check_every)
+        return plan.reshape(cost.shape)
+    with torch.no_grad():
+        kernel = _kernel_from_cost(cost3, shift2, epsilon, valid3)
+        kernel_t = kernel.transpose(-1, -2).contiguous()
+        u, v, _ = _kernel_iterations(kernel, kernel_t, a2, b2, max_iter, tol, check_every)
+        return kernel.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2)).reshape(cost.shape)
 
 
 def _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every):
@@ -122,19 +269,27 @@ def _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every):
     col_has = valid.any(-2)
     f = torch.zeros_like(a)
     g = torch.zeros_like(b)
+    running = None  # None: every problem is still iterating
 
     def lse(x, dim, has):
         out = torch.logsumexp(x, dim=dim)
         return torch.where(has, out, torch.zeros_like(out))
 
     for it in range(max_iter):
-        f = torch.where(row_has, log_a - lse(log_kernel + g.unsqueeze(-2), -1, row_has), f)
-        g = torch.where(col_has, log_b - lse(log_kernel + f.unsqueeze(-1), -2, col_has), g)
-        if tol > 0 and (it + 1) % check_every == 0 and it + 1 < max_iter:
+        row_lse = lse(log_kernel + g.unsqueeze(-2), -1, row_has)
+        if it > 0 and tol > 0 and it % check_every == 0:
+            # The row marginal of the current plan, exp(f + lse), reuses the logsumexp of the next update.
             with torch.no_grad():
-                rows = torch.exp(lse(log_kernel + g.unsqueeze(-2), -1, row_has) + f) * row_has
-                if _marginal_error(rows, a) < tol:
-                    break
+                running = _still_running(_marginal_error(torch.exp(row_lse + f) * row_has, a), tol, running)
+            if running is False:
+                break
+        f_new = torch.where(row_has, log_a - row_lse, f)
+        g_new = torch.where(col_has, log_b - lse(log_kernel + f_new.unsqueeze(-1), -2, col_has), g)
+        if running is None:
+            f, g = f_new, g_new
+        else:
+            f = torch.where(running.unsqueeze(-1), f_new, f)
+            g = torch.where(running.unsqueeze(-1), g_new, g)
     return torch.exp(log_kernel + f.unsqueeze(-1) + g.unsqueeze(-2))
 
 
@@ -309,11 +464,15 @@ class OTMELOutput(ModelOutput):
     """Output of [`OTMELModel.forward`] on a batch of mentions with their gold entities.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): J = L_O + L_F + L_T + L_V (+ w_R L_R) (+ w_KD L_KD).
+        loss (`torch.FloatTensor` of shape `()`): J = L_O + L_F + L_T + L_V (+ w_R L_R) (+ w_KD L_KD). L_F and L_R use
+            every in-batch entity; L_O, L_T, L_V every in-batch entity or the hard candidates (`pairwise_negatives`).
         loss_o, loss_f, loss_t, loss_v, loss_r, loss_kd: each component (None when disabled).
-        logits (`torch.FloatTensor` of shape `(B, B)`): logit_scale * S_O; row i is mention i against every gold
-            entity of the batch (the diagonal holds the positives).
-        scores ([`OTMELScores`]): the raw score matrices.
+        logits (`torch.FloatTensor` of shape `(B, B)` or `(B, 1 + k)`): logit_scale * S_O of each mention against every
+            gold entity of the batch (the diagonal holds the positives) or, with `config.pairwise_negatives = k`,
+            against its `candidate_indices` (column 0 the positive).
+        scores ([`OTMELScores`]): the raw score matrices used for L_O, L_T, L_V (same shape as `logits`).
+        candidate_indices (`torch.LongTensor` of shape `(B, 1 + k)`): with `pairwise_negatives`, the batch columns
+            scored pairwise for each mention.
         mention_features, entity_features ([`OTMELFeatures`]): when `output_features=True`.
     """
 
@@ -326,6 +485,7 @@ class OTMELOutput(ModelOutput):
     loss_kd: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     scores: OTMELScores | None = None
+    candidate_indices: torch.LongTensor | None = None
     mention_features: OTMELFeatures | None = None
     entity_features: OTMELFeatures | None = None
 
@@ -384,8 +544,15 @@ class OTMELModel(OTMELPreTrainedModel):
         # An item without image is represented by one learned visual token and global feature, never by a fake picture.
         self.null_visual_token = nn.Parameter(torch.empty(d_v))
         self.null_visual_global = nn.Parameter(torch.empty(p))
-        self.logit_scale = nn.Parameter(torch.empty(()), requires_grad=config.learnable_logit_scale)
+        # Not named `logit_scale`: CLIP has a parameter of that name, and transformers' loader maps checkpoint keys
+        # between `clip.<name>` and `<name>` when the model has both, which swapped the two on every reload.
+        self.otmel_logit_scale = nn.Parameter(torch.empty(()), requires_grad=config.learnable_logit_scale)
         self.post_init()
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """Log of the inverse temperature of the InfoNCE losses (OT-MEL's own, not CLIP's `clip.logit_scale`)."""
+        return self.otmel_logit_scale
 
     @classmethod
     def from_clip(cls, name_or_path: str, **overrides) -> "OTMELModel":
@@ -517,18 +684,24 @@ class OTMELModel(OTMELPreTrainedModel):
     # ---- scoring --------------------------------------------------------------------------------------------
 
     def _unimodal(self, layer, queries, q_mask, keys, values, k_mask, global_small, mode, want_kd, want_maps):
-        """Pairwise unimodal matching (Eq. 19-24) of every mention with every entity.
+        """Pairwise unimodal matching (Eq. 19-24): entity tokens are assigned mention tokens, pair by pair.
 
-        queries `(B_e, L_e, D)` (entity), keys / values `(B_m, L_m, D)` (mention) -> scores `(B_m, B_e)`.
+        Args:
+            queries (`(1 or B_m, n, L_e, D)`), q_mask (`(1 or B_m, n, L_e)`), global_small (`(1 or B_m, n, D)`): the n
+                entities scored against every mention (leading 1), or each mention's own n candidates (leading B_m).
+            keys, values (`(B_m, L_m, D)`), k_mask (`(B_m, L_m)`): the mentions.
+
+        Returns:
+            scores `(B_m, n)` (cosine of the pooled assignment with the entity's global feature), KD loss or None, maps.
         """
-        q = queries.unsqueeze(0)  # (1, B_e, L_e, D)
+        b_m, n = keys.shape[0], queries.shape[1]
         k = keys.unsqueeze(1)  # (B_m, 1, L_m, D)
-        q_mask_pairs = q_mask.unsqueeze(0).expand(keys.shape[0], -1, -1)
-        k_mask_pairs = k_mask.unsqueeze(1).expand(-1, queries.shape[0], -1)
-        assignment, plan, logits = layer.assign(q, k, q_mask_pairs, k_mask_pairs, mode)
-        g = assignment @ values.unsqueeze(1)  # (B_m, B_e, L_e, D)
+        q_mask_pairs = q_mask.expand(b_m, n, -1)
+        k_mask_pairs = k_mask.unsqueeze(1).expand(-1, n, -1)
+        assignment, plan, logits = layer.assign(queries, k, q_mask_pairs, k_mask_pairs, mode)
+        g = assignment @ values.unsqueeze(1)  # (B_m, n, L_e, D)
         pooled = F.normalize(pool_set(g, q_mask_pairs, self.config.pooling), dim=-1)
-        score = (pooled * global_small.unsqueeze(0)).sum(-1)
+        score = (pooled * global_small).sum(-1)
         kd = None
         if want_kd and plan is not None and logits is not None:
             pair_mask = q_mask_pairs.unsqueeze(-1).bool() & k_mask_pairs.unsqueeze(-2).bool()
@@ -543,26 +716,33 @@ class OTMELModel(OTMELPreTrainedModel):
         pairwise: bool = True,
         assignment: str | None = None,
         output_maps: bool = False,
+        candidates: torch.LongTensor | None = None,
     ) -> OTMELScores:
-        """Scores every mention against every entity.
+        """Scores every mention against every entity, or against its own candidate entities.
 
         Args:
             mentions ([`OTMELFeatures`]): from [`~OTMELModel.encode_mentions`], B_m rows.
             entities ([`OTMELFeatures`]): from [`~OTMELModel.encode_entities`] (possibly cached), B_e rows.
-            pairwise (`bool`): compute the pairwise unimodal matching; False gives only S_R (stage-1 retrieval).
+            pairwise (`bool`): compute the pairwise unimodal matching; False gives only S_F and S_R (stage-1 retrieval).
             assignment (`str`, *optional*): `"ot"` or `"attention"` for this call's unimodal OT assignment
                 (default: the config's, i.e. `inference_assignment` in eval mode).
             output_maps (`bool`): return the unimodal assignment maps.
+            candidates (`torch.LongTensor` of shape `(B_m, k)`, *optional*): rows of `entities` to score for each mention;
+                the pairwise matching then runs for these B_m * k pairs only.
 
         Returns:
-            [`OTMELScores`] with `(B_m, B_e)` matrices.
+            [`OTMELScores`] with `(B_m, B_e)` matrices, or `(B_m, k)` with `candidates`.
         """
         cfg = self.config
         out = OTMELScores()
-        text_global = mentions.text_global @ entities.text_global.T
-        visual_global = mentions.visual_global @ entities.visual_global.T
+
+        def pick(matrix):
+            return matrix if candidates is None else matrix.gather(1, candidates)
+
+        text_global = pick(mentions.text_global @ entities.text_global.T)
+        visual_global = pick(mentions.visual_global @ entities.visual_global.T)
         if cfg.fusion_assignment != "off":
-            out.fusion = mentions.fused @ entities.fused.T
+            out.fusion = pick(mentions.fused @ entities.fused.T)
         if cfg.unimodal_assignment == "off":
             out.text, out.visual = text_global, visual_global
             out.retrieval = self._combine(out.fusion, text_global, visual_global)
@@ -575,13 +755,19 @@ class OTMELModel(OTMELPreTrainedModel):
         if mode == "ot":
             mode = assignment or self._assignment_mode(mode)
         want_kd = self.training and cfg.distillation != "off"
+
+        def entity_side(tensor):
+            return tensor.unsqueeze(0) if candidates is None else tensor[candidates]
+
         s_t, kd_t, maps_t = self._unimodal(
-            self.text_matching, entities.text_queries, entities.text_mask, mentions.text_keys, mentions.text_values,
-            mentions.text_mask, entities.text_global_small, mode, want_kd, output_maps,
+            self.text_matching, entity_side(entities.text_queries), entity_side(entities.text_mask),
+            mentions.text_keys, mentions.text_values, mentions.text_mask, entity_side(entities.text_global_small),
+            mode, want_kd, output_maps,
         )  # fmt: skip
         s_v, kd_v, maps_v = self._unimodal(
-            self.visual_matching, entities.visual_queries, entities.visual_mask, mentions.visual_keys,
-            mentions.visual_values, mentions.visual_mask, entities.visual_global_small, mode, want_kd, output_maps,
+            self.visual_matching, entity_side(entities.visual_queries), entity_side(entities.visual_mask),
+            mentions.visual_keys, mentions.visual_values, mentions.visual_mask,
+            entity_side(entities.visual_global_small), mode, want_kd, output_maps,
         )  # fmt: skip
         out.text = (s_t + text_global) / 2
         out.visual = (s_v + visual_global) / 2
@@ -599,18 +785,54 @@ class OTMELModel(OTMELPreTrainedModel):
 
     # ---- training -------------------------------------------------------------------------------------------
 
-    def contrastive_loss(self, scores: torch.Tensor, entity_ids: torch.LongTensor | None = None) -> torch.Tensor:
-        """InfoNCE of mentions against the batch's gold entities (Eq. 26); row i's positive is column i.
+    def contrastive_loss(
+        self, scores: torch.Tensor, entity_ids: torch.LongTensor | None = None, offset: int = 0
+    ) -> torch.Tensor:
+        """InfoNCE of mentions against the batch's gold entities (Eq. 26).
 
-        Columns holding the same gold entity as row i (duplicates in the batch) are masked out of its negatives.
+        Args:
+            scores (`(B_m, B_e)`): row i's positive is column `offset + i` (B_e > B_m when entities were gathered
+                from other processes).
+            entity_ids (`(B_e,)`, *optional*): KB index of each column's entity; columns holding row i's gold entity
+                elsewhere in the batch (duplicates) are masked out of its negatives.
         """
         logits = self.logit_scale.exp().clamp(max=100) * scores
+        target = torch.arange(scores.shape[0], device=scores.device) + offset
         if entity_ids is not None:
-            same = entity_ids.unsqueeze(1) == entity_ids.unsqueeze(0)
-            same.fill_diagonal_(False)
+            same = entity_ids[target].unsqueeze(1) == entity_ids.unsqueeze(0)
+            same[torch.arange(scores.shape[0], device=scores.device), target] = False
             logits = logits.masked_fill(same, float("-inf"))
-        target = torch.arange(scores.shape[0], device=scores.device)
         return F.cross_entropy(logits, target)
+
+    @staticmethod
+    @torch.no_grad()
+    def _hard_candidates(retrieval, entity_ids, offset, k):
+        """`(B_m, 1 + k)`: each mention's positive column, then the k other in-batch entities with the highest S_R
+        (duplicates of the gold entity excluded)."""
+        positive = torch.arange(retrieval.shape[0], device=retrieval.device) + offset
+        blocked = torch.zeros_like(retrieval, dtype=torch.bool)
+        if entity_ids is not None:
+            blocked = entity_ids[positive].unsqueeze(1) == entity_ids.unsqueeze(0)
+        blocked[torch.arange(retrieval.shape[0], device=retrieval.device), positive] = True
+        hard = retrieval.masked_fill(blocked, float("-inf")).topk(k, dim=1).indices
+        return torch.cat([positive.unsqueeze(1), hard], dim=1)
+
+    @staticmethod
+    def _gather(features: OTMELFeatures, entity_ids: torch.LongTensor | None):
+        """All-gathers entity features across processes, keeping gradients (in-batch negatives from every process).
+
+        Returns the gathered features and ids, and the offset of this process's entities among them.
+        """
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+
+        gathered = OTMELFeatures()
+        for key, value in features.items():
+            if isinstance(value, torch.Tensor) and value.dtype != torch.bool:  # has_image is not needed to score
+                gathered[key] = torch.cat(all_gather(value), dim=0)
+        if entity_ids is not None:
+            entity_ids = torch.cat(all_gather(entity_ids), dim=0)
+        return gathered, entity_ids, dist.get_rank() * features.text_mask.shape[0]
 
     def forward(
         self,
@@ -626,6 +848,7 @@ class OTMELModel(OTMELPreTrainedModel):
         return_loss: bool = True,
         output_features: bool = False,
         output_maps: bool = False,
+        gather_across_processes: bool = False,
     ) -> OTMELOutput:
         r"""Scores a batch of B mentions against their B gold entities (in-batch negatives) and computes the loss.
 
@@ -636,6 +859,8 @@ class OTMELModel(OTMELPreTrainedModel):
             entity_ids (`(B,)`, *optional*): KB index of each gold entity, to mask duplicates from the negatives.
             return_loss (`bool`): compute the loss.
             output_features, output_maps: return the side features / assignment maps.
+            gather_across_processes (`bool`): under torch.distributed, score each mention against the gold entities of
+                every process (texts must be padded to the same length on every process).
         """
         cfg = self.config
         m = self.encode_mentions(
@@ -644,19 +869,36 @@ class OTMELModel(OTMELPreTrainedModel):
         e = self.encode_entities(
             entity_input_ids, entity_attention_mask, entity_pixel_values, entity_has_image, output_maps=True
         )
-        scores = self.score(m, e, output_maps=output_maps)
-        out = OTMELOutput(logits=self.logit_scale.exp().clamp(max=100) * scores.overall, scores=scores)
+        e_all, ids_all, offset = e, entity_ids, 0
+        if gather_across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
+            e_all, ids_all, offset = self._gather(e, entity_ids)
+        n_entities = e_all.text_mask.shape[0]
+        k = cfg.pairwise_negatives
+        subset = cfg.unimodal_assignment != "off" and 0 < k < n_entities - 1
+        full = self.score(m, e_all, pairwise=not subset, output_maps=output_maps)
+        scores, candidates = full, None
+        if subset:
+            candidates = self._hard_candidates(full.retrieval, ids_all, offset, k)
+            scores = self.score(m, e_all, candidates=candidates, output_maps=output_maps)
+        scale = self.logit_scale.exp().clamp(max=100)
+        out = OTMELOutput(logits=scale * scores.overall, scores=scores, candidate_indices=candidates)
         if return_loss:
-            out.loss_o = self.contrastive_loss(scores.overall, entity_ids)
+
+            def pairwise_loss(matrix):
+                if subset:  # column 0 is the positive; duplicates of it were never candidates
+                    return F.cross_entropy(scale * matrix, torch.zeros_like(candidates[:, 0]))
+                return self.contrastive_loss(matrix, ids_all, offset)
+
+            out.loss_o = pairwise_loss(scores.overall)
             total = out.loss_o
-            if scores.fusion is not None:
-                out.loss_f = self.contrastive_loss(scores.fusion, entity_ids)
+            if full.fusion is not None:
+                out.loss_f = self.contrastive_loss(full.fusion, ids_all, offset)
                 total = total + out.loss_f
-            out.loss_t = self.contrastive_loss(scores.text, entity_ids)
-            out.loss_v = self.contrastive_loss(scores.visual, entity_ids)
+            out.loss_t = pairwise_loss(scores.text)
+            out.loss_v = pairwise_loss(scores.visual)
             total = total + out.loss_t + out.loss_v
             if cfg.retrieval_loss_weight > 0 and cfg.unimodal_assignment != "off":
-                out.loss_r = self.contrastive_loss(scores.retrieval, entity_ids)
+                out.loss_r = self.contrastive_loss(full.retrieval, ids_all, offset)
                 total = total + cfg.retrieval_loss_weight * out.loss_r
             if self.training and cfg.distillation != "off":
                 kd_terms = [x for x in (scores.kd_loss, (m.fusion_maps or {}).get("kd"), (e.fusion_maps or {}).get("kd"))]

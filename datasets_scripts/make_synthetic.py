@@ -259,7 +259,7 @@ def build_world(n_entities: int, n_mentions: int, seed: int) -> dict:
             n_cues = rng.choice([2, 3])
         else:
             if has_kb_image:
-                mode = _weighted(rng, ["text", "image", "both"], [0.30, 0.25, 0.45])
+                mode = _weighted(rng, ["text", "image", "both"], [0.30, 0.35, 0.35])
             else:
                 mode = _weighted(rng, ["text", "both"], [0.5, 0.5])
             n_cues = _weighted(rng, [1, 2, 3], [0.5, 0.35, 0.15])

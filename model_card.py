@@ -1,0 +1,598 @@
+"""Model card (README.md) for a trained OT-MEL checkpoint, and the upload of its folder to the Hugging Face Hub.
+
+`write_model_card(output_dir, config, dataset_name=..., metrics=..., training=..., base_model=...)` writes a Hub model
+card with YAML metadata (library, tags, datasets, metrics, model-index, base model, license) and a body that states what
+the model is, the settings that matter, the evaluation table, how it was trained, its limits and how to use it.
+
+Publish the whole folder (weights, config, remote code, processor files, card) with `push_folder_to_hub`, or
+`huggingface-cli upload REPO OUTPUT_DIR`. Do not use `model.push_to_hub`: it uploads a fresh `save_pretrained` of the
+model only (no processor files) together with a generic card that replaces this one.
+"""
+
+import os
+import re
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+PAPER_TITLE = "Optimal Transport Guided Correlation Assignment for Multimodal Entity Linking"
+PAPER_URL = "https://arxiv.org/abs/2406.01934"
+PAPER_CITATION = """@inproceedings{zhang2024otmel,
+  title     = {Optimal Transport Guided Correlation Assignment for Multimodal Entity Linking},
+  author    = {Zhang, Zefeng and Sheng, Jiawei and Zhang, Chuang and Liang, Yunzhi and Zhang, Wenyuan and Wang, Siqi
+               and Liu, Tingwen},
+  booktitle = {Findings of the Association for Computational Linguistics: ACL 2024},
+  year      = {2024},
+  url       = {https://arxiv.org/abs/2406.01934}
+}"""
+
+TAGS = ["entity-linking", "multimodal", "optimal-transport", "clip", "otmel"]
+HITS_AT = (1, 3, 5, 10, 20)
+_SPLITS = {"eval": "validation", "validation": "validation", "val": "validation", "dev": "validation", "test": "test"}
+
+# Files of an output folder that a Hub user does not need: Trainer checkpoints and states, optimizer and RNG states,
+# TensorBoard logs, Python caches. Everything else of the folder is uploaded.
+HUB_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/*",
+    "checkpoint-*/**",
+    "runs/**",
+    "**/__pycache__/**",
+    "__pycache__/**",
+    "*.pyc",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "scaler.pt",
+    "events.out.tfevents.*",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_metric(key: str):
+    """`eval_hits@1` -> ("validation", "hits@1"); `test_mrr` -> ("test", "mrr"); anything else -> None."""
+    match = re.fullmatch(r"(eval|validation|val|dev|test)[_/](.+)", key.strip().lower())
+    if not match:
+        return None
+    split, name = _SPLITS[match.group(1)], match.group(2)
+    hits = re.fullmatch(r"(?:hits?|h)(?:@|_at_|_|)(\d+)", name)
+    if hits:
+        return split, f"hits@{int(hits.group(1))}"
+    if name == "mrr":
+        return split, "mrr"
+    return None
+
+
+def collect_metrics(metrics: dict | None) -> dict:
+    """{split: {"hits@k" | "mrr": float}} from Trainer-style keys (`eval_hits@1`, `test_mrr`, ...); others ignored."""
+    table = {}
+    for key, value in (metrics or {}).items():
+        parsed = _parse_metric(str(key))
+        if parsed is None or value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        split, name = parsed
+        table.setdefault(split, {})[name] = value
+    return table
+
+
+def _as_percent(table: dict) -> bool:
+    """Trainer metrics are fractions; show them as percentages (as the paper does) unless some value exceeds 1."""
+    values = [v for split in table.values() for v in split.values()]
+    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def _metric_columns(table: dict) -> list[str]:
+    names = {name for split in table.values() for name in split}
+    ordered = [f"hits@{k}" for k in HITS_AT if f"hits@{k}" in names]
+    extra = sorted((n for n in names if n.startswith("hits@") and n not in ordered), key=lambda n: int(n[5:]))
+    return ordered + extra + (["mrr"] if "mrr" in names else [])
+
+
+def _metric_label(name: str) -> str:
+    return "MRR" if name == "mrr" else f"H@{name[5:]}"
+
+
+def metrics_markdown(metrics: dict | None) -> str:
+    """The evaluation table (rows: validation, test; columns: H@1/3/5/10/20, MRR), or a line saying there is none."""
+    table = collect_metrics(metrics)
+    if not table:
+        return "_No evaluation metrics were recorded for this checkpoint._"
+    percent = _as_percent(table)
+    columns = _metric_columns(table)
+    unit = " (%)" if percent else ""
+    lines = [
+        "| split | " + " | ".join(_metric_label(c) + unit for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for split in ("validation", "test"):
+        if split not in table:
+            continue
+        cells = []
+        for column in columns:
+            value = table[split].get(column)
+            cells.append("-" if value is None else (f"{100 * value:.2f}" if percent else f"{value:.4g}"))
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _eval_results(table: dict, dataset_name: str, dataset_id: str) -> list[EvalResult]:
+    results = []
+    for split in ("validation", "test"):
+        for name in _metric_columns({split: table.get(split, {})}):
+            results.append(
+                EvalResult(
+                    task_type="entity-linking",
+                    task_name="Multimodal Entity Linking",
+                    dataset_type=dataset_id,
+                    dataset_name=dataset_name,
+                    dataset_split=split,
+                    metric_type=name,
+                    metric_name=f"{_metric_label(name)} ({split})",
+                    metric_value=round(table[split][name], 6),
+                )
+            )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _get(config, name, default=None):
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _clip_get(config, *path, default=None):
+    node = _get(config, "clip_config")
+    for key in path:
+        if node is None:
+            return default
+        node = _get(node, key)
+    return default if node is None else node
+
+
+def paper_variant(config) -> str:
+    """The paper's name for the configured variant (Table 1 and Table 2 of the paper)."""
+    fusion, unimodal = _get(config, "fusion_assignment", "ot"), _get(config, "unimodal_assignment", "ot")
+    pooling, kd = _get(config, "pooling", "softpool"), _get(config, "distillation", "off")
+    inference = _get(config, "inference_assignment", "ot")
+    if fusion == "off" and unimodal == "off":
+        return "CLIP baseline (global features only)"
+    if fusion == "attention" and unimodal == "attention":
+        name = "ATT (attention everywhere, no OT)"
+    elif kd != "off":
+        kind = {"kl": "KL", "mse": "MSE (K1)", "row_kl": "row KL (K2)"}[kd]
+        speed = "attention at inference" if inference == "attention" else "OT at inference"
+        name = f"OT-MEL (KD): OT distilled into attention with {kind}, {speed}"
+    else:
+        name = "OT-MEL (OT)"
+    notes = []
+    if fusion == "attention" and unimodal != "attention":
+        notes.append("F1: attention in fusion")
+    if fusion == "off":
+        notes.append("F2: without fusion")
+    if unimodal == "attention" and fusion != "attention":
+        notes.append("M1: attention in unimodal matching")
+    if unimodal == "off":
+        notes.append("M2: without unimodal matching")
+    if pooling != "softpool":
+        notes.append(f"{'O1' if pooling == 'mean' else 'O2'}: {pooling} pooling")
+    return name + (f" [{'; '.join(notes)}]" if notes else "")
+
+
+def config_markdown(config) -> str:
+    describe = {
+        "ot": "optimal transport (Sinkhorn)",
+        "attention": "attention softmax",
+        "off": "off",
+    }
+    def mode(name):
+        value = _get(config, name)
+        return describe.get(value, value)
+
+    kd = _get(config, "distillation", "off")
+    iterations = f"{_get(config, 'sinkhorn_iterations')} / {_get(config, 'sinkhorn_tolerance')}"
+    distillation = kd if kd == "off" else f"{kd}, weight {_get(config, 'kd_weight')}"
+    learned = "learned" if _get(config, "learnable_logit_scale", True) else "fixed"
+    rows = [
+        ("variant", paper_variant(config)),
+        ("fusion assignment (S_F, Eq. 6-18)", mode("fusion_assignment")),
+        ("unimodal assignment (S_T, S_V, Eq. 19-24)", mode("unimodal_assignment")),
+        ("inference assignment (replaces OT when not training)", mode("inference_assignment")),
+        ("set pooling (Eq. 14)", _get(config, "pooling")),
+        ("OT-to-attention distillation (Eq. 28-29)", distillation),
+        ("assignment space size D (`hidden_size`)", _get(config, "hidden_size")),
+        ("Sinkhorn epsilon (`ot_epsilon`)", _get(config, "ot_epsilon")),
+        ("Sinkhorn iterations (max) / tolerance", iterations),
+        ("initial logit scale (1 / temperature)", f"{_get(config, 'logit_scale_init')} ({learned})"),
+        ("retrieval loss weight (S_R, not in the paper)", _get(config, "retrieval_loss_weight")),
+        ("max text length (tokens)", _get(config, "max_text_length")),
+    ]
+    image_size = _clip_get(config, "vision_config", "image_size")
+    patch = _clip_get(config, "vision_config", "patch_size")
+    if image_size and patch:
+        rows.append(
+            (
+                "CLIP vision: image size / patch / visual tokens",
+                f"{image_size} px / {patch} px / {(image_size // patch) ** 2 + 1} (patches + class token)",
+            )
+        )
+    for side in ("text", "vision"):
+        hidden = _clip_get(config, f"{side}_config", "hidden_size")
+        layers = _clip_get(config, f"{side}_config", "num_hidden_layers")
+        if hidden and layers:
+            rows.append((f"CLIP {side}: hidden size / layers", f"{hidden} / {layers}"))
+    projection = _clip_get(config, "projection_dim")
+    if projection:
+        rows.append(("CLIP projection size", projection))
+    lines = ["| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRAINING_LABELS = {
+    "learning_rate": "learning rate",
+    "lr": "learning rate",
+    "batch_size": "batch size",
+    "per_device_train_batch_size": "batch size per device",
+    "train_batch_size": "batch size",
+    "gradient_accumulation_steps": "gradient accumulation steps",
+    "epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "steps": "optimisation steps",
+    "max_steps": "optimisation steps",
+    "global_step": "optimisation steps",
+    "warmup_steps": "warm-up steps",
+    "weight_decay": "weight decay",
+    "lr_scheduler_type": "learning-rate schedule",
+    "seed": "seed",
+    "base_clip": "base CLIP",
+    "clip": "base CLIP",
+    "hardware": "hardware",
+    "duration": "training time",
+    "train_runtime": "training time",
+    "precision": "precision",
+    "best_checkpoint": "model selection",
+    "metric_for_best_model": "model selection metric",
+}
+
+
+def _format_value(key: str, value) -> str:
+    key = str(key).replace(" ", "_")
+    if key in ("train_runtime", "duration") and isinstance(value, (int, float)):
+        seconds = float(value)
+        hours, rest = divmod(seconds, 3600)
+        minutes, secs = divmod(rest, 60)
+        if hours:
+            text = f"{int(hours)} h {int(minutes)} min"
+        else:
+            text = f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
+        return f"{text} ({seconds:.0f} s)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def training_markdown(training: dict | None) -> str:
+    if not training:
+        return "_No training details were recorded._"
+    lines = ["| setting | value |", "|---|---|"]
+    for key, value in training.items():
+        if value is None or key in ("synthetic", "license", "model_name", "repo_id"):
+            continue
+        label = _TRAINING_LABELS.get(str(key).replace(" ", "_"), str(key).replace("_", " "))
+        lines.append(f"| {label} | {_format_value(key, value)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def usage_snippet(repo_id: str) -> str:
+    """Python code that loads the checkpoint from the Hub (or a folder) and links one mention against a small KB."""
+    return f'''```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+repo = "{repo_id}"  # a Hub repository id or a local folder
+model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+
+# Images may be file paths, PIL images, bytes or None (an unreadable or missing picture counts as "no image").
+kb = [
+    {{"qid": "Q76", "name": "Barack Obama", "attributes": "Occupation: politician. Born in Honolulu.",
+     "image": "entity_0.jpg"}},
+    {{"qid": "Q13133", "name": "Michelle Obama", "attributes": "Occupation: lawyer. Born in Chicago.", "image": None}},
+]
+mentions = [{{"mention": "Obama", "sentence": "Obama speaks to the press in Chicago.", "image": "mention_0.jpg"}}]
+
+with torch.no_grad():
+    # Entity features do not depend on the mention: encode the KB once (in batches) and keep them.
+    entities = model.encode_entities(**processor.process_entities(
+        [e["name"] for e in kb], [e["attributes"] for e in kb], [e["image"] for e in kb]))
+    queries = model.encode_mentions(**processor.process_mentions(
+        [m["mention"] for m in mentions], [m["sentence"] for m in mentions], [m["image"] for m in mentions]))
+    scores = model.score(queries, entities).overall  # (mentions, entities): S_O of the paper
+
+top = scores.topk(min(5, len(kb)), dim=-1)
+for i, m in enumerate(mentions):
+    print(m["mention"], [(kb[j]["name"], round(s, 4)) for s, j in zip(top.values[i].tolist(), top.indices[i].tolist())])
+```'''
+
+
+def _dataset_id(dataset_name: str) -> str:
+    name = os.path.basename(os.path.normpath(dataset_name)) if os.sep in dataset_name else dataset_name
+    return name or dataset_name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and ".." not in name
+
+
+def _is_synthetic(dataset_name: str, training: dict | None) -> bool:
+    if training and training.get("synthetic") is not None:
+        return bool(training["synthetic"])
+    return "synth" in dataset_name.lower()
+
+
+def build_model_card(
+    config,
+    *,
+    dataset_name: str,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """The model card of [`write_model_card`], as a `huggingface_hub.ModelCard` (nothing is written or downloaded)."""
+    training = dict(training or {})
+    dataset_id = _dataset_id(dataset_name)
+    model_name = training.get("model_name") or repo_id or f"otmel-{dataset_id}".lower()
+    repo_id = repo_id or training.get("repo_id") or "your-username/" + model_name.split("/")[-1]
+    license = training.get("license", license)
+    table = collect_metrics(metrics)
+    synthetic = _is_synthetic(dataset_name, training)
+    # The `base_model` metadata must name a Hub repository; a local folder (the offline tiny CLIP) is only described.
+    hub_base = bool(base_model) and _looks_like_hub_id(str(base_model))
+
+    data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="feature-extraction",
+        license=license,
+        tags=list(TAGS) + (["synthetic-data"] if synthetic else []),
+        datasets=[dataset_id],
+        metrics=(["hits@k", "mrr"] if table else None),
+        base_model=base_model if hub_base else None,
+        eval_results=_eval_results(table, dataset_name, dataset_id) or None,
+    )
+
+    if hub_base:
+        base_line = f"initialised from [`{base_model}`](https://huggingface.co/{base_model})"
+    elif base_model:
+        base_line = f"initialised from the CLIP checkpoint `{_dataset_id(str(base_model))}` (a local folder)"
+    else:
+        base_line = "with a CLIP backbone"
+    data_note = (
+        f"**This checkpoint was trained on synthetic data** (`{dataset_name}`: generated people with names, attribute "
+        "sentences and pictures made of coloured shapes). It demonstrates and tests the method and the code; it knows "
+        "nothing about real entities and must not be used to link real text or photos."
+        if synthetic
+        else f"It was trained and evaluated on `{dataset_name}`; it links mentions against that dataset's KB and "
+        "transfers to another KB or domain only as far as its CLIP backbone and training data allow."
+    )
+    variant = paper_variant(config)
+    fusion, unimodal = _get(config, "fusion_assignment"), _get(config, "unimodal_assignment")
+    inference = _get(config, "inference_assignment")
+    if "ot" in (fusion, unimodal) and inference == "ot":
+        inference_line = "At inference this checkpoint runs Sinkhorn for every OT assignment."
+    else:
+        inference_line = "At inference this checkpoint uses attention only (no Sinkhorn)."
+    extra_losses = ""
+    if (_get(config, "retrieval_loss_weight", 0) or 0) > 0 and unimodal != "off":
+        extra_losses += " + w_R L_R (InfoNCE of the mention-independent score S_R)"
+    if _get(config, "distillation", "off") != "off":
+        extra_losses += " + w_KD L_KD (OT-to-attention distillation)"
+
+    body = f"""
+# {model_name}
+
+An **OT-MEL** multimodal entity linker: given a mention (its surface form, the sentence around it and an optional
+image) it ranks every entity of a knowledge base (name, attribute sentences, optional image). It implements Zhang et
+al., ["{PAPER_TITLE}"]({PAPER_URL}) (Findings of ACL 2024) natively in 🤗 Transformers, {base_line}.
+
+A CLIP encoder shared by mentions and entities gives text token features T and visual patch features V. Within each
+side, a *correlation assignment* matches text tokens with image patches (by entropic optimal transport, solved with
+Sinkhorn, or by attention), and the matched features are pooled into one multimodal vector (S_F). Between mention
+and entity, tokens are matched with tokens and patches with patches (S_T, S_V). The score is
+S_O = (S_F + S_T + S_V) / 3, trained with InfoNCE over in-batch negatives; optionally the OT plans are distilled into
+attention so that inference can skip Sinkhorn.
+
+- **Variant:** {variant}
+- **Dataset:** `{dataset_name}`
+- **Paper:** {PAPER_URL}
+
+## Configuration
+
+{config_markdown(config)}
+
+{inference_line}
+Entity features do not depend on the mention and can be computed once for a whole KB; the unimodal scores S_T, S_V
+are pairwise (every mention with every candidate), so large KBs are best ranked in two stages: the
+mention-independent score S_R (`model.score(..., pairwise=False).retrieval`) for a shortlist, then S_O to re-rank it.
+
+## Evaluation
+
+The gold entity of each mention is ranked against the whole KB: rank = 1 + the number of entities scored higher + the
+number of other entities tied with it (a tie never counts in its favour). H@k: share of mentions whose gold entity
+ranks in the top k. MRR: mean reciprocal rank. With two-stage ranking (a shortlist by the mention-independent
+score S_R, re-ranked by S_O), a gold entity missing from the shortlist ranks after it.
+
+{metrics_markdown(metrics)}
+
+For reference, the paper reports (H@1 / MRR, %) 83.30 / 88.27 on RichpediaMEL, 88.97 / 92.59 on WikiMEL and
+66.07 / 75.43 on WikiDiverse for OT-MEL (OT) with CLIP ViT-B/32; numbers on other data are not comparable with these.
+
+## Training
+
+{training_markdown(training)}
+
+Loss: J = L_O + L_F + L_T + L_V (InfoNCE of S_O, S_F, S_T, S_V over in-batch negatives, duplicate gold entities
+masked){extra_losses}.
+
+## Intended use and limitations
+
+Intended for research on multimodal entity linking: ranking the entities of a KB for mentions in text with images, in
+the setting of WikiMEL / RichpediaMEL / WikiDiverse (MIMIC "cleaned" format).
+
+{data_note}
+
+- The model ranks a **closed** KB: it has no NIL prediction and always returns the best-scoring entities.
+- Inputs are truncated to {_get(config, "max_text_length")} tokens; long attribute texts lose their end.
+- Pictures are resized and centre-cropped to the CLIP input size; a missing or unreadable picture is handled as "no
+  image" (a learned embedding), never as a blank picture.
+- It inherits the biases and the domain of its CLIP backbone and of its training data.
+- Exhaustive pairwise scoring costs one unimodal matching per (mention, entity) pair; use a shortlist for large KBs.
+
+## How to use
+
+The modelling code ships with the checkpoint (`trust_remote_code=True`):
+
+{usage_snippet(repo_id)}
+
+For a whole KB, the linker of the project's `linking_otmel.py` (not part of this checkpoint) does the batching, the
+caching of entity features and the two-stage ranking:
+
+```python
+from linking_otmel import OTMELLinker
+
+linker = OTMELLinker.from_pretrained("{repo_id}")
+linker.build_index(kb)  # a list of dicts as above, or a `datasets.Dataset` with columns qid, name, attributes, image
+print(linker.link(mentions, top_k=5))  # per mention: [{{"qid", "name", "score"}}, ...], best first
+```
+
+## Citation
+
+```bibtex
+{PAPER_CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(
+    output_dir,
+    config,
+    *,
+    dataset_name: str,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """Writes `output_dir/README.md`, a Hugging Face model card for an OT-MEL checkpoint; returns its path.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the folder of the saved model (created if needed).
+        config ([`OTMELConfig`] or `dict`): the model's configuration.
+        dataset_name (`str`): name (or path) of the training / evaluation dataset; a name containing "synth" marks the
+            card as trained on synthetic data (or set `training["synthetic"]`).
+        metrics (`dict`, *optional*): Trainer-style metrics, `eval_hits@1`, ..., `eval_hits@20`, `eval_mrr` for
+            validation and `test_...` for test (fractions in [0, 1] are shown as percentages); other keys are ignored.
+        training (`dict`, *optional*): training facts shown as a table (`learning_rate`, `batch_size`, `epochs`,
+            `steps`, `seed`, `base_clip`, `hardware`, `duration` in seconds or as text, ...; any other key is shown as
+            is). `model_name`, `repo_id`, `license` and `synthetic` are used by the card instead of being listed.
+        base_model (`str`, *optional*): the CLIP checkpoint the model was initialised from (`base_model` metadata).
+        repo_id (`str`, *optional*): the Hub repository the snippet loads from (default: a placeholder).
+        license (`str`, *optional*, defaults to `"apache-2.0"`): the `license` metadata.
+    """
+    card = build_model_card(
+        config,
+        dataset_name=dataset_name,
+        metrics=metrics,
+        training=training,
+        base_model=base_model,
+        repo_id=repo_id,
+        license=license,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(os.fspath(output_dir), "README.md")
+    card.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upload
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hub_files(output_dir) -> list[str]:
+    """The files of `output_dir` that [`push_folder_to_hub`] uploads (relative POSIX paths, sorted)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    try:  # what upload_folder always adds (.git/, .cache/huggingface/, ...)
+        from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS as HUB_DEFAULT_IGNORE
+    except ImportError:  # pragma: no cover - depends on the huggingface_hub version
+        HUB_DEFAULT_IGNORE = [".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface", ".cache/huggingface/*"]
+
+    root = os.fspath(output_dir)
+    paths = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            paths.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    return sorted(filter_repo_objects(paths, ignore_patterns=HUB_IGNORE_PATTERNS + list(HUB_DEFAULT_IGNORE)))
+
+
+def push_folder_to_hub(
+    output_dir, repo_id: str, *, private: bool | None = None, token=None, commit_message: str | None = None
+):
+    """Uploads the checkpoint folder (weights, config, remote code, processor files, README.md) to `repo_id`.
+
+    Trainer checkpoints, optimizer / RNG states and logs are left out (`HUB_IGNORE_PATTERNS`). Needs the network and a
+    token with write access.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(output_dir),
+        ignore_patterns=list(HUB_IGNORE_PATTERNS),
+        commit_message=commit_message or "Upload OT-MEL checkpoint",
+    )
+
+
+__all__ = [
+    "write_model_card",
+    "build_model_card",
+    "metrics_markdown",
+    "collect_metrics",
+    "paper_variant",
+    "usage_snippet",
+    "hub_files",
+    "push_folder_to_hub",
+    "HUB_IGNORE_PATTERNS",
+]

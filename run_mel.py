@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""Train and evaluate OT-MEL on a multimodal entity linking dataset, ranking every mention against the whole KB.
+
+    python run_mel.py --dataset_name DATA --output_dir OUT --do_train --do_eval --do_predict
+
+DATA is a dataset on the Hub, a folder made by `datasets_scripts/convert_mimic.py`, or a raw folder in the MIMIC
+layout (WikiMEL, RichpediaMEL, WikiDiverse, or `datasets_scripts/make_synthetic.py`), converted on the fly into a
+cache keyed by the folder's content. With neither `--model_name_or_path` (an OT-MEL checkpoint) nor `--clip_model`
+(any CLIP checkpoint, e.g. openai/clip-vit-base-patch32), a tiny CLIP is built offline, its tokenizer trained on the KB
+and training text only; the default training arguments are the schedule of that tiny model (see README).
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from datasets import Image as ImageFeature
+from datasets import load_dataset
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from configuration_otmel import OTMELConfig
+from linking_otmel import encode_kb, encode_mentions, rank, ranking_metrics, stage1_recall
+from modeling_otmel import OTMELModel
+from processing_otmel import OTMELProcessor
+
+
+logger = logging.getLogger(__name__)
+
+MODES = {
+    # mode name -> config settings (Table 1 models; Table 2 ablations are the individual settings below)
+    "ot": {},
+    "att": {"fusion_assignment": "attention", "unimodal_assignment": "attention"},
+    "kd": {"distillation": "kl", "inference_assignment": "attention"},
+    "clip": {"fusion_assignment": "off", "unimodal_assignment": "off"},
+}
+CONFIG_OVERRIDES = (
+    "fusion_assignment", "unimodal_assignment", "pooling", "distillation", "inference_assignment", "hidden_size",
+    "ot_epsilon", "sinkhorn_iterations", "sinkhorn_tolerance", "logit_scale_init", "kd_weight", "retrieval_loss_weight",
+    "pairwise_negatives",
+    "max_text_length",
+)  # fmt: skip
+LOSS_KEYS = ("loss_o", "loss_f", "loss_t", "loss_v", "loss_r", "loss_kd")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "An OT-MEL checkpoint (local or Hub)."})
+    clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to start a new OT-MEL from."})
+    mode: str = field(default="ot", metadata={"help": "ot | att | kd | clip (global CLIP features only)."})
+    fusion_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (ablations F1, F2)."})
+    unimodal_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (M1, M2)."})
+    pooling: str | None = field(default=None, metadata={"help": "softpool | mean | max (O1, O2)."})
+    distillation: str | None = field(default=None, metadata={"help": "off | kl | mse | row_kl (K1, K2)."})
+    inference_assignment: str | None = field(default=None, metadata={"help": "ot | attention."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Assignment space size (paper: 96)."})
+    pairwise_negatives: int | None = field(default=15, metadata={"help": "Hard in-batch negatives scored pairwise (0: all, the paper)."})
+    ot_epsilon: float | None = None
+    sinkhorn_iterations: int | None = None
+    sinkhorn_tolerance: float | None = None
+    logit_scale_init: float | None = None
+    kd_weight: float | None = None
+    retrieval_loss_weight: float | None = None
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Offline tiny CLIP: hidden size."})
+    tiny_layers: int = field(default=2, metadata={"help": "Offline tiny CLIP: layers per tower."})
+    tiny_image_size: int = field(default=64, metadata={"help": "Offline tiny CLIP: image size."})
+    tiny_patch_size: int = field(default=16, metadata={"help": "Offline tiny CLIP: patch size."})
+    tiny_vocab_size: int = field(default=4000, metadata={"help": "Offline tiny CLIP: tokenizer vocabulary."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(metadata={"help": "Hub dataset id, converted dataset folder, or raw MIMIC-layout folder."})
+    max_text_length: int | None = field(default=None, metadata={"help": "Token budget per text (paper: 40)."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "Where raw folders are converted to."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_predict_samples: int | None = None
+    ranking: str = field(
+        default="two_stage",
+        metadata={"help": "two_stage (rank all entities by S_R, re-rank the top candidates with S_O) or exhaustive "
+                  "(S_O for every mention-entity pair: the paper's protocol, slow on a large KB)."},
+    )  # fmt: skip
+    candidates: int = field(default=50, metadata={"help": "Two-stage: entities re-ranked with the full S_O."})
+    predict_top_k: int = field(default=10, metadata={"help": "Entities written per mention by --do_predict."})
+    kb_batch_size: int = field(default=256, metadata={"help": "Batch size for encoding the KB and mentions."})
+
+
+@dataclass
+class OTMELTrainingArguments(TrainingArguments):
+    """TrainingArguments whose defaults are the schedule of the offline tiny model on a few thousand mentions."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints, metrics and the model go."})
+    per_device_train_batch_size: int = 128
+    per_device_eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    num_train_epochs: float = 30.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 30
+    eval_strategy: str = "epoch"
+    save_strategy: str = "epoch"
+    save_total_limit: int | None = 2
+    load_best_model_at_end: bool = True
+    metric_for_best_model: str | None = "mrr"
+    greater_is_better: bool | None = True
+    logging_steps: float = 10
+    remove_unused_columns: bool = False
+    dataloader_drop_last: bool = True
+    eval_every_epochs: int = field(default=5, metadata={"help": "With eval_strategy=epoch: evaluate every N epochs."})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.DatasetDict, datasets.Dataset, dict]:
+    """Returns (mention splits, KB, extra info such as the world's ceilings) for a Hub id or a local folder."""
+    from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
+
+    info = {}
+    path = name
+    if os.path.isdir(name) and is_mimic_layout(name):
+        cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel", "converted")
+        path, _ = cached_convert(name, cache_dir)
+        logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", name, path)
+        path = str(path)
+    mentions = load_dataset(path, "mentions")
+    kb = load_dataset(path, "kb")["train"]
+    ceilings = os.path.join(path, "ceilings.json")
+    if os.path.isfile(ceilings):
+        with open(ceilings) as f:
+            info["ceilings"] = json.load(f)
+    info["path"] = path
+    return mentions, kb, info
+
+
+def keep_linkable(split: datasets.Dataset, qid_to_index: dict, split_name: str) -> datasets.Dataset:
+    """Drops mentions whose answer is not in the KB, with a counted warning (never silently)."""
+    answers = split["answer"]
+    keep = [i for i, qid in enumerate(answers) if qid in qid_to_index]
+    if len(keep) < len(answers):
+        logger.warning(
+            "%s: %d of %d mentions have an answer absent from the KB (e.g. %r) and are skipped",
+            split_name, len(answers) - len(keep), len(answers), next(q for q in answers if q not in qid_to_index),
+        )  # fmt: skip
+        split = split.select(keep)
+    return split
+
+
+class MELCollator:
+    """Turns mention rows into a batch of mentions with their gold entities (in-batch negatives).
+
+    Images stay undecoded in the datasets (`decode=False`) and are decoded here, so a corrupt file becomes "no image".
+    """
+
+    def __init__(self, processor: OTMELProcessor, kb: datasets.Dataset, qid_to_index: dict, pad_to_max: bool = False):
+        self.processor = processor
+        self.kb = kb
+        self.qid_to_index = qid_to_index
+        self.pad_to_max = pad_to_max
+
+    def __call__(self, rows: list[dict]) -> dict:
+        entity_index = [self.qid_to_index[row["answer"]] for row in rows]
+        entities = self.kb[entity_index]
+        proc = self.processor
+        if self.pad_to_max:  # equal shapes on every process, so features can be gathered
+            proc = _MaxLengthProcessor(proc)
+        m = proc.process_mentions([r["mention"] for r in rows], [r["sentence"] for r in rows], [r["image"] for r in rows])
+        e = proc.process_entities(entities["name"], entities["attributes"], entities["image"])
+        batch = {f"mention_{k}": v for k, v in m.items()}
+        batch.update({f"entity_{k}": v for k, v in e.items()})
+        batch["entity_ids"] = torch.tensor(entity_index)
+        return batch
+
+
+class _MaxLengthProcessor:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def _tok(self, texts):
+        return self.processor.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.processor.max_text_length, return_tensors="pt"
+        )
+
+    def process_mentions(self, mentions, sentences, images):
+        out = self.processor.process_mentions(mentions, sentences, images)
+        out.update(self._tok(self.processor.mention_texts(mentions, sentences)))
+        return out
+
+    def process_entities(self, names, attributes, images):
+        out = self.processor.process_entities(names, attributes, images)
+        out.update(self._tok(self.processor.entity_texts(names, attributes)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class OTMELTrainer(Trainer):
+    """Trainer with the OT-MEL objective, per-term logging, and whole-KB ranking as evaluation."""
+
+    def __init__(self, *args, kb=None, qid_to_index=None, data_args=None, card_info=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kb = kb
+        self.qid_to_index = qid_to_index
+        self.data_args = data_args
+        self.card_info = card_info or {}
+        self._loss_sums = {}
+        self._loss_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _, world = _world()
+        outputs = model(**inputs, gather_across_processes=world > 1)
+        if model.training:
+            for key in LOSS_KEYS:
+                value = getattr(outputs, key)
+                if value is not None:
+                    self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value.detach().float().item()
+            self._loss_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._loss_count:
+            for key, total in self._loss_sums.items():
+                logs[key] = round(total / self._loss_count, 4)
+            self._loss_sums, self._loss_count = {}, 0
+        super().log(logs, start_time)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, **kw):
+        # Whole-KB evaluation costs seconds: with eval_strategy=epoch, evaluate every `eval_every_epochs` epochs
+        # (and always at the last one).
+        every = getattr(self.args, "eval_every_epochs", 1)
+        if self.control.should_evaluate and self.args.eval_strategy == "epoch" and every > 1:
+            current = round(self.state.epoch or 0)
+            last = current >= math.ceil(self.args.num_train_epochs) or self.state.global_step >= self.state.max_steps
+            if current % every and not last:
+                self.control.should_evaluate = False
+                self.control.should_save = False
+        return super()._maybe_log_save_evaluate(
+            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, **kw
+        )
+
+    def rank_split(self, split: datasets.Dataset, top_k: int = 0) -> dict:
+        """Ranks every mention of `split` against the whole KB (the paper's protocol).
+
+        Under torch.distributed each process ranks a contiguous shard of the mentions and the results are gathered,
+        so the metrics equal those of a single process. Returns lists: `ranks`, `stage1_ranks`, and with `top_k`,
+        `topk_indices` / `topk_scores`.
+        """
+        from tqdm.auto import tqdm
+
+        model = self.accelerator.unwrap_model(self.model)
+        processor = self.processing_class
+        args = self.data_args
+        rank_id, world = _world()
+        index = encode_kb(model, processor, self.kb, batch_size=args.kb_batch_size, progress=rank_id == 0)
+        shard = split.shard(world, rank_id, contiguous=True) if world > 1 else split
+        gold = torch.tensor([index.row_of(q) for q in shard["answer"]], dtype=torch.long)
+        result = {"ranks": [], "stage1_ranks": [], "topk_indices": [], "topk_scores": []}
+        batch_size = args.kb_batch_size
+        for start in tqdm(range(0, len(shard), batch_size), desc="Ranking mentions", disable=rank_id != 0):
+            end = min(len(shard), start + batch_size)
+            feats = encode_mentions(model, processor, shard.select(range(start, end)), batch_size=batch_size)
+            ranked = rank(
+                model, feats, index, strategy=args.ranking, candidates=args.candidates, top_k=top_k or None,
+                gold=gold[start:end],
+            )  # fmt: skip
+            result["ranks"] += ranked.gold_ranks.tolist()
+            result["stage1_ranks"] += ranked.stage1_gold_ranks.tolist()
+            if top_k:
+                result["topk_indices"] += ranked.indices.tolist()
+                result["topk_scores"] += ranked.scores.tolist()
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, result)
+            result = {key: sum((g[key] for g in gathered), []) for key in result}
+        return result
+
+    def ranking_metrics(self, result: dict, prefix: str) -> dict:
+        metrics = ranking_metrics(result["ranks"])
+        if self.data_args.ranking == "two_stage":
+            metrics.update({f"stage1_{k}": v for k, v in stage1_recall(result["stage1_ranks"]).items()})
+        return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        start = time.time()
+        metrics = self.ranking_metrics(self.rank_split(eval_dataset), metric_key_prefix)
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def create_model_card(self, **kwargs):
+        from model_card import write_model_card
+
+        write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model).config, **self.card_info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_config_overrides(model_args: ModelArguments, data_args: DataArguments) -> dict:
+    if model_args.mode not in MODES:
+        raise ValueError(f"--mode {model_args.mode!r} is invalid; allowed: {', '.join(MODES)}")
+    overrides = dict(MODES[model_args.mode])
+    for name in CONFIG_OVERRIDES:
+        value = getattr(data_args if name == "max_text_length" else model_args, name)
+        if value is not None:
+            overrides[name] = value
+    return overrides
+
+
+def tiny_clip_for(mentions, kb, model_args, data_args, seed: int, cache_dir: str) -> str:
+    """Builds (once per dataset and settings) the offline tiny CLIP, its tokenizer trained on KB + training text only."""
+    from tiny_clip import build_tiny_clip
+
+    key = "-".join(
+        str(x) for x in (kb._fingerprint, mentions["train"]._fingerprint, model_args.tiny_hidden_size,
+                         model_args.tiny_layers, model_args.tiny_image_size, model_args.tiny_patch_size,
+                         model_args.tiny_vocab_size, seed)
+    )  # fmt: skip
+    path = os.path.join(cache_dir, "tiny_clip", _stable_hash(key))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    texts = [f"{n} {a}" for n, a in zip(kb["name"], kb["attributes"])]
+    texts += [f"{m} {s}" for m, s in zip(mentions["train"]["mention"], mentions["train"]["sentence"])]
+    tmp = f"{path}.tmp{os.getpid()}"
+    build_tiny_clip(
+        tmp, texts, vocab_size=model_args.tiny_vocab_size, hidden_size=model_args.tiny_hidden_size,
+        num_layers=model_args.tiny_layers, image_size=model_args.tiny_image_size,
+        patch_size=model_args.tiny_patch_size, projection_dim=model_args.tiny_hidden_size, seed=seed,
+    )  # fmt: skip
+    os.replace(tmp, path)
+    return path
+
+
+def _stable_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_model_and_processor(model_args, data_args, training_args, mentions, kb):
+    overrides = build_config_overrides(model_args, data_args)
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig, AutoModel, AutoProcessor
+
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.check_settings()
+        model = AutoModel.from_pretrained(model_args.model_name_or_path, config=config, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        processor.max_text_length = config.max_text_length
+        return model, processor, model_args.model_name_or_path
+    base = model_args.clip_model
+    if base is None:
+        cache = data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel")
+        base = tiny_clip_for(mentions, kb, model_args, data_args, training_args.seed, cache)
+        logger.info("Using the offline tiny CLIP at %s", base)
+    # Seeded here, not only at start-up: building the tiny CLIP on a first run draws random numbers a cached run does not.
+    set_seed(training_args.seed)
+    model = OTMELModel.from_clip(base, **overrides)
+    processor = OTMELProcessor(
+        AutoImageProcessor.from_pretrained(base), AutoTokenizer.from_pretrained(base),
+        max_text_length=model.config.max_text_length,
+    )
+    return model, processor, model_args.clip_model or "offline tiny CLIP (tiny_clip.py)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Without this, transformers leaves CPU processes launched by torchrun undistributed (each thinks it is alone).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    parser = HfArgumentParser((ModelArguments, DataArguments, OTMELTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.output_dir is None:
+        parser.error("--output_dir is required")
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    for name in ("processing_otmel", "linking_otmel", "datasets_scripts.convert_mimic"):
+        logging.getLogger(name).setLevel(logging.INFO if log_level <= logging.INFO else log_level)
+    logger.info("Training/evaluation parameters %s", training_args)
+
+    last_checkpoint = None
+    if training_args.do_train and os.path.isdir(training_args.output_dir) and not training_args.resume_from_checkpoint:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.info("Checkpoint found at %s: resuming. Use another --output_dir to start afresh.", last_checkpoint)
+    set_seed(training_args.seed)
+
+    mentions, kb, info = load_mel_dataset(data_args.dataset_name, data_args.data_cache_dir)
+    qid_to_index = {}
+    for i, qid in enumerate(kb["qid"]):
+        qid_to_index.setdefault(qid, i)
+    for split in list(mentions):
+        mentions[split] = keep_linkable(mentions[split], qid_to_index, split)
+    mentions = mentions.cast_column("image", ImageFeature(decode=False))
+    kb = kb.cast_column("image", ImageFeature(decode=False))
+
+    model, processor, base_model = load_model_and_processor(model_args, data_args, training_args, mentions, kb)
+    logger.info("Model config: %s", model.config.to_diff_dict())
+
+    def take(split, limit):
+        if split not in mentions:
+            raise ValueError(f"{data_args.dataset_name} has no '{split}' split (has: {', '.join(mentions)})")
+        data = mentions[split]
+        return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+    train_dataset = take("train", data_args.max_train_samples) if training_args.do_train else None
+    eval_dataset = take("validation", data_args.max_eval_samples) if (training_args.do_eval or training_args.do_train) else None
+    if training_args.eval_strategy != "no" and eval_dataset is None:
+        raise ValueError("evaluation during training needs a validation split")
+
+    _, world = _world()
+    trainer = OTMELTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MELCollator(processor, kb, qid_to_index, pad_to_max=training_args.world_size > 1),
+        processing_class=processor,
+        kb=kb,
+        qid_to_index=qid_to_index,
+        data_args=data_args,
+        card_info={
+            "dataset_name": data_args.dataset_name,
+            "metrics": {},
+            "training": {},
+            "base_model": model_args.model_name_or_path or model_args.clip_model,
+        },
+    )
+
+    all_metrics = {}
+    if training_args.do_train:
+        start = time.time()
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        all_metrics.update(metrics)
+        trainer.card_info["training"] = {
+            "base model": base_model,
+            "mode": model_args.mode,
+            "learning rate": training_args.learning_rate,
+            "batch size": training_args.per_device_train_batch_size * training_args.world_size,
+            "epochs": training_args.num_train_epochs,
+            "steps": trainer.state.global_step,
+            "seed": training_args.seed,
+            "training time (s)": round(time.time() - start, 1),
+            "hardware": f"{'GPU' if torch.cuda.is_available() else 'CPU'}, {training_args.world_size} process(es)",
+        }
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        all_metrics.update(metrics)
+
+    if training_args.do_predict:
+        test = take("test", data_args.max_predict_samples)
+        start = time.time()
+        result = trainer.rank_split(test, top_k=data_args.predict_top_k)
+        metrics = trainer.ranking_metrics(result, "test")
+        metrics["test_runtime"] = round(time.time() - start, 2)
+        trainer.log_metrics("test", metrics)
+        trainer.save_metrics("test", metrics)
+        all_metrics.update(metrics)
+        if trainer.is_world_process_zero():
+            qids = kb["qid"]
+            path = os.path.join(training_args.output_dir, "predictions_test.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for row_id, gold, rank, top, scores in zip(
+                    test["id"], test["answer"], result["ranks"], result["topk_indices"], result["topk_scores"]
+                ):
+                    f.write(json.dumps({
+                        "id": row_id, "gold": gold, "rank": rank,
+                        "predictions": [{"qid": qids[i], "score": round(float(s), 5)} for i, s in zip(top, scores)],
+                    }, ensure_ascii=False) + "\n")  # fmt: skip
+            logger.info("Wrote %s", path)
+
+    if trainer.is_world_process_zero() and (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        processor.save_pretrained(training_args.output_dir)
+        if training_args.do_train:
+            trainer.card_info["metrics"] = {k: v for k, v in all_metrics.items() if k.startswith(("eval_", "test_"))}
+            trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return all_metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""The folder a Hub user downloads: model card, config with auto_map, weights, remote code, processor files; it loads in
+a fresh process with AutoModel / AutoProcessor (trust_remote_code) and scores as the original model does. Also the
+pictures of visualize_otmel.py. Offline: nothing here reaches the network (push_to_hub is never called)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from huggingface_hub import ModelCard  # noqa: E402
+from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
+
+import visualize_otmel  # noqa: E402
+from model_card import collect_metrics, hub_files, metrics_markdown, write_model_card  # noqa: E402
+from modeling_otmel import OTMELModel  # noqa: E402
+from processing_otmel import OTMELProcessor  # noqa: E402
+from tiny_clip import build_tiny_clip  # noqa: E402
+
+
+TEXTS = [
+    "barack obama [SEP] occupation politician. born in honolulu. member of the senate.",
+    "obama speaks to the press in chicago about the election",
+    "michelle obama [SEP] occupation lawyer. born in chicago.",
+    "ada lovelace [SEP] occupation mathematician. born in london.",
+] * 5
+METRICS = {
+    **{f"eval_hits@{k}": 0.40 + 0.05 * i for i, k in enumerate((1, 3, 5, 10, 20))},
+    **{f"test_hits@{k}": 0.38 + 0.05 * i for i, k in enumerate((1, 3, 5, 10, 20))},
+    "eval_mrr": 0.5123,
+    "test_mrr": 0.4987,
+    "eval_loss": 3.2,  # not a ranking metric: ignored by the card
+    "eval_runtime": 12.5,
+}
+TRAINING = {
+    "learning_rate": 2e-4,
+    "batch_size": 32,
+    "epochs": 3,
+    "steps": 120,
+    "seed": 0,
+    "base_clip": "tiny offline CLIP (tiny_clip.py)",
+    "hardware": "CPU, 2 cores",
+    "duration": 95.0,
+}
+KB = [
+    ("Barack Obama", "Occupation: politician. Born in Honolulu.", "red"),
+    ("Michelle Obama", "Occupation: lawyer. Born in Chicago.", None),
+    ("Ada Lovelace", "Occupation: mathematician. Born in London.", "blue"),
+]
+MENTIONS = [
+    ("Obama", "Obama speaks to the press in Chicago about the election", "red"),
+    ("Ada", "Ada wrote the first program", None),
+]
+
+
+def _picture(path, colour):
+    image = Image.new("RGB", (96, 80), (235, 235, 220))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 10, 50, 50), fill=colour)
+    draw.rectangle((55, 40, 90, 75), fill=(30, 160, 60))
+    image.save(path)
+    return str(path)
+
+
+def _scores(model, processor, kb_images, mention_images):
+    with torch.no_grad():
+        entities = model.encode_entities(
+            **processor.process_entities([n for n, _, _ in KB], [a for _, a, _ in KB], kb_images)
+        )
+        mentions = model.encode_mentions(
+            **processor.process_mentions([m for m, _, _ in MENTIONS], [s for _, s, _ in MENTIONS], mention_images)
+        )
+        return model.score(mentions, entities).overall
+
+
+@pytest.fixture(scope="module")
+def hub_setup(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hub")
+    clip_dir = build_tiny_clip(str(root / "clip"), TEXTS, vocab_size=300)
+    model = OTMELModel.from_clip(clip_dir, hidden_size=32).eval()
+    processor = OTMELProcessor(AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir))
+    images = root / "images"
+    images.mkdir()
+    kb_images = [_picture(images / f"entity_{i}.png", c) if c else None for i, (_, _, c) in enumerate(KB)]
+    mention_images = [_picture(images / f"mention_{i}.png", c) if c else None for i, (_, _, c) in enumerate(MENTIONS)]
+    reference = _scores(model, processor, kb_images, mention_images)
+
+    folder = root / "otmel-synthetic-tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_model_card(
+        folder, model.config, dataset_name="data/synthetic", metrics=METRICS, training=TRAINING, base_model=clip_dir
+    )
+    return {
+        "root": root,
+        "clip_dir": clip_dir,
+        "model": model,
+        "processor": processor,
+        "folder": folder,
+        "kb_images": kb_images,
+        "mention_images": mention_images,
+        "reference": reference,
+    }
+
+
+# ---- the model card ------------------------------------------------------------------------------------------
+
+
+def test_model_card_metadata_and_body(hub_setup):
+    card = ModelCard.load(hub_setup["folder"] / "README.md")
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "feature-extraction"
+    assert data.license
+    for tag in ("entity-linking", "multimodal", "optimal-transport", "clip"):
+        assert tag in data.tags
+    assert data.datasets == ["synthetic"]
+    # A local folder is no Hub repository: it is described in the text, not put in the base_model metadata.
+    assert data.base_model is None
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert len(results) == 12
+    assert results[("validation", "hits@1")] == pytest.approx(0.40)
+    assert results[("test", "mrr")] == pytest.approx(0.4987)
+
+    text = card.text
+    assert "https://arxiv.org/abs/2406.01934" in text
+    assert "| split | H@1 (%) | H@3 (%) | H@5 (%) | H@10 (%) | H@20 (%) | MRR (%) |" in text
+    assert "| validation | 40.00 | 45.00 | 50.00 | 55.00 | 60.00 | 51.23 |" in text
+    assert "| test | 38.00 | 43.00 | 48.00 | 53.00 | 58.00 | 49.87 |" in text
+    for setting in ("fusion assignment", "unimodal assignment", "set pooling", "distillation", "inference assignment"):
+        assert setting in text
+    assert "| Sinkhorn epsilon (`ot_epsilon`) | 0.1 |" in text
+    assert "| assignment space size D (`hidden_size`) | 32 |" in text
+    assert "| learning rate | 0.0002 |" in text
+    assert "trained on synthetic data" in text
+    assert 'AutoModel.from_pretrained(repo, trust_remote_code=True)' in text
+    assert 'AutoProcessor.from_pretrained(repo, trust_remote_code=True)' in text
+    assert "OTMELLinker.from_pretrained(" in text and ".link(" in text
+
+
+def test_model_card_variants_and_missing_metrics(tmp_path):
+    from configuration_otmel import OTMELConfig
+
+    kd = OTMELConfig(distillation="kl", inference_assignment="attention")
+    path = write_model_card(
+        tmp_path, kd, dataset_name="WikiMEL", metrics={}, training=None, base_model="openai/clip-vit-base-patch32"
+    )
+    card = ModelCard.load(path)
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
+    assert card.data.eval_results is None
+    assert "OT-MEL (KD)" in card.text and "attention only (no Sinkhorn)" in card.text
+    assert "No evaluation metrics were recorded" in card.text
+    assert "trained on synthetic data" not in card.text
+    # Metrics already in percent stay as they are; aliases of the split and metric names are understood.
+    assert collect_metrics({"validation_h@1": 81.0, "dev_mrr": 86.9, "test_hits_at_5": 90.0, "epoch": 3}) == {
+        "validation": {"hits@1": 81.0, "mrr": 86.9},
+        "test": {"hits@5": 90.0},
+    }
+    table = metrics_markdown({"eval_hits@1": 81.0, "eval_mrr": 86.9, "test_hits@5": 90.0})
+    assert "| validation | 81 | - | 86.9 |" in table
+
+
+# ---- the folder a Hub user gets ------------------------------------------------------------------------------
+
+
+def test_folder_holds_what_a_hub_user_needs(hub_setup):
+    folder = hub_setup["folder"]
+    # Leftovers of a training run must not be uploaded.
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"x")
+    (folder / "training_args.bin").write_bytes(b"x")
+    try:
+        files = set(hub_files(folder))
+    finally:
+        (folder / "checkpoint-5" / "model.safetensors").unlink()
+        (folder / "checkpoint-5").rmdir()
+        (folder / "training_args.bin").unlink()
+    needed = {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "configuration_otmel.py",
+        "modeling_otmel.py",
+        "processing_otmel.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    assert needed <= files, needed - files
+    assert not any(f.startswith("checkpoint-") or f == "training_args.bin" or "__pycache__" in f for f in files)
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "otmel"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_otmel.OTMELConfig",
+        "AutoModel": "modeling_otmel.OTMELModel",
+    }
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_otmel.OTMELProcessor"
+    assert "image_processor" in processor_config or (folder / "preprocessor_config.json").exists()
+    # The remote code is the checkout's code.
+    for name in ("configuration_otmel.py", "modeling_otmel.py", "processing_otmel.py"):
+        assert (folder / name).read_text() == open(os.path.join(REPO, name)).read()
+
+
+FRESH_PROCESS = r'''
+import importlib.util, json, os, re, sys
+assert importlib.util.find_spec("modeling_otmel") is None, "the checkout leaked into the fresh process"
+import torch
+from transformers import AutoModel, AutoProcessor
+
+folder, kb, kb_images, mentions, mention_images = json.load(open(sys.argv[1]))
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__name__ == "OTMELModel" and type(processor).__name__ == "OTMELProcessor", (model, processor)
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+with torch.no_grad():
+    entities = model.encode_entities(**processor.process_entities([k[0] for k in kb], [k[1] for k in kb], kb_images))
+    queries = model.encode_mentions(
+        **processor.process_mentions([m[0] for m in mentions], [m[1] for m in mentions], mention_images)
+    )
+    scores = model.score(queries, entities).overall
+print("SCORES " + json.dumps(scores.tolist()))
+
+# The model card's snippet, run as a user would (its repository id replaced by the folder).
+card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+snippet = re.sub(r'^repo = "[^"]*"', "repo = " + json.dumps(folder), snippet, count=1, flags=re.M)
+exec(compile(snippet, "model_card_snippet", "exec"), {})
+'''
+
+
+def test_loads_in_a_fresh_process_and_scores_the_same(hub_setup, tmp_path):
+    folder = str(hub_setup["folder"])
+    args = tmp_path / "args.json"
+    json.dump([folder, KB, hub_setup["kb_images"], MENTIONS, hub_setup["mention_images"]], args.open("w"))
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    # The snippet's pictures: one present, one missing (counts as "no image").
+    _picture(workdir / "entity_0.jpg", "red")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(args)], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("SCORES "))
+    scores = torch.tensor(json.loads(line[len("SCORES ") :]))
+    torch.testing.assert_close(scores, hub_setup["reference"], rtol=1e-5, atol=1e-5)
+    # The snippet printed its ranking of the KB for the mention.
+    assert re.search(r"^Obama \[\('(Barack|Michelle) Obama'", result.stdout, re.M), result.stdout
+
+
+# ---- pictures ------------------------------------------------------------------------------------------------
+
+
+def _png_ok(path, min_bytes=20_000):
+    assert os.path.getsize(path) > min_bytes
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 800 and image.height > 400
+
+
+def test_correlation_maps_function(hub_setup, tmp_path):
+    import matplotlib.pyplot as plt
+
+    model, processor = hub_setup["model"], hub_setup["processor"]
+    mention, sentence, _ = MENTIONS[0]
+    maps = visualize_otmel.correlation_maps(model, processor, mention, sentence, hub_setup["mention_images"][0])
+    n_tokens = len(maps["tokens"])
+    assert maps["attention"].shape == maps["ot"].shape == (n_tokens, 17)
+    assert maps["tokens"][0] == "<start>" and maps["tokens"][-1] == "<end>"
+    # v2t: every text token distributes one unit of mass over the visual tokens, in both maps.
+    torch.testing.assert_close(torch.tensor(maps["attention"].sum(1)), torch.ones(n_tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(maps["ot"].sum(1)), torch.ones(n_tokens), atol=2e-2, rtol=0)
+    assert abs(maps["plan"].sum() - 1) < 1e-4
+    # The model's own fusion map (OT at inference) is the OT map computed here.
+    batch = processor.process_mentions([mention], [sentence], [hub_setup["mention_images"][0]])
+    with torch.no_grad():
+        own = model.encode_mentions(**batch, output_maps=True).fusion_maps["v2t"]["assignment"][0]
+    torch.testing.assert_close(torch.tensor(maps["ot"]), own, atol=1e-5, rtol=0)
+
+    out = tmp_path / "maps.png"
+    fig = visualize_otmel.plot_correlation_maps(maps=maps, token="chicago", out=str(out))
+    plt.close(fig)
+    _png_ok(out)
+    out = tmp_path / "maps_t2v.png"
+    fig = visualize_otmel.plot_correlation_maps(
+        model, processor, KB[0][0], KB[0][1], hub_setup["kb_images"][0],
+        side="entity", direction="t2v", token=1, out=str(out),
+    )  # fmt: skip
+    plt.close(fig)
+    _png_ok(out)
+    with pytest.raises(ValueError, match="not in the text"):
+        visualize_otmel.plot_correlation_maps(maps=maps, token="zebra")
+    with pytest.raises(ValueError, match="could not be read"):
+        visualize_otmel.correlation_maps(model, processor, mention, sentence, None)
+    plt.close("all")
+
+
+def test_maps_cli(hub_setup, tmp_path):
+    out = tmp_path / "cli_maps.png"
+    name, attributes, _ = KB[2]
+    code = visualize_otmel.main([
+        "maps", "--model", str(hub_setup["folder"]), "--side", "entity", "--entity_name", name,
+        "--entity_attributes", attributes, "--entity_image", hub_setup["kb_images"][2], "--token", "3",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    _png_ok(out)
+    with pytest.raises(SystemExit):  # the chosen side's picture is required
+        visualize_otmel.main(["maps", "--model", str(hub_setup["folder"]), "--mention", "Obama", "--out", str(out)])
+
+
+def test_maps_refuse_a_model_without_fusion(hub_setup, tmp_path):
+    model = OTMELModel.from_clip(hub_setup["clip_dir"], hidden_size=16, fusion_assignment="off").eval()
+    with pytest.raises(ValueError, match="fusion_assignment='off'"):
+        visualize_otmel.correlation_maps(model, hub_setup["processor"], "Obama", "x", hub_setup["mention_images"][0])
+    folder = tmp_path / "no_fusion"
+    model.save_pretrained(folder)
+    hub_setup["processor"].save_pretrained(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        visualize_otmel.main([
+            "maps", "--model", str(folder), "--mention", "Obama", "--mention_image", hub_setup["mention_images"][0],
+            "--out", str(tmp_path / "x.png"),
+        ])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def _log_history(with_eval: bool):
+    history = []
+    for step in range(5, 105, 5):
+        history.append({
+            "step": step, "epoch": step / 50, "loss": 8 - step / 20, "loss_o": 2 - step / 80,
+            "loss_t": 2.5 - step / 70, "loss_v": 3 - step / 60, "loss_kd": 0.2, "learning_rate": 1e-4,
+        })  # fmt: skip
+        if with_eval and step % 25 == 0:
+            history.append(
+                {"step": step, "epoch": step / 50, "eval_mrr": 0.3 + step / 500, "eval_hits@1": 0.2 + step / 600}
+            )
+    history.append({"step": 100, "epoch": 2.0, "train_runtime": 10.0, "train_loss": 5.0})
+    return history
+
+
+def test_training_curves(tmp_path):
+    import matplotlib.pyplot as plt
+
+    run = tmp_path / "run"
+    (run / "checkpoint-50").mkdir(parents=True)
+    (run / "checkpoint-100").mkdir()
+    full = _log_history(with_eval=True)
+    early = {"log_history": [e for e in full if e["step"] <= 50]}
+    json.dump(early, (run / "checkpoint-50" / "trainer_state.json").open("w"))
+    json.dump({"log_history": full}, (run / "checkpoint-100" / "trainer_state.json").open("w"))
+    # The latest checkpoint is found (numerically: checkpoint-100 after checkpoint-50).
+    assert visualize_otmel.find_trainer_state(str(run)).endswith(os.path.join("checkpoint-100", "trainer_state.json"))
+
+    fig = visualize_otmel.plot_training_curves(str(run), out=str(tmp_path / "curves.png"))
+    loss_ax, eval_ax = fig.axes[:2]
+    assert {line.get_label() for line in loss_ax.get_lines()} == {
+        visualize_otmel.LOSS_LABELS[k] for k in ("loss", "loss_o", "loss_t", "loss_v", "loss_kd")
+    }
+    assert {line.get_label() for line in eval_ax.get_lines()} == {"validation MRR", "validation H@1"}
+    assert loss_ax.get_xlabel() and loss_ax.get_ylabel() and eval_ax.get_xlabel()
+    plt.close(fig)
+    _png_ok(tmp_path / "curves.png")
+
+    # Without evaluation entries (and from a state dict): the loss panel only, the other one says so.
+    no_eval = {"log_history": _log_history(with_eval=False)}
+    fig = visualize_otmel.plot_training_curves(no_eval, out=str(tmp_path / "c2.png"))
+    assert fig.axes[1].get_lines() == [] and "no evaluation logged" in [t.get_text() for t in fig.axes[1].texts]
+    plt.close(fig)
+    _png_ok(tmp_path / "c2.png")
+
+    # The CLI, on a run folder with its own trainer_state.json.
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": full}))
+    assert visualize_otmel.main(["curves", "--run_dir", str(run), "--out", str(tmp_path / "c3.png")]) == 0
+    _png_ok(tmp_path / "c3.png")
+    with pytest.raises(SystemExit):
+        visualize_otmel.main(["curves", "--run_dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "c4.png")])
