@@ -29,6 +29,21 @@ Multimodal fusion features (S_F) are computed once per side by `encode_*` with t
 entity side is cached in the index: an index built with one fusion mode keeps it. A distilled (KD) model saved with
 `inference_assignment="attention"` therefore runs attention everywhere by default; `assignment="attention"` on an OT model
 gives the fast path for the pairwise part only.
+
+Ordering: results are sorted by S_O, ties broken by S_R, then by KB row, in both strategies (so two-stage ranking with
+`candidates` = KB size equals exhaustive ranking). Stage-2 scores of a pair do not depend on the other pairs of its batch
+beyond float rounding (Sinkhorn stops per problem).
+
+Command line:
+
+    python linking_otmel.py --model DIR --kb DATASET_DIR_OR_INDEX --input mentions.jsonl --output results.jsonl \
+        [--index_dir DIR] [--rebuild_index] [--index_dtype float32|float16] [--top_k 5] \
+        [--strategy two_stage|exhaustive] [--candidates 50] [--assignment ot|attention] [--batch_size 64] [--threads N]
+
+Input lines: `{"mention": ..., "sentence": ..., "image": "pics/a.jpg" (optional, relative to the JSONL file), "id": ...
+(optional)}`. Output lines: `{"id", "line", "mention", "candidates": [{"qid", "name", "score"}, ...]}`. Bad lines
+(invalid JSON, missing or non-string fields) are reported on stderr by line number and skipped; an unreadable picture
+is reported and the mention linked without it; a summary line ends the run.
 """
 
 from __future__ import annotations
@@ -38,11 +53,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -50,10 +63,10 @@ import torch.nn.functional as F
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
-    from .modeling_otmel import OTMELFeatures, OTMELModel, masked_softmax, pool_set, sinkhorn
+    from .modeling_otmel import OTMELFeatures, OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
 except ImportError:
-    from modeling_otmel import OTMELFeatures, OTMELModel, masked_softmax, pool_set, sinkhorn
+    from modeling_otmel import OTMELFeatures, OTMELModel
     from processing_otmel import OTMELProcessor, read_image
 
 
@@ -433,9 +446,11 @@ def encode_kb(
     n = len(view)
     if n == 0:
         raise ValueError("the KB is empty")
-    texts = processor.entity_texts(view.names, view.attributes)
-    lengths = [len(ids) for ids in processor.tokenizer(texts, truncation=True, max_length=processor.max_text_length)["input_ids"]]
-    max_len = max(lengths)
+    max_len = 1
+    for start in range(0, n, 8192):  # the longest tokenised text, in slices (token lists of a large KB are big)
+        texts = processor.entity_texts(view.names[start : start + 8192], view.attributes[start : start + 8192])
+        ids = processor.tokenizer(texts, truncation=True, max_length=processor.max_text_length)["input_ids"]
+        max_len = max(max_len, max(len(x) for x in ids))
     device = model.device
     cfg = model.config
     pairwise = cfg.unimodal_assignment != "off"
@@ -588,71 +603,10 @@ def stage1_queries(model, mentions: OTMELFeatures, index: EntityIndex) -> torch.
     return torch.cat(parts, dim=-1)
 
 
-def _assign_aligned(model, q, q_mask, k, k_mask, mode):
-    """Row-stochastic assignment `(B, K, L_e, L_m)` of entity queries `q (B, K, L_e, D)` to mention keys `k (B, L_m, D)`:
-    `CorrelationAssignment.assign` for aligned pairs, with the K candidates of a mention in one matrix product."""
-    cfg = model.config
-    b, n_cand, l_e, d = q.shape
-    l_m = k.shape[1]
-    if mode == "attention":
-        logits = (q.reshape(b, n_cand * l_e, d) @ k.transpose(1, 2)).reshape(b, n_cand, l_e, l_m) / math.sqrt(d)
-        pair_mask = q_mask.unsqueeze(-1).bool() & k_mask[:, None, None, :].bool()
-        return masked_softmax(logits, pair_mask, -1)
-    similarity = F.normalize(q, dim=-1).reshape(b, n_cand * l_e, d) @ F.normalize(k, dim=-1).transpose(1, 2)
-    cost = ((1 - similarity) / 2).reshape(b, n_cand, l_e, l_m)  # cosine_cost (Eq. 9)
-    plan = sinkhorn(
-        cost, cfg.ot_epsilon, cfg.sinkhorn_iterations, cfg.sinkhorn_tolerance,
-        row_mask=q_mask, col_mask=k_mask.unsqueeze(1).expand(b, n_cand, l_m),
-    )  # fmt: skip
-    n_rows = q_mask.to(plan.dtype).sum(-1).clamp_min(1)
-    return plan * n_rows[..., None, None]
-
-
-def _unimodal_aligned(model, queries, q_mask, keys, values, k_mask, global_small, mode):
-    """Unimodal matching (Eq. 19-24) of aligned pairs: entity `queries (B, K, L_e, D)` with mention `keys / values
-    (B, L_m, D)` -> scores `(B, K)`; the per-pair computation of `OTMELModel._unimodal`."""
-    assignment = _assign_aligned(model, queries, q_mask, keys, k_mask, mode)
-    b, n_cand, l_e, l_m = assignment.shape
-    g = (assignment.reshape(b, n_cand * l_e, l_m) @ values).reshape(b, n_cand, l_e, -1)  # (B, K, L_e, D)
-    pooled = F.normalize(pool_set(g, q_mask, model.config.pooling), dim=-1)
-    return (pooled * global_small).sum(-1)
-
-
-def _assignment_for(model, assignment: str | None) -> str:
-    cfg = model.config
-    if assignment not in (None, "ot", "attention"):
-        raise ValueError(f"assignment must be 'ot', 'attention' or None, got {assignment!r}")
-    mode = cfg.unimodal_assignment
-    if mode == "ot":
-        mode = assignment or model._assignment_mode(mode)
-    return mode
-
-
 def score_candidates(model, mentions: OTMELFeatures, candidates: OTMELFeatures, assignment: str | None = None) -> torch.Tensor:
-    """S_O of each mention with its own candidates: `mentions` has B rows, `candidates` leading shape `(B, k)`.
-
-    Same value as `model.score(mentions, entities).overall` for those pairs, without scoring all B x (B k) pairs.
-    `assignment` overrides the unimodal assignment like `score(..., assignment=...)`. Call under `torch.no_grad()`.
-    """
-    cfg = model.config
-    text_global = (mentions.text_global.unsqueeze(1) * candidates.text_global).sum(-1)
-    visual_global = (mentions.visual_global.unsqueeze(1) * candidates.visual_global).sum(-1)
-    fusion = (mentions.fused.unsqueeze(1) * candidates.fused).sum(-1) if cfg.fusion_assignment != "off" else None
-    terms = [fusion] if fusion is not None else []
-    if cfg.unimodal_assignment == "off":
-        terms += [text_global, visual_global]
-        return sum(terms) / len(terms)
-    mode = _assignment_for(model, assignment)
-    s_t = _unimodal_aligned(
-        model, candidates.text_queries, candidates.text_mask, mentions.text_keys,
-        mentions.text_values, mentions.text_mask, candidates.text_global_small, mode,
-    )  # fmt: skip
-    s_v = _unimodal_aligned(
-        model, candidates.visual_queries, candidates.visual_mask, mentions.visual_keys,
-        mentions.visual_values, mentions.visual_mask, candidates.visual_global_small, mode,
-    )  # fmt: skip
-    terms += [(s_t + text_global) / 2, (s_v + visual_global) / 2]
-    return sum(terms) / len(terms)
+    """S_O `(B, k)` of each mention with its own candidates (`candidates` has leading shape `(B, k)`): the model's
+    [`OTMELModel.score_candidates`], the same values as `model.score(mentions, entities).overall` for those pairs."""
+    return model.score_candidates(mentions, candidates, assignment=assignment).overall
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -790,7 +744,7 @@ def rank(
     gold=None,
     ties: str = "pessimistic",
     stage1: str = "torch",
-    stage1_budget: int = 1 << 25,
+    stage1_budget: int = 1 << 23,
 ) -> RankResult:
     """Ranks the whole KB for each mention.
 
@@ -805,13 +759,14 @@ def rank(
         assignment (`str`, *optional*): `"ot"` / `"attention"` for the pairwise unimodal matching (default: the model's
             inference setting); fusion features keep the mode they were encoded with (module docstring).
         chunk_size (`int`): (mention, entity) pairs scored pairwise per step; bounds memory (about
-            chunk_size x L_e x L_m floats per Sinkhorn buffer).
+            chunk_size x L_e x L_m floats per Sinkhorn buffer). 512 was fastest on CPU (256-8192 tried; larger chunks
+            leave the cache).
         gold (`(B,)` ints, *optional*): KB row of each mention's gold entity (-1: not in the KB); gives `gold_ranks` and
             `stage1_gold_ranks`.
         ties (`str`): `"pessimistic"` (default) or `"optimistic"`, see [`gold_ranks_exhaustive`].
         stage1 (`str`): `"torch"` (chunked matrix product + top-k; exact) or `"faiss"` (exact `IndexFlatIP`; only
-            without `gold`, which needs every S_R). On 2 CPU cores torch was 2-4x faster than FAISS flat search at 30K
-            and 100K entities (see benchmarks/bench_linking.py), hence the default.
+            without `gold`, which needs every S_R). On this project's CPU machine torch was 5-6x faster than FAISS
+            flat search at 30K and 100K entities (benchmarks/bench_linking.py), hence the default.
         stage1_budget (`int`): most S_R (or S_O) scores held at once (mentions per chunk = budget // KB size).
 
     Returns:

@@ -99,10 +99,15 @@ class OTMELProcessor(ProcessorMixin):
             return f" {sep} "
         return " : "
 
-    def _tokenize(self, texts: list[str]) -> dict:
+    def _tokenize(self, texts: list[str], padding="longest") -> dict:
         return self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+            texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
+
+    def process_images(self, images: list) -> dict:
+        """`pixel_values` `(B, 3, H, W)` (zeros where there is no image) and `has_image` `(B,)` for a list of images
+        (PIL, path, bytes, datasets dict or None)."""
+        return self._images(images, len(images))
 
     def _images(self, images, n: int) -> dict:
         if images is None:
@@ -143,19 +148,21 @@ class OTMELProcessor(ProcessorMixin):
         sep = self._separator()
         return [f"{unquote(n or '')}{sep}{a or ''}" for n, a in zip(names, attributes)]
 
-    def process_mentions(self, mentions: list[str], sentences: list[str], images=None) -> BatchFeature:
-        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
+    def process_mentions(self, mentions: list[str], sentences: list[str], images=None, padding="longest") -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`.
+
+        `padding="max_length"` pads every batch to `max_text_length` (equal shapes across processes)."""
         if len(mentions) != len(sentences):
             raise ValueError(f"got {len(mentions)} mentions and {len(sentences)} sentences")
-        data = dict(self._tokenize(self.mention_texts(mentions, sentences)))
+        data = dict(self._tokenize(self.mention_texts(mentions, sentences), padding))
         data.update(self._images(images, len(mentions)))
         return BatchFeature(data)
 
-    def process_entities(self, names: list[str], attributes: list[str], images=None) -> BatchFeature:
+    def process_entities(self, names: list[str], attributes: list[str], images=None, padding="longest") -> BatchFeature:
         """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
         if len(names) != len(attributes):
             raise ValueError(f"got {len(names)} names and {len(attributes)} attribute texts")
-        data = dict(self._tokenize(self.entity_texts(names, attributes)))
+        data = dict(self._tokenize(self.entity_texts(names, attributes), padding))
         data.update(self._images(images, len(names)))
         return BatchFeature(data)
 

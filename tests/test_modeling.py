@@ -380,14 +380,15 @@ def test_kd_loss_of_the_model_reaches_the_attention_logits_only(tiny_clip_dir, b
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import importlib.util, json, sys
     import torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
 
     torch.set_num_threads(1)
     folder, data = sys.argv[1], json.load(open(sys.argv[2]))
-    assert "modeling_otmel" not in sys.modules
+    for module in ("modeling_otmel", "configuration_otmel", "processing_otmel"):
+        assert importlib.util.find_spec(module) is None, f"the checkout's {module} is importable here"
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     images = lambda paths: [Image.open(p) if p else None for p in paths]

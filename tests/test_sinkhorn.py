@@ -283,3 +283,29 @@ def test_check_every_and_max_iter():
     assert torch.allclose(one.sum(-2), torch.full((16, 10), 0.1, dtype=torch.float64))
     with pytest.raises(ValueError, match="max_iter"):
         sinkhorn(cost, 0.1, 0)
+
+
+@pytest.mark.parametrize("shape", [(11, 6, 9), (7, 21, 22)])  # both product orientations
+def test_chunks_give_the_same_plan_and_gradient(shape, monkeypatch):
+    """Large batches run chunk by chunk (cache-sized); splitting must change nothing, early stopping included."""
+    gen = torch.Generator().manual_seed(12)
+    scales = torch.linspace(0.1, 1.0, shape[0], dtype=torch.float64)[:, None, None]
+    cost = torch.rand(*shape, generator=gen, dtype=torch.float64) * scales
+    row_mask, col_mask = random_masks(*shape, gen)
+    weights = torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def solve():
+        c = cost.clone().requires_grad_()
+        plan = sinkhorn(c, 0.1, 200, 1e-7, row_mask, col_mask)
+        (plan * weights).sum().backward()
+        with torch.no_grad():
+            inference = sinkhorn(cost, 0.1, 200, 1e-7, row_mask, col_mask)
+        return plan.detach(), c.grad, inference
+
+    whole = solve()
+    monkeypatch.setattr(modeling_otmel, "_CHUNK_ENTRIES", 3 * shape[1] * shape[2])  # chunks of 3 problems
+    assert len(modeling_otmel._chunks(*shape)) == (shape[0] + 2) // 3
+    chunked = solve()
+    for x, y in zip(whole, chunked):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(whole[0], whole[2], rtol=1e-12, atol=1e-15)
