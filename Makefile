@@ -12,11 +12,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
+# Nothing in the suite or the demo needs the Hub; offline mode makes an accidental download fail loudly.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
 test: install
-	$(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q tests
 
 demo: install
-	$(PY) demo.py
+	$(OFFLINE) $(PY) demo.py
 
 bench: install
 	$(PY) benchmarks/bench_sinkhorn.py

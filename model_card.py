@@ -501,42 +501,15 @@ print(linker.link(mentions, top_k=5))  # per mention: [{{"qid", "name", "score"}
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def write_model_card(
-    output_dir,
-    config,
-    *,
-    dataset_name: str,
-    metrics: dict | None = None,
-    training: dict | None = None,
-    base_model: str | None = None,
-    repo_id: str | None = None,
-    license: str = "apache-2.0",
-) -> str:
-    """Writes `output_dir/README.md`, a Hugging Face model card for an OT-MEL checkpoint; returns its path.
+def write_model_card(output_dir, config, **card_args) -> str:
+    """Writes `output_dir/README.md` (created if needed), the card of [`build_model_card`]; returns its path.
 
-    Args:
-        output_dir (`str` or `os.PathLike`): the folder of the saved model (created if needed).
-        config ([`OTMELConfig`] or `dict`): the model's configuration.
-        dataset_name (`str`): name (or path) of the training / evaluation dataset; a name containing "synth" marks the
-            card as trained on synthetic data (or set `training["synthetic"]`).
-        metrics (`dict`, *optional*): Trainer-style metrics, `eval_hits@1`, ..., `eval_hits@20`, `eval_mrr` for
-            validation and `test_...` for test (fractions in [0, 1] are shown as percentages); other keys are ignored.
-        training (`dict`, *optional*): training facts shown as a table (`learning_rate`, `batch_size`, `epochs`,
-            `steps`, `seed`, `base_clip`, `hardware`, `duration` in seconds or as text, ...; any other key is shown as
-            is). `model_name`, `repo_id`, `license` and `synthetic` are used by the card instead of being listed.
-        base_model (`str`, *optional*): the CLIP checkpoint the model was initialised from (`base_model` metadata).
-        repo_id (`str`, *optional*): the Hub repository the snippet loads from (default: a placeholder).
-        license (`str`, *optional*, defaults to `"apache-2.0"`): the `license` metadata.
+    `card_args` are those of [`build_model_card`]: `dataset_name` (a name containing "synth", or
+    `training["synthetic"]`, marks the card as trained on synthetic data), `metrics` (Trainer-style `eval_hits@1`, ...,
+    `eval_mrr`, `test_...`; fractions are shown as percentages), `training` (facts shown as a table), `base_model`,
+    `repo_id` (what the snippet loads) and `license`.
     """
-    card = build_model_card(
-        config,
-        dataset_name=dataset_name,
-        metrics=metrics,
-        training=training,
-        base_model=base_model,
-        repo_id=repo_id,
-        license=license,
-    )
+    card = build_model_card(config, **card_args)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(os.fspath(output_dir), "README.md")
     card.save(path)

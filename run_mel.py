@@ -478,6 +478,7 @@ def main(argv=None):
             "metrics": {},
             "training": {},
             "base_model": model_args.model_name_or_path or model_args.clip_model,
+            "repo_id": training_args.hub_model_id or training_args.output_dir,
         },
     )
 
