@@ -84,7 +84,7 @@ def main():
                        ("image_only", "ceiling: surface + image only"), ("both", "ceiling: text + image")):
         c = ceilings[key]
         rows.append((label, [c["h1"], None, None, c["mrr"]]))
-    print(f"\nTest split ({results.get('test_samples', '?')} mentions) ranked against the whole KB ({args.entities} entities)")
+    print(f"\nTest split ({results['test_n']} mentions) ranked against the whole KB ({args.entities} entities)")
     print(f"| {'model':<34} | {'H@1':>6} | {'H@3':>6} | {'H@5':>6} | {'MRR':>6} |")
     print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 8}|")
     for label, values in rows:
