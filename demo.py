@@ -75,8 +75,8 @@ def main():
     sys.path.insert(0, HERE)
     from run_mel import load_mel_dataset
 
-    _, _, info = load_mel_dataset(args.world_dir)
-    lexical = tfidf_baseline(info["path"])
+    _, _, dataset_path = load_mel_dataset(args.world_dir)
+    lexical = tfidf_baseline(dataset_path)
 
     rows = [("OT-MEL (tiny CLIP, trained here)", [results[f"test_{k}"] for k in ("hits@1", "hits@3", "hits@5", "mrr")])]
     rows.append(("TF-IDF lexical baseline", [lexical[k] for k in ("hits@1", "hits@3", "hits@5", "mrr")]))

@@ -130,11 +130,10 @@ class OTMELTrainingArguments(TrainingArguments):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.DatasetDict, datasets.Dataset, dict]:
-    """Returns (mention splits, KB, extra info such as the world's ceilings) for a Hub id or a local folder."""
+def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.DatasetDict, datasets.Dataset, str]:
+    """Returns (mention splits, KB, the dataset's path or Hub id, a conversion when `name` is a raw folder)."""
     from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
 
-    info = {}
     path = name
     if os.path.isdir(name) and is_mimic_layout(name):
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel", "converted")
@@ -143,12 +142,7 @@ def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.
         path = str(path)
     mentions = load_dataset(path, "mentions")
     kb = load_dataset(path, "kb")["train"]
-    ceilings = os.path.join(path, "ceilings.json")
-    if os.path.isfile(ceilings):
-        with open(ceilings) as f:
-            info["ceilings"] = json.load(f)
-    info["path"] = path
-    return mentions, kb, info
+    return mentions, kb, path
 
 
 def keep_linkable(split: datasets.Dataset, qid_to_index: dict, split_name: str) -> datasets.Dataset:
@@ -439,7 +433,7 @@ def main(argv=None):
             logger.info("Checkpoint found at %s: resuming. Use another --output_dir to start afresh.", last_checkpoint)
     set_seed(training_args.seed)
 
-    mentions, kb, info = load_mel_dataset(data_args.dataset_name, data_args.data_cache_dir)
+    mentions, kb, _ = load_mel_dataset(data_args.dataset_name, data_args.data_cache_dir)
     qid_to_index = {}
     for i, qid in enumerate(kb["qid"]):
         qid_to_index.setdefault(qid, i)
