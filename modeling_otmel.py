@@ -335,12 +335,19 @@ def _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Softpool bias of padding. Finite, so that 0 times it stays 0 (not NaN, as with -inf), and finite in float16 too (the
+# bias may be cast to it under autocast); far below any member (G and token states stay within a few hundred), so
+# exp() gives padding a weight of exactly 0.
+_SOFTPOOL_PADDING = -3e4
+
+
 def pool_set(members: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pools a set of vectors element-wise (Eq. 13-14).
 
     Args:
         members (`torch.Tensor` of shape `(..., N, D)`): the set.
-        mask (`torch.Tensor` of shape `(..., N)`): 1 for members, 0 for padding (padding takes no part).
+        mask (`torch.Tensor` of shape `(..., N)`): 1 for members, 0 for padding (padding takes no part; a set without
+            members pools to garbage).
         pooling (`str`): `"softpool"` (sum_i w_i * g_i with w = softmax over the set, per dimension), `"mean"` or
             `"max"`.
 
@@ -353,16 +360,18 @@ def pool_set(members: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.T
         return (members * m).sum(-2) / m.sum(-2).clamp_min(1)
     if pooling == "max":
         return members.masked_fill(~keep, float("-inf")).amax(-2)
-    # A -inf bias gives padding a weight of exactly 0, so the (finite) padded members need no zeroing: one full-size
-    # temporary fewer than masking both, which matters for the B x n x L x D tensors of the pairwise matching.
-    bias = torch.zeros(keep.shape, dtype=members.dtype, device=members.device).masked_fill_(~keep, float("-inf"))
-    weights = torch.softmax(members + bias, dim=-2)
-    return (weights * members).sum(-2)
+    return softpool_biased(members + _softpool_bias(keep, members.dtype))
 
 
-def cosine_cost(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """C_ij = (1 - cos(q_i, k_j)) / 2, in [0, 1] (Eq. 9). Shapes `(..., n, D)`, `(..., m, D)` -> `(..., n, m)`."""
-    return (1 - F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).transpose(-1, -2)) / 2
+def _softpool_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, _SOFTPOOL_PADDING)
+
+
+def softpool_biased(members: torch.Tensor) -> torch.Tensor:
+    """Softpool `(..., N, D) -> (..., D)` of members whose padding already holds a large negative bias: the pairwise
+    matching adds it inside the product that makes the members, which saves a full-size masking pass."""
+    weights = torch.softmax(members, dim=-2)
+    return (weights.mul_(members) if not torch.is_grad_enabled() else weights * members).sum(-2)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -416,27 +425,67 @@ class CorrelationAssignment(nn.Module):
         self.key = nn.Linear(key_dim, config.hidden_size, bias=False)
         self.value = nn.Linear(key_dim, config.hidden_size, bias=False)
 
-    def assign(self, q, k, q_mask, k_mask, mode):
-        """Assignment between projected queries `(..., n, D)` and keys `(..., m, D)`.
+    def assign(self, q, k, q_mask, k_mask, mode, zero_padding=True):
+        """Assignment between projected queries and keys: `n` query rows (in `S` sets) per key set.
 
-        Returns `(assignment, plan, logits)`, each `(..., n, m)`: the row-stochastic map used for G, the OT plan (or
-        None for attention), and the attention logits (or None when not needed for OT without distillation).
+        Every query set of a batch row is matched with that row's keys by one batched matrix product over the
+        flattened sets (`S * n` rows), so scoring `S` candidates costs one product per mention, not `S` small ones.
+
+        Args:
+            q (`torch.Tensor` of shape `(B_q, n, D)` or `(B_q, S, n, D)`): projected queries, `B_q` 1 (shared by
+                every batch row) or B.
+            k (`torch.Tensor` of shape `(B, m, D)`): projected keys.
+            q_mask (`(B_q, n)` or `(B_q, S, n)`), k_mask (`(B, m)`): 1 for real rows and columns.
+            mode (`str`): `"ot"` or `"attention"`.
+            zero_padding (`bool`): give padded query rows an all-zero attention row (as OT gives them). Without it,
+                they hold a softmax over the keys that nothing downstream reads (pooling masks them), one full-size
+                pass fewer.
+
+        Returns:
+            `(assignment, plan, logits)`, each `(B, n, m)` or `(B, S, n, m)`: the row-stochastic map used for G, the
+            OT plan (None for attention), and the attention logits Q K^T / sqrt(D) (None for OT unless distillation
+            needs them in training; in attention mode, -inf at padded keys).
         """
-        pair_mask = q_mask.unsqueeze(-1).bool() & k_mask.unsqueeze(-2).bool()
-        need_logits = mode == "attention" or (self.training and self.config.distillation != "off")
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) if need_logits else None
+        sets = q.dim() == 4
+        if not sets:
+            q, q_mask = q.unsqueeze(1), q_mask.unsqueeze(1)
+        (b, m, d), (b_q, s, n) = k.shape, q.shape[:3]
+        flat = q.reshape(b_q, s * n, d).expand(b, -1, -1)
+        k_t = k.transpose(1, 2)
+        k_keep = k_mask.bool()
+        plan = logits = None
         if mode == "attention":
-            return masked_softmax(logits, pair_mask, -1), None, logits
-        plan = sinkhorn(
-            cosine_cost(q, k),
-            self.config.ot_epsilon,
-            self.config.sinkhorn_iterations,
-            self.config.sinkhorn_tolerance,
-            row_mask=q_mask,
-            col_mask=k_mask,
-        )
-        n_rows = q_mask.to(plan.dtype).sum(-1).clamp_min(1)
-        return plan * n_rows[..., None, None], plan, logits
+            # -inf on padded keys gives them exactly zero weight without a full-size mask.
+            bias = torch.zeros(b, 1, m, dtype=k.dtype, device=k.device)
+            bias = bias.masked_fill_(~k_keep.unsqueeze(1), float("-inf"))
+            logits = torch.baddbmm(bias, flat, k_t, alpha=1 / math.sqrt(d))
+            assignment = torch.softmax(logits, dim=-1)
+            if not bool(k_keep.any(-1).all()):
+                assignment = torch.nan_to_num(assignment, nan=0.0)  # a key set without keys attends to nothing
+            assignment = assignment.view(b, s, n, m)
+            logits = logits.view(b, s, n, m)
+            if zero_padding:
+                assignment = assignment * q_mask.unsqueeze(-1).to(assignment.dtype)
+        else:
+            if self.training and self.config.distillation != "off":
+                logits = torch.bmm(flat, k_t).div_(math.sqrt(d)).view(b, s, n, m)
+            # (1 - cos) / 2 as one product
+            cost = torch.baddbmm(
+                k.new_tensor(0.5), F.normalize(flat, dim=-1), F.normalize(k, dim=-1).transpose(1, 2), alpha=-0.5
+            ).view(b, s, n, m)
+            plan = sinkhorn(
+                cost,
+                self.config.ot_epsilon,
+                self.config.sinkhorn_iterations,
+                self.config.sinkhorn_tolerance,
+                row_mask=q_mask.expand(b, s, n),
+                col_mask=k_mask.unsqueeze(1).expand(b, s, m),
+            )
+            n_rows = q_mask.to(plan.dtype).sum(-1).clamp_min(1)
+            assignment = plan * n_rows[..., None, None]
+        if not sets:
+            assignment, plan, logits = (x.squeeze(1) if x is not None else None for x in (assignment, plan, logits))
+        return assignment, plan, logits
 
 
 @dataclass
@@ -736,15 +785,21 @@ class OTMELModel(OTMELPreTrainedModel):
         """
         b_m, n, l_e = keys.shape[0], queries.shape[1], queries.shape[2]
         q_mask_pairs = q_mask.expand(b_m, n, -1)
-        k_mask_pairs = k_mask.unsqueeze(1).expand(-1, n, -1)
-        assignment, plan, logits = layer.assign(queries, keys.unsqueeze(1), q_mask_pairs, k_mask_pairs, mode)
+        assignment, plan, logits = layer.assign(queries, keys, q_mask, k_mask, mode, zero_padding=want_maps)
         # One (n L_e x L_m) @ (L_m x D) product per mention rather than n small ones.
-        g = (assignment.reshape(b_m, n * l_e, -1) @ values).reshape(b_m, n, l_e, -1)  # (B_m, n, L_e, D)
-        pooled = F.normalize(pool_set(g, q_mask_pairs, self.config.pooling), dim=-1)
+        flat = assignment.reshape(b_m, n * l_e, -1)
+        if self.config.pooling == "softpool":
+            bias = _softpool_bias(q_mask.bool(), flat.dtype).reshape(-1, n * l_e, 1)
+            g = torch.baddbmm(bias, flat, values).view(b_m, n, l_e, -1)  # (B_m, n, L_e, D)
+            pooled = softpool_biased(g)
+        else:
+            g = (flat @ values).view(b_m, n, l_e, -1)
+            pooled = pool_set(g, q_mask_pairs, self.config.pooling)
+        pooled = F.normalize(pooled, dim=-1)
         score = (pooled * global_small).sum(-1)
         kd = None
         if want_kd and plan is not None and logits is not None:
-            pair_mask = q_mask_pairs.unsqueeze(-1).bool() & k_mask_pairs.unsqueeze(-2).bool()
+            pair_mask = q_mask_pairs.unsqueeze(-1).bool() & k_mask[:, None, None, :].bool()
             kd = kd_divergence(plan, logits, pair_mask, self.config.distillation).mean()
         maps = {"assignment": assignment, "plan": plan} if want_maps else None
         return score, kd, maps

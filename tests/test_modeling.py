@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from configuration_otmel import OTMELConfig
-from modeling_otmel import OTMELModel, kd_divergence, sinkhorn
+from modeling_otmel import CorrelationAssignment, OTMELModel, kd_divergence, sinkhorn
 from processing_otmel import OTMELProcessor
 
 
@@ -313,6 +313,29 @@ def kd_problem(seed):
     mask = row_mask.bool().unsqueeze(-1) & col_mask.bool().unsqueeze(-2)
     plan = sinkhorn(cost, 0.1, 200, 1e-10, row_mask, col_mask)
     return plan, mask, gen
+
+
+@pytest.mark.parametrize("mode", ["ot", "attention"])
+def test_assignment_of_query_sets_matches_one_set_at_a_time(mode):
+    """The batched form used by the pairwise matching (S query sets per key set, one product per key set) equals
+    one call per set; padded query rows get zero rows, and a key set without any key gives zeros, not NaN."""
+    torch.manual_seed(0)
+    config = OTMELConfig(hidden_size=4, sinkhorn_iterations=500, sinkhorn_tolerance=0.0)
+    layer = CorrelationAssignment(6, 5, config).double().eval()
+    q = layer.query(torch.randn(1, 3, 4, 6, dtype=torch.float64)).expand(2, -1, -1, -1)  # (B_q, S, n, D)
+    k = layer.key(torch.randn(2, 5, 5, dtype=torch.float64))
+    q_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).expand(2, -1, -1)
+    k_mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        sets, _, _ = layer.assign(q, k, q_mask, k_mask, mode)
+        for s in range(3):
+            one, _, _ = layer.assign(q[:, s], k, q_mask[:, s], k_mask, mode)
+            torch.testing.assert_close(sets[:, s], one, rtol=1e-12, atol=1e-12)
+    assert not sets.isnan().any()
+    assert (sets[0][q_mask[0] == 0] == 0).all() and (sets[1] == 0).all()
+    real = sets[0][q_mask[0] == 1]
+    torch.testing.assert_close(real.sum(-1), torch.ones(len(real), dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (real[:, 3:] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["kl", "row_kl", "mse"])
