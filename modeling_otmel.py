@@ -450,7 +450,7 @@ class CorrelationAssignment(nn.Module):
         if not sets:
             q, q_mask = q.unsqueeze(1), q_mask.unsqueeze(1)
         (b, m, d), (b_q, s, n) = k.shape, q.shape[:3]
-        flat = q.reshape(b_q, s * n, d).expand(b, -1, -1)
+        flat = q.reshape(b_q, s * n, d)  # with B_q = 1, expanded to B only after any per-row work
         k_t = k.transpose(1, 2)
         k_keep = k_mask.bool()
         plan = logits = None
@@ -458,7 +458,7 @@ class CorrelationAssignment(nn.Module):
             # -inf on padded keys gives them exactly zero weight without a full-size mask.
             bias = torch.zeros(b, 1, m, dtype=k.dtype, device=k.device)
             bias = bias.masked_fill_(~k_keep.unsqueeze(1), float("-inf"))
-            logits = torch.baddbmm(bias, flat, k_t, alpha=1 / math.sqrt(d))
+            logits = torch.baddbmm(bias, flat.expand(b, -1, -1), k_t, alpha=1 / math.sqrt(d))
             assignment = torch.softmax(logits, dim=-1)
             if not bool(k_keep.any(-1).all()):
                 assignment = torch.nan_to_num(assignment, nan=0.0)  # a key set without keys attends to nothing
@@ -468,10 +468,13 @@ class CorrelationAssignment(nn.Module):
                 assignment = assignment * q_mask.unsqueeze(-1).to(assignment.dtype)
         else:
             if self.training and self.config.distillation != "off":
-                logits = torch.bmm(flat, k_t).div_(math.sqrt(d)).view(b, s, n, m)
+                logits = torch.bmm(flat.expand(b, -1, -1), k_t).div_(math.sqrt(d)).view(b, s, n, m)
             # (1 - cos) / 2 as one product
             cost = torch.baddbmm(
-                k.new_tensor(0.5), F.normalize(flat, dim=-1), F.normalize(k, dim=-1).transpose(1, 2), alpha=-0.5
+                k.new_tensor(0.5),
+                F.normalize(flat, dim=-1).expand(b, -1, -1),
+                F.normalize(k, dim=-1).transpose(1, 2),
+                alpha=-0.5,
             ).view(b, s, n, m)
             plan = sinkhorn(
                 cost,
