@@ -12,26 +12,61 @@ _CHOICES = {
 }
 
 
+# The paper's variants, each a set of config settings: the models of Table 1 (what `run_mel.py --mode` trains) and the
+# ablations of Table 2 (applied on top of OT-MEL). Name -> (settings, the paper's label).
+PAPER_MODELS = {
+    "ot": ({}, "OT-MEL (OT)"),
+    "att": ({"fusion_assignment": "attention", "unimodal_assignment": "attention"}, "ATT (attention everywhere, no OT)"),
+    "kd": ({"distillation": "kl", "inference_assignment": "attention"}, "OT-MEL (KD): OT distilled into attention"),
+    "clip": ({"fusion_assignment": "off", "unimodal_assignment": "off"}, "CLIP baseline (global features only)"),
+}
+PAPER_ABLATIONS = {
+    "F1": ({"fusion_assignment": "attention"}, "F1: attention in fusion"),
+    "F2": ({"fusion_assignment": "off"}, "F2: without fusion"),
+    "M1": ({"unimodal_assignment": "attention"}, "M1: attention in unimodal matching"),
+    "M2": ({"unimodal_assignment": "off"}, "M2: without unimodal matching"),
+    "O1": ({"pooling": "mean"}, "O1: mean pooling"),
+    "O2": ({"pooling": "max"}, "O2: max pooling"),
+    "K1": ({"distillation": "mse"}, "K1: MSE distillation"),
+    "K2": ({"distillation": "row_kl"}, "K2: row-KL distillation"),
+}
+
+
+def paper_variant(config) -> str:
+    """The paper's name for a config (an [`OTMELConfig`] or its dict): its Table 1 model, with the Table 2 ablations it
+    applies, e.g. `"OT-MEL (OT) [F1: attention in fusion]"`."""
+
+    def get(name):
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        return getattr(OTMELConfig, name) if value is None else value
+
+    def applies(settings):
+        return all(get(key) == value for key, value in settings.items())
+
+    if applies(PAPER_MODELS["clip"][0]):
+        return PAPER_MODELS["clip"][1]
+    model = "att" if applies(PAPER_MODELS["att"][0]) else "kd" if get("distillation") != "off" else "ot"
+    label = PAPER_MODELS[model][1]
+    if model == "kd":
+        label += ", attention at inference" if get("inference_assignment") == "attention" else ", OT at inference"
+    # An ablation shows where it departs from the model's own settings (KD's own distillation is KL).
+    own = {**PAPER_MODELS[model][0], "distillation": "kl" if model == "kd" else "off"}
+    notes = [
+        text
+        for settings, text in PAPER_ABLATIONS.values()
+        if applies(settings) and any(own.get(key, getattr(OTMELConfig, key)) != value for key, value in settings.items())
+    ]
+    return label + (f" [{'; '.join(notes)}]" if notes else "")
+
+
 class OTMELConfig(PreTrainedConfig):
     r"""
     Configuration of an [`OTMELModel`]: a CLIP backbone (`clip_config`) plus the OT-MEL heads of
     Zhang et al., "Optimal Transport Guided Correlation Assignment for Multimodal Entity Linking" (2024).
 
     Every design choice that the paper ablates (Table 2) is a value here, so each variant is a config, not a code
-    edit:
-
-    | paper variant | setting |
-    |---|---|
-    | OT-MEL (OT) | defaults |
-    | ATT | `fusion_assignment="attention", unimodal_assignment="attention"` |
-    | OT-MEL (KD) | `distillation="kl", inference_assignment="attention"` |
-    | F1 repl. ATT in fusion | `fusion_assignment="attention"` |
-    | F2 w/o fusion | `fusion_assignment="off"` |
-    | M1 repl. ATT in unimodal | `unimodal_assignment="attention"` |
-    | M2 w/o unimodal | `unimodal_assignment="off"` |
-    | O1 / O2 softpool -> mean / max | `pooling="mean"` / `pooling="max"` |
-    | K1 MSE / K2 row KL | `distillation="mse"` / `distillation="row_kl"` |
-    | CLIP baseline | `fusion_assignment="off", unimodal_assignment="off"` |
+    edit: `PAPER_MODELS` (Table 1) and `PAPER_ABLATIONS` (Table 2) of this module list the settings of each, and
+    [`paper_variant`] names the variant of a config.
 
     Args:
         clip_config (`dict` or [`CLIPConfig`], *optional*):
@@ -135,6 +170,6 @@ class OTMELConfig(PreTrainedConfig):
         self.check_settings()
 
 
-__all__ = ["OTMELConfig"]
+__all__ = ["PAPER_ABLATIONS", "PAPER_MODELS", "OTMELConfig", "paper_variant"]
 
 OTMELConfig.register_for_auto_class()

@@ -26,7 +26,7 @@ def tfidf_baseline(dataset_dir: str, split: str = "test") -> dict:
     from datasets import load_dataset
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from linking_otmel import ranking_metrics
+    from metrics_otmel import ranking_metrics
 
     kb = load_dataset(dataset_dir, "kb")["train"].remove_columns("image")
     mentions = load_dataset(dataset_dir, "mentions")[split].remove_columns("image")

@@ -14,6 +14,8 @@ import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from configuration_otmel import paper_variant
+
 
 PAPER_TITLE = "Optimal Transport Guided Correlation Assignment for Multimodal Entity Linking"
 PAPER_URL = "https://arxiv.org/abs/2406.01934"
@@ -163,35 +165,6 @@ def _clip_get(config, *path, default=None):
     return default if node is None else node
 
 
-def paper_variant(config) -> str:
-    """The paper's name for the configured variant (Table 1 and Table 2 of the paper)."""
-    fusion, unimodal = _get(config, "fusion_assignment", "ot"), _get(config, "unimodal_assignment", "ot")
-    pooling, kd = _get(config, "pooling", "softpool"), _get(config, "distillation", "off")
-    inference = _get(config, "inference_assignment", "ot")
-    if fusion == "off" and unimodal == "off":
-        return "CLIP baseline (global features only)"
-    if fusion == "attention" and unimodal == "attention":
-        name = "ATT (attention everywhere, no OT)"
-    elif kd != "off":
-        kind = {"kl": "KL", "mse": "MSE (K1)", "row_kl": "row KL (K2)"}[kd]
-        speed = "attention at inference" if inference == "attention" else "OT at inference"
-        name = f"OT-MEL (KD): OT distilled into attention with {kind}, {speed}"
-    else:
-        name = "OT-MEL (OT)"
-    notes = []
-    if fusion == "attention" and unimodal != "attention":
-        notes.append("F1: attention in fusion")
-    if fusion == "off":
-        notes.append("F2: without fusion")
-    if unimodal == "attention" and fusion != "attention":
-        notes.append("M1: attention in unimodal matching")
-    if unimodal == "off":
-        notes.append("M2: without unimodal matching")
-    if pooling != "softpool":
-        notes.append(f"{'O1' if pooling == 'mean' else 'O2'}: {pooling} pooling")
-    return name + (f" [{'; '.join(notes)}]" if notes else "")
-
-
 def config_markdown(config) -> str:
     describe = {
         "ot": "optimal transport (Sinkhorn)",
@@ -246,36 +219,25 @@ def config_markdown(config) -> str:
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRAINING_LABELS = {
+# The training facts a card's table shows, in this order: key -> label. `run_mel.py` records exactly these keys.
+TRAINING_FIELDS = {
+    "base_model": "base model",
+    "mode": "variant trained (`run_mel.py --mode`)",
     "learning_rate": "learning rate",
-    "lr": "learning rate",
-    "batch_size": "batch size",
-    "per_device_train_batch_size": "batch size per device",
-    "train_batch_size": "batch size",
-    "gradient_accumulation_steps": "gradient accumulation steps",
+    "batch_size": "batch size (all processes)",
     "epochs": "epochs",
-    "num_train_epochs": "epochs",
     "steps": "optimisation steps",
-    "max_steps": "optimisation steps",
-    "global_step": "optimisation steps",
-    "warmup_steps": "warm-up steps",
-    "weight_decay": "weight decay",
-    "lr_scheduler_type": "learning-rate schedule",
     "seed": "seed",
-    "base_clip": "base CLIP",
-    "clip": "base CLIP",
-    "hardware": "hardware",
-    "duration": "training time",
     "train_runtime": "training time",
-    "precision": "precision",
-    "best_checkpoint": "model selection",
-    "metric_for_best_model": "model selection metric",
+    "hardware": "hardware",
 }
+# Keys of `training` that set card metadata rather than table rows.
+CARD_OPTIONS = ("synthetic", "license", "model_name", "repo_id")
 
 
 def _format_value(key: str, value) -> str:
     key = str(key).replace(" ", "_")
-    if key in ("train_runtime", "duration") and isinstance(value, (int, float)):
+    if key == "train_runtime" and isinstance(value, (int, float)):
         seconds = float(value)
         hours, rest = divmod(seconds, 3600)
         minutes, secs = divmod(rest, 60)
@@ -292,14 +254,17 @@ def _format_value(key: str, value) -> str:
 
 
 def training_markdown(training: dict | None) -> str:
+    """The training table: the `TRAINING_FIELDS` present in `training`, in that order. Raises `ValueError` naming any
+    other key (a typo would otherwise vanish from the card)."""
     if not training:
         return "_No training details were recorded._"
+    unknown = [key for key in training if key not in TRAINING_FIELDS and key not in CARD_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown training fact(s) {unknown}; a model card shows {', '.join(TRAINING_FIELDS)}")
     lines = ["| setting | value |", "|---|---|"]
-    for key, value in training.items():
-        if value is None or key in ("synthetic", "license", "model_name", "repo_id"):
-            continue
-        label = _TRAINING_LABELS.get(str(key).replace(" ", "_"), str(key).replace("_", " "))
-        lines.append(f"| {label} | {_format_value(key, value)} |")
+    for key, label in TRAINING_FIELDS.items():
+        if training.get(key) is not None:
+            lines.append(f"| {label} | {_format_value(key, training[key])} |")
     return "\n".join(lines)
 
 

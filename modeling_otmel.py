@@ -20,314 +20,10 @@ from transformers.utils import ModelOutput
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .configuration_otmel import OTMELConfig
+    from .sinkhorn_otmel import sinkhorn
 except ImportError:
     from configuration_otmel import OTMELConfig
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sinkhorn
-# ----------------------------------------------------------------------------------------------------------------
-
-# Up to this ratio of a problem's cost spread to epsilon, the kernel exp(-(C - min C) / epsilon) stays above
-# e^-30 ~ 1e-13, so the scalings, and their squares met in the backward pass, stay far inside float32's range: the
-# solver runs in the kernel form (matrix-vector products, cheap). Above it, it works on log potentials (logsumexp
-# updates), which cannot overflow at any epsilon.
-_KERNEL_DOMAIN_MAX_RATIO = 30.0
-
-
-def _marginal_error(plan_rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    # L2 norm of the row-marginal violation of each problem, shape (...).
-    return torch.linalg.vector_norm(plan_rows - a, dim=-1)
-
-
-def _still_running(error: torch.Tensor, tol: float, running: torch.Tensor | None) -> torch.Tensor | None | bool:
-    """Problems that keep iterating after a convergence check: None if all, False if none, else a bool mask."""
-    running = error >= tol if running is None else running & (error >= tol)
-    count = int(running.sum())  # the only synchronisation of an iteration
-    if count == 0:
-        return False
-    return None if count == running.numel() else running
-
-
-def sinkhorn(
-    cost: torch.Tensor,
-    epsilon: float,
-    max_iter: int,
-    tol: float = 1e-6,
-    row_mask: torch.Tensor | None = None,
-    col_mask: torch.Tensor | None = None,
-    check_every: int = 1,
-) -> torch.Tensor:
-    r"""Entropic optimal transport between uniform marginals, batched over any leading dimensions.
-
-    Solves min_P <C, P> - epsilon * H(P) subject to P 1 = mu, P^T 1 = nu, with mu uniform over the unmasked rows and
-    nu uniform over the unmasked columns (masked rows and columns receive exactly zero mass). The plan is
-    differentiable with respect to `cost`, with the exact gradient of the iterations run. The updates are those of the
-    log-domain Sinkhorn (POT's `sinkhorn_log`, row potential first); when every problem's cost spread is at most 30
-    epsilon, the same updates run in the kernel form (batched matrix-vector products on cache-sized chunks of the
-    batch, and a hand-written backward pass that keeps only the scaling vectors of each iteration), which gives the
-    same plan at a fraction of the cost. Half-precision inputs are solved in float32 and the plan is returned in the
-    input dtype.
-
-    Each problem stops at the first check where its own marginal error is below `tol`, so its plan does not depend on
-    the other problems of the batch, nor on padding (up to rounding).
-
-    Args:
-        cost (`torch.Tensor` of shape `(..., n, m)`): transport costs.
-        epsilon (`float`): entropic regularisation (> 0).
-        max_iter (`int`): maximum number of iterations (each updates both potentials), at least 1.
-        tol (`float`): a problem stops once the L2 norm of its row-marginal error is below `tol` (its column marginals
-            are exact after each iteration); checked every `check_every` iterations, at no extra matrix product. 0 runs
-            exactly `max_iter` iterations.
-        row_mask (`torch.Tensor` of shape `(..., n)`, *optional*): 1 for real rows, 0 for padding.
-        col_mask (`torch.Tensor` of shape `(..., m)`, *optional*): 1 for real columns, 0 for padding.
-        check_every (`int`): iterations between two convergence checks.
-
-    Returns:
-        `torch.Tensor` of shape `(..., n, m)`: the transport plan; its entries sum to 1 over each problem.
-    """
-    if max_iter < 1:
-        raise ValueError(f"sinkhorn needs max_iter >= 1, got {max_iter}")
-    out_dtype = cost.dtype
-    work_dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
-    cost = cost.to(work_dtype)
-    n, m = cost.shape[-2:]
-    batch_shape = cost.shape[:-2]
-    if row_mask is None:
-        row_mask = cost.new_ones(*batch_shape, n)
-    if col_mask is None:
-        col_mask = cost.new_ones(*batch_shape, m)
-    row_mask = row_mask.to(work_dtype).expand(*batch_shape, n)
-    col_mask = col_mask.to(work_dtype).expand(*batch_shape, m)
-    a = row_mask / row_mask.sum(-1, keepdim=True).clamp_min(1)
-    b = col_mask / col_mask.sum(-1, keepdim=True).clamp_min(1)
-    if cost.numel() == 0:
-        return cost.new_zeros(cost.shape, dtype=out_dtype)
-
-    def valid_pairs():
-        return row_mask.unsqueeze(-1).bool() & col_mask.unsqueeze(-2).bool()
-
-    with torch.no_grad():
-        # Cost range of each problem over all its entries: it bounds the range over the valid ones.
-        flat = cost.flatten(-2)
-        low, high = flat.amin(dim=-1), flat.amax(dim=-1)  # (aminmax(dim) is several times slower on CPU)
-        masked_kernel = False
-        if not bool((high - low).max() <= _KERNEL_DOMAIN_MAX_RATIO * epsilon):
-            # Padding may hold any value (even inf): range over the valid entries, and a kernel zeroed elsewhere.
-            valid = valid_pairs()
-            low = torch.where(valid, cost, float("inf")).amin(dim=(-2, -1))
-            high = torch.where(valid, cost, float("-inf")).amax(dim=(-2, -1))
-            empty = torch.isinf(low)
-            low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
-            masked_kernel = True
-        use_kernel = bool((high - low).max() <= _KERNEL_DOMAIN_MAX_RATIO * epsilon)
-    if use_kernel:
-        valid = valid_pairs() if masked_kernel else None
-        # Without zeroed kernel entries, and with a real row and column in every problem, K v and K^T u stay > 0.
-        safe = valid is None and bool((a.amax(-1) > 0).all()) and bool((b.amax(-1) > 0).all())
-        plan = _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, low, valid, check_every, safe)
-    else:
-        plan = _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid_pairs(), check_every)
-    return plan.to(out_dtype)
-
-
-# The kernel form runs on chunks of at most this many kernel entries (8 MB in float32): all the iterations of a
-# chunk read its kernel from cache instead of memory, about twice as fast on large batches.
-_CHUNK_ENTRIES = 2**21
-
-
-def _chunks(batch: int, n: int, m: int) -> list[slice]:
-    size = max(1, _CHUNK_ENTRIES // max(1, n * m))
-    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-
-def _transpose_if_needed(kernel):
-    # PyTorch's CPU `bmm` runs a plain loop when n * m < 400 and BLAS above. A row vector times a transposed view of
-    # a contiguous matrix is fast either way; a row vector times the matrix itself is fast only with BLAS, so small
-    # kernels keep a contiguous copy of their transpose for K^T u.
-    return kernel.transpose(-1, -2).contiguous() if kernel.shape[-2] * kernel.shape[-1] < 400 else None
-
-
-def _batched_products(kernel, kernel_t):
-    """`(K v, K^T u)` as functions of row vectors `(B, 1, m)` and `(B, 1, n)`, for flat `(B, n, m)` kernels.
-
-    Each is a row vector times a matrix, in the orientation that is fast for batched products of small matrices
-    (several times faster than a matrix times a column). `kernel_t` is the contiguous transpose, or None if not needed.
-    """
-    kernel_mt = kernel.transpose(-1, -2)
-    transposed = kernel if kernel_t is None else kernel_t.transpose(-1, -2)
-    return lambda v: torch.bmm(v, kernel_mt), lambda u: torch.bmm(u, transposed)
-
-
-def _kernel_iterations(kernel, kernel_t, a, b, max_iter, tol, check_every, safe, record=False):
-    """Sinkhorn scalings of flat `(B, n, m)` kernels, without autograd: returns `(u, v, history)`, `(B, n)`, `(B, m)`.
-
-    u_t = a / (K v_{t-1}), v_t = b / (K^T u_t), v_0 = b. The row marginal of the current plan, u * (K v), needs the
-    K v that the next update computes anyway, so a convergence check costs no extra product. A problem whose error is
-    below `tol` keeps its scalings from then on. `safe`: K v and K^T u cannot vanish (no zeroed kernel entries, no
-    problem without rows or columns), so no division needs a guard. With `record`, history holds every u_t `(T, B, n)`,
-    v_t `(T, B, m)` and whether each problem was updated at iteration t `(T, B)`; else it is None.
-    """
-    tiny = torch.finfo(kernel.dtype).tiny
-    kv, ktu = _batched_products(kernel, kernel_t)
-    a, b = a.unsqueeze(-2), b.unsqueeze(-2)  # row vectors throughout: no reshaping inside the loop
-    u, v = None, b
-    running = None  # None: every problem is still iterating; else (B, 1, 1) bool
-    us, vs, updated = [], [], []
-    for it in range(max_iter):
-        r = kv(v)
-        if it > 0 and tol > 0 and it % check_every == 0:
-            error = torch.linalg.vector_norm(torch.addcmul(a, u, r, value=-1.0), dim=-1, keepdim=True)
-            running = _still_running(error, tol, running)
-            if running is False:
-                break
-        u_new = a / (r if safe else r.clamp_min_(tiny))
-        s = ktu(u_new)
-        v_new = b / (s if safe else s.clamp_min_(tiny))
-        if running is not None:
-            u_new = torch.where(running, u_new, u)
-            v_new = torch.where(running, v_new, v)
-        u, v = u_new, v_new
-        if record:
-            us.append(u)
-            vs.append(v)
-            updated.append(torch.ones_like(a[:, 0, 0], dtype=torch.bool) if running is None else running[:, 0, 0])
-    history = (torch.stack(us)[:, :, 0], torch.stack(vs)[:, :, 0], torch.stack(updated)) if record else None
-    return u.squeeze(-2), v.squeeze(-2), history
-
-
-def _kernel_from_cost(cost, shift, epsilon, valid, out=None):
-    # exp(-(C - shift) / epsilon) in two passes; shift is each problem's smallest cost, so the largest entry is 1.
-    kernel = torch.sub(shift.unsqueeze(-1) / epsilon, cost, alpha=1.0 / epsilon, out=out).exp_()
-    if valid is not None:
-        kernel.masked_fill_(~valid, 0.0)
-    return kernel
-
-
-def _kernel_backward(grad_plan, kernel, kernel_t, plan, a, b, history, epsilon, out):
-    """Gradient with respect to the cost of one chunk of `_SinkhornKernelFunction`, written into `out`."""
-    us, vs, updated = history
-    kv, ktu = _batched_products(kernel, kernel_t)
-    n_iter = us.shape[0]
-    # u_t = a / r_t with r_t = K v_{t-1}; v_t = b / s_t with s_t = K^T u_t. du/dr = -u^2 / a, dv/ds = -v^2 / b
-    # (0 on padding, where u and v are 0).
-    du_dr = us.square().div_(torch.where(a > 0, a, 1.0))
-    dv_ds = vs.square().div_(torch.where(b > 0, b, 1.0))
-    # With Q = gP * P: dL/du_T = (Q 1) / u_T and dL/dv_T = (Q^T 1) / v_T.
-    weighted = torch.mul(grad_plan, plan, out=out)
-    u, v = us[-1], vs[-1]
-    grad_u = torch.where(u > 0, weighted.sum(-1) / torch.where(u > 0, u, 1.0), 0.0)
-    grad_v = torch.where(v > 0, weighted.sum(-2) / torch.where(v > 0, v, 1.0), 0.0)
-    # A problem's last update (t_last) receives dL/du_T, dL/dv_T; after it, its scalings were only copied.
-    last = updated & ~torch.cat([updated[1:], torch.zeros_like(updated[:1])])
-    last = last.to(grad_u.dtype).unsqueeze(-1)
-    # Backward through the iterations with x_t = dL/ds_t and y_t = -dL/dr_t (signs chosen so that a step negates
-    # nothing): x_t = (K^T y_{t+1} - [t = t_last] dL/dv_T) dv_ds_t, y_t = (K x_t + [t = t_last] dL/du_T) du_dr_t.
-    # Both are 0 for a problem after its last update.
-    xs, ys = torch.empty_like(vs), torch.empty_like(us)
-    y = None
-    for t in range(n_iter - 1, -1, -1):
-        start_v = grad_v * last[t]
-        x = start_v.neg_() if y is None else ktu(y.unsqueeze(-2)).squeeze(-2).sub_(start_v)
-        x = torch.mul(x, dv_ds[t], out=xs[t])
-        y = torch.mul(kv(x.unsqueeze(-2)).squeeze(-2).addcmul_(grad_u, last[t]), du_dr[t], out=ys[t])
-    # dL/dK = gP * u_T v_T^T + sum_t (u_t (dL/ds_t)^T + (dL/dr_t) v_{t-1}^T)
-    #       = gP * u_T v_T^T + sum_t (u_t x_t^T - y_t v_{t-1}^T),   and dL/dC = -K * dL/dK / epsilon.
-    v_prev = torch.cat([b.unsqueeze(0), vs[:-1]], dim=0)
-    rank_one = torch.bmm(us.permute(1, 2, 0), xs.transpose(0, 1))
-    rank_one.baddbmm_(ys.permute(1, 2, 0), v_prev.transpose(0, 1), alpha=-1.0)
-    return weighted.addcmul_(rank_one, kernel).mul_(-1.0 / epsilon)
-
-
-class _SinkhornKernelFunction(torch.autograd.Function):
-    """Kernel-form Sinkhorn of flat `(B, n, m)` problems, with the exact gradient of the iterations run.
-
-    Backward pass through u_t = a / (K v_{t-1}), v_t = b / (K^T u_t), P = diag(u_T) K diag(v_T): the gradient with
-    respect to K is gP * u_T v_T^T plus two rank-one terms per iteration, summed by two batched matrix products over
-    the saved scaling vectors, instead of one full-size tensor per iteration as autograd would build. Both passes run
-    chunk by chunk (`_chunks`).
-    """
-
-    @staticmethod
-    def forward(ctx, cost, shift, a, b, valid, epsilon, max_iter, tol, check_every, safe):
-        kernel, plan = cost.new_empty(cost.shape), cost.new_empty(cost.shape)  # contiguous
-        ctx.chunks = []
-        for chunk in _chunks(*cost.shape):
-            k = _kernel_from_cost(cost[chunk], shift[chunk], epsilon, None if valid is None else valid[chunk],
-                                  out=kernel[chunk])  # fmt: skip
-            k_t = _transpose_if_needed(k)
-            u, v, history = _kernel_iterations(k, k_t, a[chunk], b[chunk], max_iter, tol, check_every, safe, True)
-            torch.mul(k, u.unsqueeze(-1), out=plan[chunk]).mul_(v.unsqueeze(-2))
-            ctx.chunks.append((chunk, k_t, history))
-        ctx.epsilon = epsilon
-        ctx.save_for_backward(kernel, plan, a, b)
-        return plan
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_plan):
-        kernel, plan, a, b = ctx.saved_tensors
-        grad_cost = kernel.new_empty(kernel.shape)
-        for chunk, k_t, history in ctx.chunks:
-            _kernel_backward(grad_plan[chunk], kernel[chunk], k_t, plan[chunk], a[chunk], b[chunk], history,
-                             ctx.epsilon, out=grad_cost[chunk])  # fmt: skip
-        return grad_cost, None, None, None, None, None, None, None, None, None
-
-
-def _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, shift, valid, check_every, safe=False):
-    n, m = cost.shape[-2:]
-    cost3, shift2 = cost.reshape(-1, n, m), shift.reshape(-1, 1)
-    a2, b2 = a.reshape(-1, n), b.reshape(-1, m)
-    valid3 = valid.reshape(-1, n, m) if valid is not None else None
-    if torch.is_grad_enabled() and cost.requires_grad:
-        plan = _SinkhornKernelFunction.apply(
-            cost3, shift2, a2, b2, valid3, epsilon, max_iter, tol, check_every, safe
-        )
-        return plan.reshape(cost.shape)
-    with torch.no_grad():
-        plan = cost3.new_empty(cost3.shape)  # contiguous
-        for chunk in _chunks(*cost3.shape):
-            k = _kernel_from_cost(cost3[chunk], shift2[chunk], epsilon, None if valid3 is None else valid3[chunk],
-                                  out=plan[chunk])  # fmt: skip
-            u, v, _ = _kernel_iterations(k, _transpose_if_needed(k), a2[chunk], b2[chunk], max_iter, tol,
-                                         check_every, safe)  # fmt: skip
-            k.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
-        return plan.reshape(cost.shape)
-
-
-def _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every):
-    # A finite stand-in for -inf: exp() still gives exactly 0, and logsumexp of a fully masked row keeps a finite
-    # gradient (an all -inf slice back-propagates NaN).
-    log_kernel = (-cost / epsilon).masked_fill(~valid, torch.finfo(cost.dtype).min / 4)
-    # log(0) for padding gives -inf potentials; they are replaced by 0 so that no NaN reaches the gradient.
-    log_a = torch.where(a > 0, a.clamp_min(1e-38).log(), torch.zeros_like(a))
-    log_b = torch.where(b > 0, b.clamp_min(1e-38).log(), torch.zeros_like(b))
-    row_has = valid.any(-1)
-    col_has = valid.any(-2)
-    f = torch.zeros_like(a)
-    g = torch.zeros_like(b)
-    running = None  # None: every problem is still iterating
-
-    def lse(x, dim, has):
-        out = torch.logsumexp(x, dim=dim)
-        return torch.where(has, out, torch.zeros_like(out))
-
-    for it in range(max_iter):
-        row_lse = lse(log_kernel + g.unsqueeze(-2), -1, row_has)
-        if it > 0 and tol > 0 and it % check_every == 0:
-            # The row marginal of the current plan, exp(f + lse), reuses the logsumexp of the next update.
-            with torch.no_grad():
-                running = _still_running(_marginal_error(torch.exp(row_lse + f) * row_has, a), tol, running)
-            if running is False:
-                break
-        f_new = torch.where(row_has, log_a - row_lse, f)
-        g_new = torch.where(col_has, log_b - lse(log_kernel + f_new.unsqueeze(-1), -2, col_has), g)
-        if running is None:
-            f, g = f_new, g_new
-        else:
-            f = torch.where(running.unsqueeze(-1), f_new, f)
-            g = torch.where(running.unsqueeze(-1), g_new, g)
-    return torch.exp(log_kernel + f.unsqueeze(-1) + g.unsqueeze(-2))
+    from sinkhorn_otmel import sinkhorn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,8 +188,8 @@ class CorrelationAssignment(nn.Module):
 
 
 @dataclass
-class OTMELFeatures(ModelOutput):
-    """Side features of mentions or entities: everything a score needs that depends on one side only.
+class OTMELTokens(ModelOutput):
+    """CLIP outputs of a batch of texts with (optional) pictures, shared by mentions and entities.
 
     Args:
         text_tokens (`torch.FloatTensor` of shape `(B, L_t, d_t)`): CLIP text last hidden state (T).
@@ -503,10 +199,6 @@ class OTMELFeatures(ModelOutput):
         visual_mask (`torch.LongTensor` of shape `(B, L_v)`): 1 for real patches (only position 0 without image).
         text_global (`torch.FloatTensor` of shape `(B, P)`): normalised CLIP text feature t.
         visual_global (`torch.FloatTensor` of shape `(B, P)`): normalised CLIP image feature v (or the learned one).
-        fused (`torch.FloatTensor` of shape `(B, 2D)`): normalised g^t (+) g^v of Eq. 13-18 (None if fusion is off).
-        text_queries / visual_queries (`(B, L, D)`): entity side of the unimodal matching (W'_q projections).
-        text_keys / text_values / visual_keys / visual_values (`(B, L, D)`): mention side of the unimodal matching.
-        text_global_small / visual_global_small (`(B, D)`): normalised t and v brought to size D (entity side).
         has_image (`torch.BoolTensor` of shape `(B,)`).
     """
 
@@ -516,17 +208,129 @@ class OTMELFeatures(ModelOutput):
     visual_mask: torch.LongTensor | None = None
     text_global: torch.FloatTensor | None = None
     visual_global: torch.FloatTensor | None = None
+    has_image: torch.BoolTensor | None = None
+
+
+def real_text_length(text_mask: torch.Tensor) -> int:
+    """Length of the longest real text in a `(..., L_t)` mask: the tokens past it are padding in every row (at least
+    1)."""
+    real = text_mask.bool().reshape(-1, text_mask.shape[-1]).any(0)
+    return int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+
+
+@dataclass
+class OTMELSideFeatures(ModelOutput):
+    """What a score needs from one side (mentions or entities), with the row operations a KB index uses.
+
+    Leading shape: `(B,)`, or `(B, k)` for candidates gathered per mention. Subclasses add their side's fields and
+    name, in `TEXT_TOKEN_FIELDS`, those with a text-token axis (right after the leading axes).
+
+    Args:
+        text_global, visual_global (`(B, P)`): normalised CLIP text and image features t and v.
+        fused (`(B, 2D)`): normalised g^t (+) g^v of Eq. 13-18 (None if fusion is off).
+        text_mask (`(B, L_t)`), visual_mask (`(B, L_v)`): 1 for real tokens / patches.
+        has_image (`torch.BoolTensor` of shape `(B,)`).
+        fusion_kd_loss (`torch.FloatTensor` of shape `()`): training with distillation only: L_KD of this side's
+            fusion assignments (Eq. 28-29).
+        fusion_maps (`dict`): with `output_maps=True`: `{"v2t", "t2v"}` maps of [`~OTMELModel.fusion_maps`].
+    """
+
+    text_global: torch.FloatTensor | None = None
+    visual_global: torch.FloatTensor | None = None
     fused: torch.FloatTensor | None = None
-    text_queries: torch.FloatTensor | None = None
-    visual_queries: torch.FloatTensor | None = None
+    text_mask: torch.LongTensor | None = None
+    visual_mask: torch.LongTensor | None = None
+    has_image: torch.BoolTensor | None = None
+    fusion_kd_loss: torch.FloatTensor | None = None
+    fusion_maps: dict | None = None
+
+    TEXT_TOKEN_FIELDS = ("text_mask",)
+    # Not per-row features: a scalar loss and visualisation maps.
+    _NOT_ROWS = ("fusion_kd_loss", "fusion_maps")
+
+    def row_fields(self) -> dict:
+        """`{name: tensor}` of the per-row features present (what an index caches and ranking reads)."""
+        return {k: v for k, v in self.items() if k not in self._NOT_ROWS and isinstance(v, torch.Tensor)}
+
+    def map_rows(self, fn) -> "OTMELSideFeatures":
+        """The same class with `fn(name, tensor)` applied to every per-row feature (losses and maps dropped)."""
+        return type(self)(**{k: fn(k, v) for k, v in self.row_fields().items()})
+
+    def rows(self, index) -> "OTMELSideFeatures":
+        """Rows `index` (a slice, or a LongTensor of any shape S: features get leading shape S)."""
+        return self.map_rows(lambda _, v: v[index])
+
+    def to(self, device) -> "OTMELSideFeatures":
+        return self.map_rows(lambda _, v: v.to(device))
+
+    def text_length(self) -> int:
+        """Length of the longest real text among the rows (at least 1)."""
+        return real_text_length(self.text_mask)
+
+    def with_text_length(self, length: int) -> "OTMELSideFeatures":
+        """Text-token fields cut or zero-padded to `length` tokens (padding takes part in no score)."""
+        axis = self.text_mask.dim() - 1
+
+        def fit(name, value):
+            if name not in self.TEXT_TOKEN_FIELDS:
+                return value
+            current = value.shape[axis]
+            if current >= length:
+                return value.narrow(axis, 0, length)
+            pad = [0, 0] * (value.dim() - axis - 1) + [0, length - current]
+            return F.pad(value, pad)
+
+        return self.map_rows(fit)
+
+    def trimmed(self) -> "OTMELSideFeatures":
+        """Text-token fields cut to the longest real text (changes no score, saves work)."""
+        return self.with_text_length(self.text_length())
+
+    @classmethod
+    def concatenate(cls, parts: list) -> "OTMELSideFeatures":
+        """Rows of several feature batches (texts padded to the longest)."""
+        if len(parts) == 1:
+            return parts[0].map_rows(lambda _, v: v)
+        length = max(p.text_mask.shape[-1] for p in parts)
+        parts = [p.with_text_length(length).row_fields() for p in parts]
+        return cls(**{k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]})
+
+
+@dataclass
+class OTMELMentionFeatures(OTMELSideFeatures):
+    """Mention side ([`~OTMELModel.encode_mentions`]): the common fields plus the keys and values that entity tokens
+    are assigned in the unimodal matching (Eq. 19-24).
+
+    Args:
+        text_keys, text_values (`(B, L_t, D)`), visual_keys, visual_values (`(B, L_v, D)`): W'_k and W'_h projections
+            of the mention's tokens (None when unimodal matching is off).
+    """
+
     text_keys: torch.FloatTensor | None = None
     text_values: torch.FloatTensor | None = None
     visual_keys: torch.FloatTensor | None = None
     visual_values: torch.FloatTensor | None = None
+
+    TEXT_TOKEN_FIELDS = ("text_mask", "text_keys", "text_values")
+
+
+@dataclass
+class OTMELEntityFeatures(OTMELSideFeatures):
+    """Entity side ([`~OTMELModel.encode_entities`]), independent of any mention, so cacheable for a whole KB.
+
+    Args:
+        text_queries (`(B, L_t, D)`), visual_queries (`(B, L_v, D)`): W'_q projections of the entity's tokens.
+        text_global_small, visual_global_small (`(B, D)`): normalised t and v brought to size D.
+    """
+
+    text_queries: torch.FloatTensor | None = None
+    visual_queries: torch.FloatTensor | None = None
     text_global_small: torch.FloatTensor | None = None
     visual_global_small: torch.FloatTensor | None = None
-    has_image: torch.BoolTensor | None = None
-    fusion_maps: dict | None = None
+
+    TEXT_TOKEN_FIELDS = ("text_mask", "text_queries")
+    # What the pairwise unimodal matching reads from an entity.
+    PAIRWISE_FIELDS = ("text_queries", "text_mask", "visual_queries", "visual_mask", "text_global_small", "visual_global_small")
 
 
 @dataclass
@@ -550,6 +354,17 @@ class OTMELScores(ModelOutput):
     unimodal_maps: dict | None = None
 
 
+# The loss terms of [`OTMELOutput`], in the order J adds them: what the Trainer logs and the model card names.
+LOSS_TERMS = {
+    "loss_o": "L_O: InfoNCE on the overall score S_O (Eq. 26)",
+    "loss_f": "L_F: InfoNCE on the fusion score S_F",
+    "loss_t": "L_T: InfoNCE on the text score S_T",
+    "loss_v": "L_V: InfoNCE on the visual score S_V",
+    "loss_r": "L_R: InfoNCE on the stage-1 score S_R (not in the paper; weight retrieval_loss_weight)",
+    "loss_kd": "L_KD: OT-to-attention distillation (Eq. 28-29; weight kd_weight)",
+}
+
+
 @dataclass
 class OTMELOutput(ModelOutput):
     """Output of [`OTMELModel.forward`] on a batch of mentions with their gold entities.
@@ -564,7 +379,8 @@ class OTMELOutput(ModelOutput):
         scores ([`OTMELScores`]): the raw score matrices used for L_O, L_T, L_V (same shape as `logits`).
         candidate_indices (`torch.LongTensor` of shape `(B, 1 + k)`): with `pairwise_negatives`, the batch columns
             scored pairwise for each mention.
-        mention_features, entity_features ([`OTMELFeatures`]): when `output_features=True`.
+        mention_features ([`OTMELMentionFeatures`]), entity_features ([`OTMELEntityFeatures`]): when
+            `output_features=True` or `output_maps=True`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -577,8 +393,8 @@ class OTMELOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     scores: OTMELScores | None = None
     candidate_indices: torch.LongTensor | None = None
-    mention_features: OTMELFeatures | None = None
-    entity_features: OTMELFeatures | None = None
+    mention_features: OTMELMentionFeatures | None = None
+    entity_features: OTMELEntityFeatures | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,8 +407,14 @@ class OTMELPreTrainedModel(PreTrainedModel):
     config_class = OTMELConfig
     base_model_prefix = "clip"
     input_modalities = ("image", "text")
+    main_input_name = "mention_input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Attention runs only inside the CLIP towers, which support every implementation.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -638,6 +460,9 @@ class OTMELModel(OTMELPreTrainedModel):
         # Not named `logit_scale`: CLIP has a parameter of that name, and transformers' loader maps checkpoint keys
         # between `clip.<name>` and `<name>` when the model has both, which swapped the two on every reload.
         self.otmel_logit_scale = nn.Parameter(torch.empty(()), requires_grad=config.learnable_logit_scale)
+        # CLIP's own temperature takes no part in any OT-MEL score: frozen, so that no parameter misses its gradient
+        # (DDP with find_unused_parameters=False would fail).
+        self.clip.logit_scale.requires_grad_(False)
         self.post_init()
 
     @property
@@ -664,37 +489,33 @@ class OTMELModel(OTMELPreTrainedModel):
 
     # ---- encoders -------------------------------------------------------------------------------------------
 
-    def _assignment_mode(self, configured: str) -> str:
+    def assignment_mode(self, configured: str) -> str:
+        """The assignment a layer configured with `configured` runs now: `"ot"` becomes `"attention"` in eval mode
+        when `config.inference_assignment="attention"` (the fast path of a distilled model)."""
         if configured == "ot" and not self.training and self.config.inference_assignment == "attention":
             return "attention"
         return configured
 
-    def encode(
+    def encode_tokens(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor,
         pixel_values: torch.FloatTensor | None = None,
         has_image: torch.BoolTensor | None = None,
-        side: str = "entity",
-        output_maps: bool = False,
-    ) -> OTMELFeatures:
-        """Encodes mentions (`side="mention"`) or entities (`side="entity"`).
+    ) -> OTMELTokens:
+        """Runs the CLIP towers on texts and (optional) pictures: the input of both sides' features.
 
         Args:
             input_ids (`(B, L_t)`), attention_mask (`(B, L_t)`): tokenised `surface [SEP] sentence` or
                 `name [SEP] attributes`.
             pixel_values (`(B, 3, H, W)`, *optional*): images (rows without image are ignored).
             has_image (`(B,)`, *optional*): which rows have an image (default: all when `pixel_values` is given).
-            output_maps: also return the fusion assignment maps (for pictures and tests).
         """
-        if side not in ("mention", "entity"):
-            raise ValueError(f"side must be 'mention' or 'entity', got {side!r}")
         clip = self.clip
         batch = input_ids.shape[0]
         text = clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         text_tokens = text.last_hidden_state
         text_global = F.normalize(clip.text_projection(text.pooler_output), dim=-1)
-        text_mask = attention_mask
 
         if has_image is None:
             has_image = torch.full((batch,), pixel_values is not None, dtype=torch.bool, device=input_ids.device)
@@ -703,7 +524,7 @@ class OTMELModel(OTMELPreTrainedModel):
         d_v = self.null_visual_token.shape[0]
         n_patches = (clip.config.vision_config.image_size // clip.config.vision_config.patch_size) ** 2 + 1
         visual_tokens = self.null_visual_token.to(text_tokens.dtype).expand(batch, n_patches, d_v).clone()
-        visual_mask = torch.zeros(batch, n_patches, dtype=text_mask.dtype, device=text_mask.device)
+        visual_mask = torch.zeros(batch, n_patches, dtype=attention_mask.dtype, device=attention_mask.device)
         visual_mask[:, 0] = 1
         visual_global = self.null_visual_global.to(text_tokens.dtype).expand(batch, -1).clone()
         if pixel_values is not None and bool(has_image.any()):
@@ -713,65 +534,106 @@ class OTMELModel(OTMELPreTrainedModel):
             visual_tokens = visual_tokens.index_copy(0, idx, vision.last_hidden_state)
             visual_mask = visual_mask.index_fill(0, idx, 1)
             visual_global = visual_global.index_copy(0, idx, clip.visual_projection(vision.pooler_output))
-        visual_global = F.normalize(visual_global, dim=-1)
-
-        feats = OTMELFeatures(
+        return OTMELTokens(
             text_tokens=text_tokens,
-            text_mask=text_mask,
+            text_mask=attention_mask,
             visual_tokens=visual_tokens,
             visual_mask=visual_mask,
             text_global=text_global,
-            visual_global=visual_global,
+            visual_global=F.normalize(visual_global, dim=-1),
             has_image=has_image,
         )
+
+    def _side_common(self, tokens: OTMELTokens, output_maps: bool) -> dict:
+        """The fields both sides share: global features, masks, and the fusion vector with its KD loss / maps."""
+        common = {
+            "text_global": tokens.text_global,
+            "visual_global": tokens.visual_global,
+            "text_mask": tokens.text_mask,
+            "visual_mask": tokens.visual_mask,
+            "has_image": tokens.has_image,
+        }
         if self.config.fusion_assignment != "off":
-            feats.fused, maps = self._fuse(text_tokens, text_mask, visual_tokens, visual_mask)
+            maps = self.fusion_maps(tokens)
+            common["fused"] = F.normalize(torch.cat([maps["v2t"]["pooled"], maps["t2v"]["pooled"]], dim=-1), dim=-1)
+            if self.training and self.config.distillation != "off":
+                kd = [self._fusion_kd(maps[name], tokens, name) for name in ("v2t", "t2v")]
+                kd = [x for x in kd if x is not None]
+                common["fusion_kd_loss"] = torch.stack(kd).sum() if kd else None
             if output_maps:
-                feats.fusion_maps = maps
+                common["fusion_maps"] = maps
+        return common
+
+    def encode_entities(
+        self, input_ids, attention_mask, pixel_values=None, has_image=None, output_maps: bool = False
+    ) -> OTMELEntityFeatures:
+        """Entity-side features, independent of any mention (cacheable for a whole KB).
+
+        Args: as [`~OTMELModel.encode_tokens`] (`name [SEP] attributes` texts); `output_maps`: keep the fusion maps.
+        """
+        tokens = self.encode_tokens(input_ids, attention_mask, pixel_values, has_image)
+        feats = OTMELEntityFeatures(**self._side_common(tokens, output_maps))
         if self.config.unimodal_assignment != "off":
-            if side == "entity":
-                feats.text_queries = self.text_matching.query(text_tokens)
-                feats.visual_queries = self.visual_matching.query(visual_tokens)
-                feats.text_global_small = F.normalize(self.text_global_small(text_global), dim=-1)
-                feats.visual_global_small = F.normalize(self.visual_global_small(visual_global), dim=-1)
-            else:
-                feats.text_keys = self.text_matching.key(text_tokens)
-                feats.text_values = self.text_matching.value(text_tokens)
-                feats.visual_keys = self.visual_matching.key(visual_tokens)
-                feats.visual_values = self.visual_matching.value(visual_tokens)
+            feats.text_queries = self.text_matching.query(tokens.text_tokens)
+            feats.visual_queries = self.visual_matching.query(tokens.visual_tokens)
+            feats.text_global_small = F.normalize(self.text_global_small(tokens.text_global), dim=-1)
+            feats.visual_global_small = F.normalize(self.visual_global_small(tokens.visual_global), dim=-1)
         return feats
 
-    def encode_entities(self, input_ids, attention_mask, pixel_values=None, has_image=None, output_maps=False):
-        """Entity-side features (cacheable for a whole KB). See [`~OTMELModel.encode`]."""
-        return self.encode(input_ids, attention_mask, pixel_values, has_image, side="entity", output_maps=output_maps)
+    def encode_mentions(
+        self, input_ids, attention_mask, pixel_values=None, has_image=None, output_maps: bool = False
+    ) -> OTMELMentionFeatures:
+        """Mention-side features.
 
-    def encode_mentions(self, input_ids, attention_mask, pixel_values=None, has_image=None, output_maps=False):
-        """Mention-side features. See [`~OTMELModel.encode`]."""
-        return self.encode(input_ids, attention_mask, pixel_values, has_image, side="mention", output_maps=output_maps)
+        Args: as [`~OTMELModel.encode_tokens`] (`surface [SEP] sentence` texts); `output_maps`: keep the fusion maps.
+        """
+        tokens = self.encode_tokens(input_ids, attention_mask, pixel_values, has_image)
+        feats = OTMELMentionFeatures(**self._side_common(tokens, output_maps))
+        if self.config.unimodal_assignment != "off":
+            feats.text_keys = self.text_matching.key(tokens.text_tokens)
+            feats.text_values = self.text_matching.value(tokens.text_tokens)
+            feats.visual_keys = self.visual_matching.key(tokens.visual_tokens)
+            feats.visual_values = self.visual_matching.value(tokens.visual_tokens)
+        return feats
 
-    def _fuse(self, text_tokens, text_mask, visual_tokens, visual_mask):
-        """Multimodal fusion (Eq. 6-18) of one side: returns normalised g^t (+) g^v `(B, 2D)`, the maps, and KD."""
-        mode = self._assignment_mode(self.config.fusion_assignment)
-        pooling = self.config.pooling
+    def fusion_maps(self, tokens: OTMELTokens, mode: str | None = None) -> dict:
+        """Multimodal fusion (Eq. 6-18) of one side, direction by direction.
+
+        Args:
+            tokens ([`OTMELTokens`]): from [`~OTMELModel.encode_tokens`].
+            mode (`str`, *optional*): `"ot"` or `"attention"`; default: the configured fusion assignment as it runs now
+                ([`~OTMELModel.assignment_mode`]).
+
+        Returns:
+            `{"v2t": maps, "t2v": maps}`; v2t assigns visual tokens to text tokens (rows: text tokens), t2v the reverse.
+            Each holds `assignment` (`(B, L_own, L_other)`, rows sum to 1 on real rows), `plan` (the OT plan, None for
+            attention), `logits` (attention logits; for OT only when distillation needs them) and `pooled` (`(B, D)`:
+            g^t for v2t, g^v for t2v, before normalisation).
+        """
+        mode = mode or self.assignment_mode(self.config.fusion_assignment)
         maps = {}
-        kd = []
         for name, layer, own, own_mask, other, other_mask, own_value in (
-            ("v2t", self.text_from_visual, text_tokens, text_mask, visual_tokens, visual_mask, self.text_value),
-            ("t2v", self.visual_from_text, visual_tokens, visual_mask, text_tokens, text_mask, self.visual_value),
-        ):
+            ("v2t", self.text_from_visual, tokens.text_tokens, tokens.text_mask, tokens.visual_tokens,
+             tokens.visual_mask, self.text_value),
+            ("t2v", self.visual_from_text, tokens.visual_tokens, tokens.visual_mask, tokens.text_tokens,
+             tokens.text_mask, self.visual_value),
+        ):  # fmt: skip
             q, k = layer.query(own), layer.key(other)
             assignment, plan, logits = layer.assign(q, k, own_mask, other_mask, mode)
             g = assignment @ layer.value(other)  # (B, L_own, D)
             members = torch.cat([own_value(own), g], dim=1)
             members_mask = torch.cat([own_mask, own_mask], dim=1)
-            maps[name] = {"assignment": assignment, "plan": plan, "logits": logits}
-            if plan is not None and logits is not None:
-                pair_mask = own_mask.unsqueeze(-1).bool() & other_mask.unsqueeze(-2).bool()
-                kd.append(kd_divergence(plan, logits, pair_mask, self.config.distillation).mean())
-            maps[name]["pooled"] = pool_set(members, members_mask, pooling)
-        fused = F.normalize(torch.cat([maps["v2t"]["pooled"], maps["t2v"]["pooled"]], dim=-1), dim=-1)
-        maps["kd"] = torch.stack(kd).sum() if kd else None
-        return fused, maps
+            pooled = pool_set(members, members_mask, self.config.pooling)
+            maps[name] = {"assignment": assignment, "plan": plan, "logits": logits, "pooled": pooled}
+        return maps
+
+    def _fusion_kd(self, maps: dict, tokens: OTMELTokens, direction: str):
+        """L_KD of one fusion direction (mean over the batch), or None when it ran no OT."""
+        if maps["plan"] is None or maps["logits"] is None:
+            return None
+        own, other = (tokens.text_mask, tokens.visual_mask) if direction == "v2t" else (tokens.visual_mask, tokens.text_mask)
+        pair_mask = own.unsqueeze(-1).bool() & other.unsqueeze(-2).bool()
+        return kd_divergence(maps["plan"], maps["logits"], pair_mask, self.config.distillation).mean()
 
     # ---- scoring --------------------------------------------------------------------------------------------
 
@@ -807,10 +669,39 @@ class OTMELModel(OTMELPreTrainedModel):
         maps = {"assignment": assignment, "plan": plan} if want_maps else None
         return score, kd, maps
 
+    def stage1_weights(self) -> dict:
+        """`{field: weight}` such that S_R(m, e) = sum_f weight_f <m.f, e.f>, over the fields each side's stage-1 vector
+        concatenates, in that order ([`~OTMELModel.mention_stage1`], [`~OTMELModel.entity_stage1`]).
+
+        S_R is the mean of S_F (when fusion is on) and the global terms of S_T and S_V (Eq. 24: halved when S_T and
+        S_V also have their pairwise term): the part of S_O that needs no pairwise matching.
+        """
+        cfg = self.config
+        n_terms = 3 if cfg.fusion_assignment != "off" else 2
+        global_weight = (0.5 if cfg.unimodal_assignment != "off" else 1.0) / n_terms
+        weights = {"fused": 1.0 / n_terms} if cfg.fusion_assignment != "off" else {}
+        weights.update(text_global=global_weight, visual_global=global_weight)
+        return weights
+
+    def entity_index_fields(self) -> tuple:
+        """Entity fields that a KB index stores besides the stage-1 ones: what stage 2 reads (the pairwise matching's
+        inputs, when unimodal matching is on) and `has_image`."""
+        pairwise = OTMELEntityFeatures.PAIRWISE_FIELDS if self.config.unimodal_assignment != "off" else ()
+        return (*pairwise, "has_image")
+
+    def mention_stage1(self, mentions: OTMELSideFeatures) -> torch.Tensor:
+        """`(..., R)` stage-1 mention vectors: S_R = mention_stage1(m) @ entity_stage1(e).T (one matrix product for a
+        whole KB)."""
+        return torch.cat([getattr(mentions, f) * w for f, w in self.stage1_weights().items()], dim=-1)
+
+    def entity_stage1(self, entities: OTMELSideFeatures) -> torch.Tensor:
+        """`(..., R)` stage-1 entity vectors (the unit-norm fields of `stage1_weights`, concatenated)."""
+        return torch.cat([getattr(entities, f) for f in self.stage1_weights()], dim=-1)
+
     def score(
         self,
-        mentions: OTMELFeatures,
-        entities: OTMELFeatures,
+        mentions: OTMELMentionFeatures,
+        entities: OTMELEntityFeatures,
         pairwise: bool = True,
         assignment: str | None = None,
         output_maps: bool = False,
@@ -819,29 +710,26 @@ class OTMELModel(OTMELPreTrainedModel):
         """Scores every mention against every entity, or against its own candidate entities.
 
         Args:
-            mentions ([`OTMELFeatures`]): from [`~OTMELModel.encode_mentions`], B_m rows.
-            entities ([`OTMELFeatures`]): from [`~OTMELModel.encode_entities`] (possibly cached), B_e rows.
+            mentions ([`OTMELMentionFeatures`]): from [`~OTMELModel.encode_mentions`], B_m rows.
+            entities ([`OTMELEntityFeatures`]): from [`~OTMELModel.encode_entities`] (possibly cached), B_e rows.
             pairwise (`bool`): compute the pairwise unimodal matching; False gives only S_F and S_R (stage-1 retrieval).
             assignment (`str`, *optional*): `"ot"` or `"attention"` for this call's unimodal OT assignment
                 (default: the config's, i.e. `inference_assignment` in eval mode).
             output_maps (`bool`): return the unimodal assignment maps.
-            candidates (`torch.LongTensor` of shape `(B_m, k)`, *optional*): rows of `entities` to score for each mention;
-                the pairwise matching then runs for these B_m * k pairs only.
+            candidates (`torch.LongTensor` of shape `(B_m, k)`, *optional*): rows of `entities` to score for each
+                mention; the pairwise matching then runs for these B_m * k pairs only.
 
         Returns:
             [`OTMELScores`] with `(B_m, B_e)` matrices, or `(B_m, k)` with `candidates`.
         """
         if candidates is not None:
-            picked = OTMELFeatures(
-                **{key: value[candidates] for key, value in entities.items() if isinstance(value, torch.Tensor)}
-            )
-            return self.score_candidates(mentions, picked, pairwise, assignment, output_maps)
+            return self.score_candidates(mentions, entities.rows(candidates), pairwise, assignment, output_maps)
         return self._score(mentions, entities, False, pairwise, assignment, output_maps)
 
     def score_candidates(
         self,
-        mentions: OTMELFeatures,
-        candidates: OTMELFeatures,
+        mentions: OTMELMentionFeatures,
+        candidates: OTMELEntityFeatures,
         pairwise: bool = True,
         assignment: str | None = None,
         output_maps: bool = False,
@@ -862,21 +750,20 @@ class OTMELModel(OTMELPreTrainedModel):
         def entity_side(tensor):
             return tensor if aligned else tensor.unsqueeze(0)
 
+        out.retrieval = similarity(self.mention_stage1(mentions), self.entity_stage1(entities))
         text_global = similarity(mentions.text_global, entities.text_global)
         visual_global = similarity(mentions.visual_global, entities.visual_global)
         if cfg.fusion_assignment != "off":
             out.fusion = similarity(mentions.fused, entities.fused)
         if cfg.unimodal_assignment == "off":
             out.text, out.visual = text_global, visual_global
-            out.retrieval = self._combine(out.fusion, text_global, visual_global)
             out.overall = out.retrieval
             return out
-        out.retrieval = self._combine(out.fusion, text_global / 2, visual_global / 2)
         if not pairwise:
             return out
         mode = cfg.unimodal_assignment
         if mode == "ot":
-            mode = assignment or self._assignment_mode(mode)
+            mode = assignment or self.assignment_mode(mode)
         want_kd = self.training and cfg.distillation != "off"
         s_t, kd_t, maps_t = self._unimodal(
             self.text_matching, entity_side(entities.text_queries), entity_side(entities.text_mask),
@@ -937,7 +824,7 @@ class OTMELModel(OTMELPreTrainedModel):
         return torch.cat([positive.unsqueeze(1), hard], dim=1)
 
     @staticmethod
-    def _gather(features: OTMELFeatures, entity_ids: torch.LongTensor | None):
+    def _gather(features: OTMELEntityFeatures, entity_ids: torch.LongTensor | None):
         """All-gathers entity features across processes, keeping gradients (in-batch negatives from every process).
 
         Returns the gathered features and ids, and the offset of this process's entities among them.
@@ -945,10 +832,7 @@ class OTMELModel(OTMELPreTrainedModel):
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_gather
 
-        gathered = OTMELFeatures()
-        for key, value in features.items():
-            if isinstance(value, torch.Tensor) and value.dtype != torch.bool:  # has_image is not needed to score
-                gathered[key] = torch.cat(all_gather(value), dim=0)
+        gathered = features.map_rows(lambda _, value: torch.cat(all_gather(value), dim=0))
         if entity_ids is not None:
             entity_ids = torch.cat(all_gather(entity_ids), dim=0)
         return gathered, entity_ids, dist.get_rank() * features.text_mask.shape[0]
@@ -968,7 +852,8 @@ class OTMELModel(OTMELPreTrainedModel):
         output_features: bool = False,
         output_maps: bool = False,
         gather_across_processes: bool = False,
-    ) -> OTMELOutput:
+        return_dict: bool | None = None,
+    ) -> OTMELOutput | tuple:
         r"""Scores a batch of B mentions against their B gold entities (in-batch negatives) and computes the loss.
 
         Args:
@@ -980,13 +865,16 @@ class OTMELModel(OTMELPreTrainedModel):
             output_features, output_maps: return the side features / assignment maps.
             gather_across_processes (`bool`): under torch.distributed, score each mention against the gold entities of
                 every process (texts must be padded to the same length on every process).
+            return_dict (`bool`, *optional*): return an [`OTMELOutput`] (default: `config.use_return_dict`) or a tuple
+                of its non-None fields.
         """
         cfg = self.config
+        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
         m = self.encode_mentions(
-            mention_input_ids, mention_attention_mask, mention_pixel_values, mention_has_image, output_maps=True
+            mention_input_ids, mention_attention_mask, mention_pixel_values, mention_has_image, output_maps=output_maps
         )
         e = self.encode_entities(
-            entity_input_ids, entity_attention_mask, entity_pixel_values, entity_has_image, output_maps=True
+            entity_input_ids, entity_attention_mask, entity_pixel_values, entity_has_image, output_maps=output_maps
         )
         e_all, ids_all, offset = e, entity_ids, 0
         if gather_across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1020,17 +908,14 @@ class OTMELModel(OTMELPreTrainedModel):
                 out.loss_r = self.contrastive_loss(full.retrieval, ids_all, offset)
                 total = total + cfg.retrieval_loss_weight * out.loss_r
             if self.training and cfg.distillation != "off":
-                kd_terms = [x for x in (scores.kd_loss, (m.fusion_maps or {}).get("kd"), (e.fusion_maps or {}).get("kd"))]
-                kd_terms = [x for x in kd_terms if x is not None]
+                kd_terms = [x for x in (scores.kd_loss, m.fusion_kd_loss, e.fusion_kd_loss) if x is not None]
                 if kd_terms:
                     out.loss_kd = sum(kd_terms)
                     total = total + cfg.kd_weight * out.loss_kd
             out.loss = total
-        if not output_maps:
-            m.fusion_maps = e.fusion_maps = None
         if output_features or output_maps:
             out.mention_features, out.entity_features = m, e
-        return out
+        return out if return_dict else out.to_tuple()
 
 
 OTMELModel.register_for_auto_class("AutoModel")
@@ -1045,4 +930,18 @@ def _register_in_library():
 
 _register_in_library()
 
-__all__ = ["OTMELModel", "OTMELPreTrainedModel", "OTMELOutput", "OTMELScores", "OTMELFeatures", "sinkhorn"]
+__all__ = [
+    "LOSS_TERMS",
+    "CorrelationAssignment",
+    "OTMELEntityFeatures",
+    "OTMELMentionFeatures",
+    "OTMELModel",
+    "OTMELOutput",
+    "OTMELPreTrainedModel",
+    "OTMELScores",
+    "OTMELSideFeatures",
+    "OTMELTokens",
+    "kd_divergence",
+    "pool_set",
+    "real_text_length",
+]

@@ -17,21 +17,26 @@ logger = logging.getLogger(__name__)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (RGBA, LA, P, L, I;16, CMYK, ...) as RGB; transparency is composited on white."""
+    """Any PIL mode (RGBA, LA, P, L, I;16, F, CMYK, ...) as RGB: the one decoding rule of the project (the processor and
+    the dataset converter both use it).
+
+    Transparency is composited on white (a plain convert would turn it black, a viewer shows white). 16-bit and float
+    greyscale is scaled by 255 / its maximum when that exceeds 255 (PIL's convert would clip it to white) and clipped
+    to [0, 255].
+    """
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[-1])
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     if image.mode.startswith("I") or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        span = array.max() - array.min()
-        array = (array - array.min()) / (span if span > 0 else 1) * 255
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
+        high = float(array.max()) if array.size else 0.0
+        if high > 255:
+            array = array * (255.0 / high)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
 
@@ -91,7 +96,8 @@ class OTMELProcessor(ProcessorMixin):
         self.separator = separator
         super().__init__(image_processor, tokenizer, **kwargs)
 
-    def _separator(self) -> str:
+    def text_separator(self) -> str:
+        """The text between the two fields of a mention or entity text (`separator`, or the tokenizer's default)."""
         if self.separator is not None:
             return self.separator
         sep = getattr(self.tokenizer, "sep_token", None)
@@ -141,11 +147,11 @@ class OTMELProcessor(ProcessorMixin):
         return {"pixel_values": pixel_values, "has_image": has_image}
 
     def mention_texts(self, mentions: list[str], sentences: list[str]) -> list[str]:
-        sep = self._separator()
+        sep = self.text_separator()
         return [f"{unquote(m or '')}{sep}{s or ''}" for m, s in zip(mentions, sentences)]
 
     def entity_texts(self, names: list[str], attributes: list[str]) -> list[str]:
-        sep = self._separator()
+        sep = self.text_separator()
         return [f"{unquote(n or '')}{sep}{a or ''}" for n, a in zip(names, attributes)]
 
     def process_mentions(self, mentions: list[str], sentences: list[str], images=None, padding="longest") -> BatchFeature:

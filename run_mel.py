@@ -17,11 +17,11 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-import torch.distributed as dist
 import transformers
 from datasets import Image as ImageFeature
 from datasets import load_dataset
@@ -30,39 +30,26 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from linking_otmel import encode_kb, encode_mentions, rank, ranking_metrics, stage1_recall
-from modeling_otmel import OTMELModel
+from configuration_otmel import PAPER_MODELS, OTMELConfig
+from index_otmel import encode_kb
+from modeling_otmel import LOSS_TERMS, OTMELModel
 from processing_otmel import OTMELProcessor
+from ranking_otmel import STRATEGIES, RankOptions, evaluation_metrics, rank_mentions
 
 
 logger = logging.getLogger(__name__)
-
-MODES = {
-    # mode name -> config settings (Table 1 models; Table 2 ablations are the individual settings below)
-    "ot": {},
-    "att": {"fusion_assignment": "attention", "unimodal_assignment": "attention"},
-    "kd": {"distillation": "kl", "inference_assignment": "attention"},
-    "clip": {"fusion_assignment": "off", "unimodal_assignment": "off"},
-}
-CONFIG_OVERRIDES = (
-    "fusion_assignment", "unimodal_assignment", "pooling", "distillation", "inference_assignment", "hidden_size",
-    "ot_epsilon", "sinkhorn_iterations", "sinkhorn_tolerance", "logit_scale_init", "kd_weight", "retrieval_loss_weight",
-    "pairwise_negatives",
-    "max_text_length",
-)  # fmt: skip
-LOSS_KEYS = ("loss_o", "loss_f", "loss_t", "loss_v", "loss_r", "loss_kd")
-
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "An OT-MEL checkpoint (local or Hub)."})
     clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to start a new OT-MEL from."})
-    mode: str = field(default="ot", metadata={"help": "ot | att | kd | clip (global CLIP features only)."})
+    mode: str = field(default="ot", metadata={"help": "The paper's model to train: " + " | ".join(PAPER_MODELS) + "."})
     fusion_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (ablations F1, F2)."})
     unimodal_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (M1, M2)."})
     pooling: str | None = field(default=None, metadata={"help": "softpool | mean | max (O1, O2)."})
@@ -91,7 +78,7 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_predict_samples: int | None = None
-    ranking: str = field(
+    strategy: str = field(
         default="two_stage",
         metadata={"help": "two_stage (rank all entities by S_R, re-rank the top candidates with S_O) or exhaustive "
                   "(S_O for every mention-entity pair: the paper's protocol, slow on a large KB)."},
@@ -131,7 +118,8 @@ class OTMELTrainingArguments(TrainingArguments):
 
 
 def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.DatasetDict, datasets.Dataset, str]:
-    """Returns (mention splits, KB, the dataset's path or Hub id, a conversion when `name` is a raw folder)."""
+    """Returns `(mention splits, KB, path)`: `path` is the dataset's folder or Hub id (the conversion's folder when
+    `name` is a raw MIMIC-layout folder)."""
     from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
 
     path = name
@@ -213,29 +201,44 @@ class MELCollator:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class EvaluateEveryEpochs(TrainerCallback):
+    """With `eval_strategy="epoch"`, evaluates (and saves) every `every` epochs and at the last one: whole-KB
+    evaluation costs seconds, more than an epoch of a small run."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.every > 1 and control.should_evaluate and args.eval_strategy == "epoch":
+            current = round(state.epoch or 0)
+            last = current >= math.ceil(args.num_train_epochs) or state.global_step >= state.max_steps
+            if current % self.every and not last:
+                control.should_evaluate = False
+                control.should_save = False
+        return control
 
 
 class OTMELTrainer(Trainer):
-    """Trainer with the OT-MEL objective, per-term logging, and whole-KB ranking as evaluation."""
+    """Trainer with the OT-MEL objective, per-term logging, and whole-KB ranking as evaluation.
 
-    def __init__(self, *args, kb=None, qid_to_index=None, data_args=None, card_info=None, **kwargs):
+    Args (besides the Trainer's):
+        kb (`datasets.Dataset`): the KB every evaluation ranks against.
+        rank_options ([`RankOptions`]): how evaluation ranks.
+        kb_batch_size (`int`): batch size for encoding the KB and the mentions.
+    """
+
+    def __init__(self, *args, kb=None, rank_options: RankOptions | None = None, kb_batch_size: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
         self.kb = kb
-        self.qid_to_index = qid_to_index
-        self.data_args = data_args
-        self.card_info = card_info or {}
+        self.rank_options = rank_options or RankOptions()
+        self.kb_batch_size = kb_batch_size
         self._loss_sums = {}
         self._loss_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        _, world = _world()
-        outputs = model(**inputs, gather_across_processes=world > 1)
+        outputs = model(**inputs, gather_across_processes=self.args.world_size > 1)
         if model.training:
-            for key in LOSS_KEYS:
+            for key in LOSS_TERMS:
                 value = getattr(outputs, key)
                 if value is not None:
                     self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value.detach().float().item()
@@ -249,60 +252,23 @@ class OTMELTrainer(Trainer):
             self._loss_sums, self._loss_count = {}, 0
         super().log(logs, start_time)
 
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, **kw):
-        # Whole-KB evaluation costs seconds: with eval_strategy=epoch, evaluate every `eval_every_epochs` epochs
-        # (and always at the last one).
-        every = getattr(self.args, "eval_every_epochs", 1)
-        if self.control.should_evaluate and self.args.eval_strategy == "epoch" and every > 1:
-            current = round(self.state.epoch or 0)
-            last = current >= math.ceil(self.args.num_train_epochs) or self.state.global_step >= self.state.max_steps
-            if current % every and not last:
-                self.control.should_evaluate = False
-                self.control.should_save = False
-        return super()._maybe_log_save_evaluate(
-            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, **kw
-        )
-
-    def rank_split(self, split: datasets.Dataset, top_k: int = 0) -> dict:
-        """Ranks every mention of `split` against the whole KB (the paper's protocol).
-
-        Under torch.distributed each process ranks a contiguous shard of the mentions and the results are gathered,
-        so the metrics equal those of a single process. Returns lists: `ranks`, `stage1_ranks`, and with `top_k`,
-        `topk_indices` / `topk_scores`.
-        """
-        from tqdm.auto import tqdm
-
+    def rank_split(self, split: datasets.Dataset, top_k: int | None = None):
+        """Ranks every mention of `split` against the whole KB (the paper's protocol), sharded across processes:
+        a [`~ranking_otmel.RankResult`] equal to one process's."""
         model = self.accelerator.unwrap_model(self.model)
         processor = self.processing_class
-        args = self.data_args
-        rank_id, world = _world()
-        index = encode_kb(model, processor, self.kb, batch_size=args.kb_batch_size, progress=rank_id == 0)
-        shard = split.shard(world, rank_id, contiguous=True) if world > 1 else split
-        gold = torch.tensor([index.row_of(q) for q in shard["answer"]], dtype=torch.long)
-        result = {"ranks": [], "stage1_ranks": [], "topk_indices": [], "topk_scores": []}
-        batch_size = args.kb_batch_size
-        for start in tqdm(range(0, len(shard), batch_size), desc="Ranking mentions", disable=rank_id != 0):
-            end = min(len(shard), start + batch_size)
-            feats = encode_mentions(model, processor, shard.select(range(start, end)), batch_size=batch_size)
-            ranked = rank(
-                model, feats, index, strategy=args.ranking, candidates=args.candidates, top_k=top_k or None,
-                gold=gold[start:end],
-            )  # fmt: skip
-            result["ranks"] += ranked.gold_ranks.tolist()
-            result["stage1_ranks"] += ranked.stage1_gold_ranks.tolist()
-            if top_k:
-                result["topk_indices"] += ranked.indices.tolist()
-                result["topk_scores"] += ranked.scores.tolist()
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, result)
-            result = {key: sum((g[key] for g in gathered), []) for key in result}
-        return result
+        main = self.is_world_process_zero()
+        index = encode_kb(model, processor, self.kb, batch_size=self.kb_batch_size, progress=main)
+        options = RankOptions(**{**self.rank_options.__dict__, "top_k": top_k})
+        return rank_mentions(
+            model, processor, index, split, options, gold_qids=list(split["answer"]), batch_size=self.kb_batch_size,
+            progress=main, distributed=True,
+        )  # fmt: skip
 
-    def ranking_metrics(self, result: dict, prefix: str) -> dict:
-        metrics = ranking_metrics(result["ranks"])
-        if self.data_args.ranking == "two_stage":
-            metrics.update({f"stage1_{k}": v for k, v in stage1_recall(result["stage1_ranks"]).items()})
+    def ranking_metrics(self, result, prefix: str) -> dict:
+        metrics = evaluation_metrics(result)
+        if self.rank_options.strategy != "two_stage":  # stage 1 is not part of exhaustive ranking
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("stage1_")}
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -315,9 +281,7 @@ class OTMELTrainer(Trainer):
         return metrics
 
     def create_model_card(self, **kwargs):
-        from model_card import write_model_card
-
-        write_model_card(self.args.output_dir, self.accelerator.unwrap_model(self.model).config, **self.card_info)
+        """The card is written by `main` from the run's facts (`model_card.write_model_card`), not the Trainer's."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,17 +290,19 @@ class OTMELTrainer(Trainer):
 
 
 def build_config_overrides(model_args: ModelArguments, data_args: DataArguments) -> dict:
-    if model_args.mode not in MODES:
-        raise ValueError(f"--mode {model_args.mode!r} is invalid; allowed: {', '.join(MODES)}")
-    overrides = dict(MODES[model_args.mode])
-    for name in CONFIG_OVERRIDES:
-        value = getattr(data_args if name == "max_text_length" else model_args, name)
-        if value is not None:
-            overrides[name] = value
+    """The config settings of `--mode` (the paper's model) with every config setting given on the command line."""
+    if model_args.mode not in PAPER_MODELS:
+        raise ValueError(f"--mode {model_args.mode!r} is invalid; allowed: {', '.join(PAPER_MODELS)}")
+    overrides = dict(PAPER_MODELS[model_args.mode][0])
+    for args in (model_args, data_args):
+        for f in dataclasses.fields(args):
+            value = getattr(args, f.name)
+            if value is not None and f.name in OTMELConfig.__dataclass_fields__:
+                overrides[f.name] = value
     return overrides
 
 
-def tiny_clip_for(mentions, kb, model_args, data_args, seed: int, cache_dir: str) -> str:
+def tiny_clip_for(mentions, kb, model_args, seed: int, cache_dir: str) -> str:
     """Builds (once per dataset and settings) the offline tiny CLIP, its tokenizer trained on KB + training text only."""
     from tiny_clip import build_tiny_clip
 
@@ -361,8 +327,6 @@ def tiny_clip_for(mentions, kb, model_args, data_args, seed: int, cache_dir: str
 
 
 def _stable_hash(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -382,7 +346,7 @@ def load_model_and_processor(model_args, data_args, training_args, mentions, kb)
     base = model_args.clip_model
     if base is None:
         cache = data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel")
-        base = tiny_clip_for(mentions, kb, model_args, data_args, training_args.seed, cache)
+        base = tiny_clip_for(mentions, kb, model_args, training_args.seed, cache)
         logger.info("Using the offline tiny CLIP at %s", base)
         # The paper's D = 96 is sized for ViT-B/32; the tiny model's assignment space is half its width.
         overrides.setdefault("hidden_size", model_args.tiny_hidden_size // 2)
@@ -422,7 +386,7 @@ def main(argv=None):
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    for name in ("processing_otmel", "linking_otmel", "datasets_scripts.convert_mimic"):
+    for name in ("processing_otmel", "index_otmel", "ranking_otmel", "datasets_scripts.convert_mimic"):
         logging.getLogger(name).setLevel(logging.INFO if log_level <= logging.INFO else log_level)
     logger.info("Training/evaluation parameters %s", training_args)
 
@@ -456,7 +420,6 @@ def main(argv=None):
     if training_args.eval_strategy != "no" and eval_dataset is None:
         raise ValueError("evaluation during training needs a validation split")
 
-    _, world = _world()
     trainer = OTMELTrainer(
         model=model,
         args=training_args,
@@ -464,21 +427,14 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=MELCollator(processor, kb, qid_to_index, pad_to_max=training_args.world_size > 1),
         processing_class=processor,
+        callbacks=[EvaluateEveryEpochs(training_args.eval_every_epochs)],
         kb=kb,
-        qid_to_index=qid_to_index,
-        data_args=data_args,
-        card_info={
-            "dataset_name": data_args.dataset_name,
-            "metrics": {},
-            "training": {},
-            "base_model": model_args.model_name_or_path or model_args.clip_model,
-            "repo_id": training_args.hub_model_id or training_args.output_dir,
-        },
+        rank_options=RankOptions(strategy=data_args.strategy, candidates=data_args.candidates),
+        kb_batch_size=data_args.kb_batch_size,
     )
 
-    all_metrics = {}
+    all_metrics, training = {}, None
     if training_args.do_train:
-        start = time.time()
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
@@ -488,15 +444,15 @@ def main(argv=None):
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         all_metrics.update(metrics)
-        trainer.card_info["training"] = {
-            "base model": base_model,
+        training = {
+            "base_model": base_model,
             "mode": model_args.mode,
-            "learning rate": training_args.learning_rate,
-            "batch size": training_args.per_device_train_batch_size * training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "batch_size": training_args.per_device_train_batch_size * training_args.world_size,
             "epochs": training_args.num_train_epochs,
             "steps": trainer.state.global_step,
             "seed": training_args.seed,
-            "training time (s)": round(time.time() - start, 1),
+            "train_runtime": metrics.get("train_runtime"),
             "hardware": f"{'GPU' if torch.cuda.is_available() else 'CPU'}, {training_args.world_size} process(es)",
         }
 
@@ -516,27 +472,41 @@ def main(argv=None):
         trainer.save_metrics("test", metrics)
         all_metrics.update(metrics)
         if trainer.is_world_process_zero():
-            qids = kb["qid"]
-            path = os.path.join(training_args.output_dir, "predictions_test.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for row_id, gold, rank, top, scores in zip(
-                    test["id"], test["answer"], result["ranks"], result["topk_indices"], result["topk_scores"]
-                ):
-                    f.write(json.dumps({
-                        "id": row_id, "gold": gold, "rank": rank,
-                        "predictions": [{"qid": qids[i], "score": round(float(s), 5)} for i, s in zip(top, scores)],
-                    }, ensure_ascii=False) + "\n")  # fmt: skip
-            logger.info("Wrote %s", path)
+            write_predictions(os.path.join(training_args.output_dir, "predictions_test.jsonl"), test, kb, result)
 
     if trainer.is_world_process_zero() and (training_args.do_train or training_args.do_eval or training_args.do_predict):
         os.makedirs(training_args.output_dir, exist_ok=True)
         processor.save_pretrained(training_args.output_dir)
         if training_args.do_train:
-            trainer.card_info["metrics"] = {k: v for k, v in all_metrics.items() if k.startswith(("eval_", "test_"))}
-            trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+            from model_card import write_model_card
+
+            write_model_card(
+                training_args.output_dir,
+                model.config,
+                dataset_name=data_args.dataset_name,
+                metrics={k: v for k, v in all_metrics.items() if k.startswith(("eval_", "test_"))},
+                training=training,
+                base_model=model_args.model_name_or_path or model_args.clip_model,
+                repo_id=training_args.hub_model_id or training_args.output_dir,
+            )
+    if training_args.push_to_hub and trainer.is_world_process_zero():
+        from model_card import push_folder_to_hub
+
+        push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or os.path.basename(training_args.output_dir))
     return all_metrics
+
+
+def write_predictions(path: str, split: datasets.Dataset, kb: datasets.Dataset, result) -> None:
+    """One JSON line per mention: id, gold qid, rank of the gold entity, and the top predictions with their scores."""
+    qids = kb["qid"]
+    with open(path, "w", encoding="utf-8") as f:
+        for row_id, gold, rank, top, scores in zip(
+            split["id"], split["answer"], result.gold_ranks.tolist(), result.indices.tolist(), result.scores.tolist()
+        ):
+            predictions = [{"qid": qids[i], "score": round(float(s), 5)} for i, s in zip(top, scores)]
+            row = {"id": row_id, "gold": gold, "rank": rank, "predictions": predictions}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    logger.info("Wrote %s", path)
 
 
 if __name__ == "__main__":

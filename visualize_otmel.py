@@ -75,7 +75,7 @@ def correlation_maps(
 
     Both maps come from the same projections of the model's multimodal-fusion layer (`text_from_visual` for
     `direction="v2t"`, rows are text tokens; `visual_from_text` for `"t2v"`, rows are visual tokens), through
-    `CorrelationAssignment.assign(..., "attention")` and `assign(..., "ot")`.
+    [`~OTMELModel.fusion_maps`] with `mode="attention"` and `mode="ot"`.
 
     Args:
         model ([`OTMELModel`]): with `fusion_assignment` "ot" or "attention" (not "off").
@@ -114,20 +114,13 @@ def correlation_maps(
     model.eval()
     try:
         with torch.no_grad():
-            feats = model.encode(
-                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["has_image"], side=side
+            tokens = model.encode_tokens(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["has_image"]
             )
-            text, text_mask = feats.text_tokens, feats.text_mask
-            visual, visual_mask = feats.visual_tokens, feats.visual_mask
-            if direction == "v2t":
-                layer = model.text_from_visual
-                q, k, q_mask, k_mask = layer.query(text), layer.key(visual), text_mask, visual_mask
-            else:
-                layer = model.visual_from_text
-                q, k, q_mask, k_mask = layer.query(visual), layer.key(text), visual_mask, text_mask
-            attention, _, _ = layer.assign(q, k, q_mask, k_mask, "attention")
-            ot, plan, _ = layer.assign(q, k, q_mask, k_mask, "ot")
-            model_mode = model._assignment_mode(config.fusion_assignment)
+            maps = {mode: model.fusion_maps(tokens, mode)[direction] for mode in ("attention", "ot")}
+            attention, ot, plan = maps["attention"]["assignment"], maps["ot"]["assignment"], maps["ot"]["plan"]
+            text_mask, visual_mask = tokens.text_mask, tokens.visual_mask
+            model_mode = model.assignment_mode(config.fusion_assignment)
     finally:
         model.train(was_training)
 

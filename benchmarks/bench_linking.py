@@ -1,4 +1,4 @@
-"""Benchmark of whole-KB linking (linking_otmel.py): two-stage vs exhaustive ranking, OT vs KD (attention) path,
+"""Benchmark of whole-KB linking (index_otmel, ranking_otmel): two-stage vs exhaustive ranking, OT vs KD (attention) path,
 stage-1 recall, memory, on synthetic KBs of growing size.
 
     .venv/bin/python benchmarks/bench_linking.py [--model DIR] [--sizes 3000 30000 100000] [--mentions 300]
@@ -13,7 +13,7 @@ weights), but two-stage minus exhaustive H@1 still measures what the shortlist l
 
 Each size runs in two fresh processes, so peak memory (`ru_maxrss`, resident set including memory-mapped dataset pages)
 is per size: "build" encodes the KB and saves the entity index; "serve" loads model + index (no KB) and ranks.
-Timings: rank throughput is `linking_otmel.rank` on pre-encoded mentions without gold answers, as when linking (the
+Timings: rank throughput is `ranking_otmel.rank` on pre-encoded mentions without gold answers, as when linking (the
 metrics come from a separate, untimed run with them); "stage 2" times the re-ranking of a fixed stage-1 shortlist
 alone, the only part that the OT / KD (attention) choice changes; end-to-end adds mention encoding
 (1 / (1/encode + 1/rank)). Each figure is the best of `--reps` runs, OT and KD runs alternating. Exhaustive ranking
@@ -137,7 +137,10 @@ def child_serve(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    import index_otmel as ix
     import linking_otmel as lk
+    import metrics_otmel as mx
+    import ranking_otmel as rk
 
     linker = lk.OTMELLinker.from_pretrained(args.model)
     model, processor = linker.model, linker.processor
@@ -145,40 +148,41 @@ def child_serve(args) -> dict:
     rss_loaded = peak_rss_mb()
     mentions = _mentions(args.dataset, args.mentions)
     gold = torch.tensor([index.row_of(a) for a in mentions["answer"]])
-    lk.encode_mentions(model, processor, mentions.select(range(min(16, len(mentions)))))  # warm-up
-    enc_s, feats = _best_time(lambda: lk.encode_mentions(model, processor, mentions, batch_size=64), args.reps)
+    rk.encode_mentions(model, processor, mentions.select(range(min(16, len(mentions)))))  # warm-up
+    enc_s, feats = _best_time(lambda: rk.encode_mentions(model, processor, mentions, batch_size=64), args.reps)
     out = {"mentions": len(mentions), "encode_mentions_per_s": len(mentions) / enc_s, "rss_loaded_mb": rss_loaded, "runs": []}
     n_ex = min(args.exhaustive_mentions, len(mentions))
     paths = ("ot", "attention")
     for k in args.ks:
-        shortlist = lk.rank(model, feats, index, candidates=k, assignment="attention").indices  # any order will do
+        shortlist = rk.rank(model, feats, index, candidates=k, assignment="attention").indices  # any order will do
         rank_s = _best_times(
-            {a: (lambda a=a: lk.rank(model, feats, index, candidates=k, assignment=a)) for a in paths}, args.reps
+            {a: (lambda a=a: rk.rank(model, feats, index, candidates=k, assignment=a)) for a in paths}, args.reps
         )
-        with lk._inference(model):
+        with ix.inference_mode(model):
             stage2_s = _best_times(
-                {a: (lambda a=a: lk._score_rows(model, feats, index, shortlist, a, 512)) for a in paths}, args.reps
+                {a: (lambda a=a: rk.score_rows(model, feats, index, shortlist, rk.RankOptions(assignment=a))) for a in paths},
+                args.reps,
             )
         for assignment in paths:
-            res = lk.rank(model, feats, index, candidates=k, assignment=assignment, gold=gold)
-            metrics = lk.ranking_metrics(res.gold_ranks)
+            res = rk.rank(model, feats, index, candidates=k, assignment=assignment, gold=gold)
+            metrics = mx.ranking_metrics(res.gold_ranks)
             out["runs"].append({
                 "strategy": "two_stage", "k": k, "assignment": assignment,
                 "mentions_per_s": len(mentions) / rank_s[assignment][0],
                 "stage2_mentions_per_s": len(mentions) / stage2_s[assignment][0],
-                "h1": metrics["hits@1"], "mrr": metrics["mrr"], "h1_subset": lk.ranking_metrics(res.gold_ranks[:n_ex])["hits@1"],
-                "stage1_recall": lk.stage1_recall(res.stage1_gold_ranks, (k,))[f"recall@{k}"],
+                "h1": metrics["hits@1"], "mrr": metrics["mrr"], "h1_subset": mx.ranking_metrics(res.gold_ranks[:n_ex])["hits@1"],
+                "stage1_recall": mx.stage1_recall(res.stage1_gold_ranks, (k,))[f"recall@{k}"],
             })  # fmt: skip
     if n_ex:
-        sub = lk._slice_features(feats, 0, n_ex)
+        sub = feats.rows(slice(0, n_ex)).trimmed()
         for assignment in args.exhaustive_assignments:
             start = time.perf_counter()
-            lk.rank(model, sub, index, strategy="exhaustive", candidates=50, assignment=assignment)
+            rk.rank(model, sub, index, strategy="exhaustive", candidates=50, assignment=assignment)
             seconds = time.perf_counter() - start
-            res = lk.rank(
+            res = rk.rank(
                 model, sub, index, strategy="exhaustive", candidates=50, assignment=assignment, gold=gold[:n_ex]
             )
-            metrics = lk.ranking_metrics(res.gold_ranks)
+            metrics = mx.ranking_metrics(res.gold_ranks)
             out["runs"].append({
                 "strategy": "exhaustive", "k": None, "assignment": assignment, "mentions_per_s": n_ex / seconds,
                 "h1": metrics["hits@1"], "mrr": metrics["mrr"], "h1_subset": metrics["hits@1"], "mentions": n_ex,
@@ -187,16 +191,16 @@ def child_serve(args) -> dict:
     out["peak_rss_serve_mb"] = peak_rss_mb()  # before the FAISS comparison, which copies the stage-1 vectors
     # Stage 1 alone, torch vs FAISS (exact inner product), top-50, no gold.
     for stage1 in ("torch", "faiss"):
-        queries = lk.stage1_queries(model, feats, index)
+        queries = model.mention_stage1(feats).float()
         if stage1 == "torch":
-            step = max(1, (1 << 23) // len(index))  # the chunking of lk.rank
+            step = max(1, (1 << 23) // len(index))  # the chunking of rk.rank
 
             def fn():
                 return [(queries[i : i + step] @ index.retrieval.T).topk(50, dim=1) for i in range(0, len(queries), step)]
 
         else:
-            lk._faiss_search(index, queries[:2], 50)  # builds the FAISS index outside the timing
-            fn = lambda: lk._faiss_search(index, queries, 50)  # noqa: E731
+            rk.faiss_stage1(index, queries[:2], 50)  # builds the FAISS index outside the timing
+            fn = lambda: rk.faiss_stage1(index, queries, 50)  # noqa: E731
         seconds, _ = _best_time(fn, args.reps)
         out[f"stage1_{stage1}_per_s"] = len(mentions) / seconds
     return out

@@ -49,7 +49,13 @@ import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
-logger = logging.getLogger("otmel.convert_mimic")
+try:
+    from processing_otmel import to_rgb
+except ImportError:  # run as a script from a checkout: the project's modules are in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from processing_otmel import to_rgb
+
+logger = logging.getLogger(__name__)
 
 # Bump when the output changes, so caches keyed by fingerprint_raw_dir() are rebuilt.
 CONVERTER_VERSION = 1
@@ -233,23 +239,6 @@ def _kb_candidates(name: str, kb_dir: Path) -> list[Path]:
     return out
 
 
-def _to_rgb(im: PILImage.Image) -> PILImage.Image:
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # Transparent pixels would turn black with a plain convert; white is what a viewer shows.
-        rgba = im.convert("RGBA")
-        bg = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: PIL's convert clips to 255, giving white pictures; rescale.
-        a = np.asarray(im, dtype=np.float64)
-        hi = float(a.max()) if a.size else 0.0
-        if hi > 255:
-            a = a * (255.0 / hi)
-        return PILImage.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
-
-
 def _decode(path: str) -> tuple[bytes | None, str, bool, str]:
     """(bytes that decode to RGB, file suffix, re-encoded?, error) for one existing file."""
     try:
@@ -265,7 +254,7 @@ def _decode(path: str) -> tuple[bytes | None, str, bool, str]:
             if im.format == "JPEG" and im.mode == "RGB":
                 return data, ".jpg", False, ""
             fmt = "JPEG" if im.format == "JPEG" else "PNG"
-            rgb = _to_rgb(im)
+            rgb = to_rgb(im)
     except Exception as e:  # any decoder failure (OSError, SyntaxError, struct.error, ...) = unreadable
         return None, "", False, f"{type(e).__name__}: {e}"
     buf = io.BytesIO()

@@ -52,9 +52,9 @@ TRAINING = {
     "epochs": 3,
     "steps": 120,
     "seed": 0,
-    "base_clip": "tiny offline CLIP (tiny_clip.py)",
+    "base_model": "tiny offline CLIP (tiny_clip.py)",
     "hardware": "CPU, 2 cores",
-    "duration": 95.0,
+    "train_runtime": 95.0,
 }
 KB = [
     ("Barack Obama", "Occupation: politician. Born in Honolulu.", "red"),

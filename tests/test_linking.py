@@ -1,4 +1,4 @@
-"""Whole-KB linking (linking_otmel.py): two-stage ranking against exhaustive S_O, the entity index (round trip,
+"""Whole-KB linking (index_otmel, ranking_otmel, metrics_otmel, linking_otmel): two-stage ranking against exhaustive S_O, the entity index (round trip,
 refusals), mentions with missing / unreadable pictures, the CLI, gold ranks with ties. A random tiny CLIP: these tests
 check consistency, not quality."""
 
@@ -24,7 +24,10 @@ if REPO not in sys.path:
 from datasets import Dataset, Features, Image, Value  # noqa: E402
 from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
 
+import index_otmel as ix  # noqa: E402
 import linking_otmel as lk  # noqa: E402
+import metrics_otmel as mx  # noqa: E402
+import ranking_otmel as rk  # noqa: E402
 from modeling_otmel import OTMELModel  # noqa: E402
 from processing_otmel import OTMELProcessor  # noqa: E402
 from tiny_clip import build_tiny_clip  # noqa: E402
@@ -95,7 +98,7 @@ def world(tmp_path_factory):
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     kb = _kb_dataset(rows)
-    index = lk.encode_kb(model, processor, kb, batch_size=7, progress=False)
+    index = ix.encode_kb(model, processor, kb, batch_size=7, progress=False)
     _make_duplicates_identical(index)
     return {"root": root, "clip_dir": clip_dir, "model": model, "processor": processor, "model_dir": model_dir,
             "kb": kb, "index": index}  # fmt: skip
@@ -115,15 +118,15 @@ def _gold(index, mentions):
 
 def test_stage1_and_candidate_scores_match_model_score(world):
     model, index = world["model"], world["index"]
-    feats = lk.encode_mentions(model, world["processor"], _mentions())
+    feats = rk.encode_mentions(model, world["processor"], _mentions())
     entities = index.gather(torch.arange(len(index)))
     with torch.no_grad():
         for assignment in ("ot", "attention"):
             ref = model.score(feats, entities, assignment=assignment)
-            s_r = lk.stage1_queries(model, feats, index) @ index.retrieval.T
+            s_r = model.mention_stage1(feats) @ index.retrieval.T
             torch.testing.assert_close(s_r, ref.retrieval, atol=1e-5, rtol=0)
             rows = torch.arange(len(index)).flip(0).expand(feats.text_global.shape[0], -1)
-            aligned = lk.score_candidates(model, feats, index.gather(rows), assignment)
+            aligned = model.score_candidates(feats, index.gather(rows), assignment=assignment).overall
             torch.testing.assert_close(aligned, ref.overall.flip(1), atol=1e-5, rtol=0)
 
 
@@ -131,18 +134,18 @@ def test_stage1_and_candidate_scores_match_model_score(world):
 def test_two_stage_with_all_candidates_is_exhaustive(world, assignment):
     model, index = world["model"], world["index"]
     mentions = _mentions()
-    feats = lk.encode_mentions(model, world["processor"], mentions)
+    feats = rk.encode_mentions(model, world["processor"], mentions)
     gold = _gold(index, mentions)
     kw = dict(candidates=len(index), assignment=assignment, gold=gold, chunk_size=100_000)
-    two = lk.rank(model, feats, index, strategy="two_stage", **kw)
-    full = lk.rank(model, feats, index, strategy="exhaustive", **kw)
+    two = rk.rank(model, feats, index, strategy="two_stage", **kw)
+    full = rk.rank(model, feats, index, strategy="exhaustive", **kw)
     assert two.indices.shape == (len(mentions), len(index))
     assert torch.equal(two.indices, full.indices)
     torch.testing.assert_close(two.scores, full.scores, atol=1e-5, rtol=0)
     assert torch.equal(two.gold_ranks, full.gold_ranks)
     assert torch.equal(two.stage1_gold_ranks, full.stage1_gold_ranks)
     # Small chunks change nothing but the batching.
-    small = lk.rank(model, feats, index, strategy="two_stage", candidates=len(index), assignment=assignment,
+    small = rk.rank(model, feats, index, strategy="two_stage", candidates=len(index), assignment=assignment,
                     gold=gold, chunk_size=5, stage1_budget=3 * len(index))  # fmt: skip
     assert torch.equal(small.indices, two.indices) and torch.equal(small.gold_ranks, two.gold_ranks)
 
@@ -150,11 +153,11 @@ def test_two_stage_with_all_candidates_is_exhaustive(world, assignment):
 def test_two_stage_gold_ranks_follow_the_protocol(world):
     model, index = world["model"], world["index"]
     mentions = _mentions()
-    feats = lk.encode_mentions(model, world["processor"], mentions)
+    feats = rk.encode_mentions(model, world["processor"], mentions)
     gold = _gold(index, mentions)
     k = 4
-    res = lk.rank(model, feats, index, strategy="two_stage", candidates=k, top_k=k, gold=gold)
-    s_r = lk.stage1_queries(model, feats, index) @ index.retrieval.T
+    res = rk.rank(model, feats, index, strategy="two_stage", candidates=k, top_k=k, gold=gold)
+    s_r = model.mention_stage1(feats) @ index.retrieval.T
     cand = s_r.topk(k, dim=1).indices
     for i in range(len(mentions)):
         g = int(gold[i])
@@ -174,29 +177,29 @@ def test_two_stage_gold_ranks_follow_the_protocol(world):
 def test_gold_rank_helpers_count_ties_against_the_gold():
     scores = torch.tensor([[0.5, 0.9, 0.9, 0.1], [0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2]])
     gold = torch.tensor([1, 0, 3])
-    assert lk.gold_ranks_exhaustive(scores, gold).tolist() == [2, 3, 4]
-    assert lk.gold_ranks_exhaustive(scores, gold, ties="optimistic").tolist() == [1, 3, 1]
-    assert lk.gold_ranks_exhaustive(scores, torch.tensor([-1, 0, 0])).tolist() == [-1, 3, 4]
+    assert mx.gold_ranks_exhaustive(scores, gold).tolist() == [2, 3, 4]
+    assert mx.gold_ranks_exhaustive(scores, gold, ties="optimistic").tolist() == [1, 3, 1]
+    assert mx.gold_ranks_exhaustive(scores, torch.tensor([-1, 0, 0])).tolist() == [-1, 3, 4]
     # Two-stage: candidates [1, 2] re-ranked by S_O; the rest follow in S_R order.
     s_r = torch.tensor([[0.3, 0.9, 0.8, 0.3, 0.3, 0.1]] * 4)
     cand = torch.tensor([[1, 2]] * 4)
     s_o = torch.tensor([[0.4, 0.4]] * 4)
     gold = torch.tensor([1, 2, 0, 5])
-    assert lk.gold_ranks_two_stage(s_r, cand, s_o, gold).tolist() == [2, 2, 5, 6]
-    assert lk.gold_ranks_two_stage(s_r, cand, s_o, gold, ties="optimistic").tolist() == [1, 1, 3, 6]
+    assert mx.gold_ranks_two_stage(s_r, cand, s_o, gold).tolist() == [2, 2, 5, 6]
+    assert mx.gold_ranks_two_stage(s_r, cand, s_o, gold, ties="optimistic").tolist() == [1, 1, 3, 6]
     with pytest.raises(ValueError, match="ties"):
-        lk.gold_ranks_exhaustive(scores, gold[:3], ties="random")
+        mx.gold_ranks_exhaustive(scores, gold[:3], ties="random")
 
 
 def test_duplicate_entity_tie_is_not_in_the_gold_favour(world):
     model, index = world["model"], world["index"]
     src, copy = next(iter(DUPLICATE_OF.items()))[::-1]
     mention = [{"mention": "x", "sentence": "y", "image": None, "answer": f"Q{100 + src}"}]
-    feats = lk.encode_mentions(model, world["processor"], mention)
+    feats = rk.encode_mentions(model, world["processor"], mention)
     for strategy in ("two_stage", "exhaustive"):
         kw = dict(strategy=strategy, candidates=len(index), gold=torch.tensor([src]))
-        pess = lk.rank(model, feats, index, **kw)
-        opt = lk.rank(model, feats, index, ties="optimistic", **kw)
+        pess = rk.rank(model, feats, index, **kw)
+        opt = rk.rank(model, feats, index, ties="optimistic", **kw)
         row = pess.indices[0].tolist()
         assert pess.scores[0, row.index(src)] == pess.scores[0, row.index(copy)]
         assert int(pess.gold_ranks[0]) == int(opt.gold_ranks[0]) + 1
@@ -204,18 +207,19 @@ def test_duplicate_entity_tie_is_not_in_the_gold_favour(world):
 
 
 def test_ranking_metrics_and_recall():
-    m = lk.ranking_metrics([1, 2, 4, 30, -1], ks=(1, 3, 5))
+    m = mx.ranking_metrics([1, 2, 4, 30, -1], ks=(1, 3, 5))
     assert m["hits@1"] == pytest.approx(0.2) and m["hits@3"] == pytest.approx(0.4) and m["hits@5"] == pytest.approx(0.6)
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 30) / 5)
     assert m["n"] == 5 and m["n_gold_missing"] == 1
-    assert lk.stage1_recall([1, 12, 60, -1], ks=(10, 50, 100)) == {"recall@10": 0.25, "recall@50": 0.5, "recall@100": 0.75}
+    assert mx.stage1_recall([1, 12, 60, -1], ks=(10, 50, 100)) == {"recall@10": 0.25, "recall@50": 0.5, "recall@100": 0.75}
 
 
 def test_evaluate_kb_on_a_mentions_split(world):
     mentions = _mentions(6)
     mentions[2]["answer"] = "nil"
     ds = Dataset.from_list([{**m, "image": None} for m in mentions])
-    metrics, ranks = lk.evaluate_kb(world["model"], world["processor"], world["index"], ds, batch_size=4, progress=False)
+    result = rk.rank_mentions(world["model"], world["processor"], world["index"], ds, gold_qids=ds["answer"], batch_size=4)
+    metrics, ranks = rk.evaluation_metrics(result), result.gold_ranks
     assert ranks.shape == (6,) and ranks[2] == -1 and metrics["n_gold_missing"] == 1
     assert {"hits@1", "hits@20", "mrr", "stage1_recall@10"} <= set(metrics)
 
@@ -231,7 +235,7 @@ def test_index_round_trip_and_float16(world, tmp_path):
     assert again.link(mentions, top_k=5, candidates=8) == before
     assert all(len(r) == 5 and set(r[0]) == {"qid", "name", "score"} for r in before)
     assert all(r[i]["score"] >= r[i + 1]["score"] for r in before for i in range(4))
-    half = lk.encode_kb(linker.model, linker.processor, world["kb"], progress=False, dtype="float16")
+    half = ix.encode_kb(linker.model, linker.processor, world["kb"], progress=False, dtype="float16")
     assert half.tensors["text_queries"].dtype == torch.float16 and half.retrieval.dtype == torch.float32
     assert half.nbytes() < linker.index.nbytes()
     linker.index = half
@@ -243,29 +247,29 @@ def test_index_refuses_another_model_or_kb(world, tmp_path):
     index, model, processor = world["index"], world["model"], world["processor"]
     path = str(tmp_path / "index")
     index.save(path)
-    lk.EntityIndex.load(path, model=model, processor=processor)  # the same model loads
+    ix.EntityIndex.load(path, model=model, processor=processor)  # the same model loads
     other = OTMELModel.from_clip(world["clip_dir"], hidden_size=32)  # new random heads
-    with pytest.raises(lk.IndexMismatchError, match="model weights differ"):
-        lk.EntityIndex.load(path, model=other)
+    with pytest.raises(ix.IndexMismatchError, match="model weights differ"):
+        ix.EntityIndex.load(path, model=other)
     mean_pool = OTMELModel.from_clip(world["clip_dir"], hidden_size=32, pooling="mean")
     mean_pool.load_state_dict(model.state_dict())
-    with pytest.raises(lk.IndexMismatchError, match="model setting pooling: index has 'softpool', given 'mean'"):
-        lk.EntityIndex.load(path, model=mean_pool)
+    with pytest.raises(ix.IndexMismatchError, match="model setting pooling: index has 'softpool', given 'mean'"):
+        ix.EntityIndex.load(path, model=mean_pool)
     rows = _kb_rows()
     rows[3]["attributes"] = "works as a spy."
-    with pytest.raises(lk.IndexMismatchError, match="KB content differs"):
-        lk.EntityIndex.load(path, kb=_kb_dataset(rows))
+    with pytest.raises(ix.IndexMismatchError, match="KB content differs"):
+        ix.EntityIndex.load(path, kb=_kb_dataset(rows))
     rows = _kb_rows()
     rows[7]["image"] = None
-    with pytest.raises(lk.IndexMismatchError, match="KB content differs"):
-        lk.EntityIndex.load(path, kb=_kb_dataset(rows))
+    with pytest.raises(ix.IndexMismatchError, match="KB content differs"):
+        ix.EntityIndex.load(path, kb=_kb_dataset(rows))
     rows = _kb_rows()
     rows[4]["qid"] = "Q999"
-    with pytest.raises(lk.IndexMismatchError, match="first at row 4"):
-        lk.EntityIndex.load(path, kb=_kb_dataset(rows))
-    with pytest.raises(lk.IndexMismatchError, match="KB size differs"):
-        lk.EntityIndex.load(path, kb=_kb_dataset(_kb_rows()[:-1]))
-    lk.EntityIndex.load(path, kb=_kb_dataset(_kb_rows()))
+    with pytest.raises(ix.IndexMismatchError, match="first at row 4"):
+        ix.EntityIndex.load(path, kb=_kb_dataset(rows))
+    with pytest.raises(ix.IndexMismatchError, match="KB size differs"):
+        ix.EntityIndex.load(path, kb=_kb_dataset(_kb_rows()[:-1]))
+    ix.EntityIndex.load(path, kb=_kb_dataset(_kb_rows()))
 
 
 def test_mentions_without_or_with_unreadable_image_link(world, tmp_path):
@@ -341,11 +345,11 @@ def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):
 
 def test_models_without_pairwise_matching(world):
     model = OTMELModel.from_clip(world["clip_dir"], hidden_size=32, fusion_assignment="off", unimodal_assignment="off")
-    index = lk.encode_kb(model, world["processor"], world["kb"], progress=False)
+    index = ix.encode_kb(model, world["processor"], world["kb"], progress=False)
     assert set(index.tensors) == {"has_image"} and set(index.splits) == {"text_global", "visual_global"}
     mentions = _mentions()
-    feats = lk.encode_mentions(model, world["processor"], mentions)
+    feats = rk.encode_mentions(model, world["processor"], mentions)
     gold = _gold(index, mentions)
-    two = lk.rank(model, feats, index, candidates=3, gold=gold)
-    full = lk.rank(model, feats, index, strategy="exhaustive", candidates=3, gold=gold)
+    two = rk.rank(model, feats, index, candidates=3, gold=gold)
+    full = rk.rank(model, feats, index, strategy="exhaustive", candidates=3, gold=gold)
     assert torch.equal(two.indices, full.indices) and torch.equal(two.stage1_gold_ranks, two.gold_ranks)

@@ -1,12 +1,12 @@
-"""Batched, masked, differentiable Sinkhorn (`modeling_otmel.sinkhorn`) against POT and against itself."""
+"""Batched, masked, differentiable Sinkhorn (`sinkhorn_otmel.sinkhorn`) against POT and against itself."""
 
 import numpy as np
 import ot
 import pytest
 import torch
 
-import modeling_otmel
-from modeling_otmel import sinkhorn
+import sinkhorn_otmel
+from sinkhorn_otmel import sinkhorn, solver_form
 
 
 # Costs in [0, 1]: epsilon 0.1 gives a spread / epsilon ratio <= 10 (kernel form), 0.025 one of about 40 (log form).
@@ -25,8 +25,9 @@ def branch_calls(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(modeling_otmel, "_sinkhorn_kernel", spy("kernel", modeling_otmel._sinkhorn_kernel))
-    monkeypatch.setattr(modeling_otmel, "_sinkhorn_log", spy("log", modeling_otmel._sinkhorn_log))
+    # White-box: the solver module's own two forms.
+    monkeypatch.setattr(sinkhorn_otmel, "_sinkhorn_kernel", spy("kernel", sinkhorn_otmel._sinkhorn_kernel))
+    monkeypatch.setattr(sinkhorn_otmel, "_sinkhorn_log", spy("log", sinkhorn_otmel._sinkhorn_log))
     return calls
 
 
@@ -246,14 +247,14 @@ def test_kernel_and_log_forms_agree():
     gen = torch.Generator().manual_seed(9)
     cost = torch.rand(4, 6, 9, generator=gen, dtype=torch.float64)
     row_mask, col_mask = random_masks(4, 6, 9, gen)
-    a = row_mask / row_mask.sum(-1, keepdim=True)
-    b = col_mask / col_mask.sum(-1, keepdim=True)
-    valid = row_mask.bool().unsqueeze(-1) & col_mask.bool().unsqueeze(-2)
-    low = torch.where(valid, cost, float("inf")).amin((-2, -1))
+    assert solver_form(cost, 0.1, row_mask, col_mask) == "kernel"
+    assert solver_form(cost, 0.025, row_mask, col_mask) == "log"
     for tol in (0.0, 1e-5):
-        kernel = modeling_otmel._sinkhorn_kernel(cost, 0.1, 25, tol, a, b, low, None, 1)
-        log = modeling_otmel._sinkhorn_log(cost, 0.1, 25, tol, a, b, valid, 1)
+        kernel = sinkhorn(cost, 0.1, 25, tol, row_mask, col_mask, form="kernel")
+        log = sinkhorn(cost, 0.1, 25, tol, row_mask, col_mask, form="log")
         torch.testing.assert_close(kernel, log, rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="form"):
+        sinkhorn(cost, 0.1, 25, form="fast")
 
 
 @pytest.mark.parametrize("branch", ["kernel", "log"])
@@ -303,8 +304,8 @@ def test_chunks_give_the_same_plan_and_gradient(shape, monkeypatch):
         return plan.detach(), c.grad, inference
 
     whole = solve()
-    monkeypatch.setattr(modeling_otmel, "_CHUNK_ENTRIES", 3 * shape[1] * shape[2])  # chunks of 3 problems
-    assert len(modeling_otmel._chunks(*shape)) == (shape[0] + 2) // 3
+    monkeypatch.setattr(sinkhorn_otmel, "CHUNK_ENTRIES", 3 * shape[1] * shape[2])  # chunks of 3 problems
+    assert len(sinkhorn_otmel.chunk_slices(*shape)) == (shape[0] + 2) // 3
     chunked = solve()
     for x, y in zip(whole, chunked):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
