@@ -331,7 +331,7 @@ def dirty(tmp_path_factory):
         reads.append(os.path.realpath(path))
         return real_decode(path)
 
-    logger = logging.getLogger("otmel.convert_mimic")
+    logger = logging.getLogger(cm.__name__)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
