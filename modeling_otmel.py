@@ -705,7 +705,7 @@ class OTMELModel(OTMELPreTrainedModel):
         pairwise: bool = True,
         assignment: str | None = None,
         output_maps: bool = False,
-        candidates: torch.LongTensor | None = None,
+        candidate_rows: torch.LongTensor | None = None,
     ) -> OTMELScores:
         """Scores every mention against every entity, or against its own candidate entities.
 
@@ -716,27 +716,27 @@ class OTMELModel(OTMELPreTrainedModel):
             assignment (`str`, *optional*): `"ot"` or `"attention"` for this call's unimodal OT assignment
                 (default: the config's, i.e. `inference_assignment` in eval mode).
             output_maps (`bool`): return the unimodal assignment maps.
-            candidates (`torch.LongTensor` of shape `(B_m, k)`, *optional*): rows of `entities` to score for each
+            candidate_rows (`torch.LongTensor` of shape `(B_m, k)`, *optional*): rows of `entities` to score for each
                 mention; the pairwise matching then runs for these B_m * k pairs only.
 
         Returns:
-            [`OTMELScores`] with `(B_m, B_e)` matrices, or `(B_m, k)` with `candidates`.
+            [`OTMELScores`] with `(B_m, B_e)` matrices, or `(B_m, k)` with `candidate_rows`.
         """
-        if candidates is not None:
-            return self.score_candidates(mentions, entities.rows(candidates), pairwise, assignment, output_maps)
+        if candidate_rows is not None:
+            return self.score_candidates(mentions, entities.rows(candidate_rows), pairwise, assignment, output_maps)
         return self._score(mentions, entities, False, pairwise, assignment, output_maps)
 
     def score_candidates(
         self,
         mentions: OTMELMentionFeatures,
-        candidates: OTMELEntityFeatures,
+        entities: OTMELEntityFeatures,
         pairwise: bool = True,
         assignment: str | None = None,
         output_maps: bool = False,
     ) -> OTMELScores:
-        """Scores each mention against its own k candidates, whose features have leading shape `(B_m, k)` (e.g.
+        """Scores each mention against its own k candidate entities, whose features have leading shape `(B_m, k)` (e.g.
         gathered from a KB index): the same values as [`~OTMELModel.score`] for those pairs, `(B_m, k)` matrices."""
-        return self._score(mentions, candidates, True, pairwise, assignment, output_maps)
+        return self._score(mentions, entities, True, pairwise, assignment, output_maps)
 
     def _score(self, mentions, entities, aligned, pairwise, assignment, output_maps) -> OTMELScores:
         cfg = self.config
@@ -883,17 +883,17 @@ class OTMELModel(OTMELPreTrainedModel):
         k = cfg.pairwise_negatives
         subset = cfg.unimodal_assignment != "off" and 0 < k < n_entities - 1
         full = self.score(m, e_all, pairwise=not subset, output_maps=output_maps)
-        scores, candidates = full, None
+        scores, candidate_rows = full, None
         if subset:
-            candidates = self._hard_candidates(full.retrieval, ids_all, offset, k)
-            scores = self.score(m, e_all, candidates=candidates, output_maps=output_maps)
+            candidate_rows = self._hard_candidates(full.retrieval, ids_all, offset, k)
+            scores = self.score(m, e_all, candidate_rows=candidate_rows, output_maps=output_maps)
         scale = self.logit_scale.exp().clamp(max=100)
-        out = OTMELOutput(logits=scale * scores.overall, scores=scores, candidate_indices=candidates)
+        out = OTMELOutput(logits=scale * scores.overall, scores=scores, candidate_indices=candidate_rows)
         if return_loss:
 
             def pairwise_loss(matrix):
                 if subset:  # column 0 is the positive; duplicates of it were never candidates
-                    return F.cross_entropy(scale * matrix, torch.zeros_like(candidates[:, 0]))
+                    return F.cross_entropy(scale * matrix, torch.zeros_like(candidate_rows[:, 0]))
                 return self.contrastive_loss(matrix, ids_all, offset)
 
             out.loss_o = pairwise_loss(scores.overall)

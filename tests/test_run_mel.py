@@ -82,6 +82,7 @@ def test_train_eval_predict_outputs(world, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd="/", env={**env, "HF_HUB_OFFLINE": "1"},
                           capture_output=True, text=True)  # fmt: skip
     assert proc.stdout.split() == ["OTMELModel", "OTMELProcessor"], proc.stderr[-2000:]
+    assert (out / "sinkhorn_otmel.py").is_file()  # the solver module travels with the remote code
 
 
 def test_resume_matches_uninterrupted(world, tmp_path):
