@@ -35,16 +35,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 
-LOSS_KEYS = ("loss", "loss_o", "loss_f", "loss_t", "loss_v", "loss_r", "loss_kd")
-LOSS_LABELS = {
-    "loss": "loss (total J)",
-    "loss_o": "loss_o (S_O, overall)",
-    "loss_f": "loss_f (S_F, fusion)",
-    "loss_t": "loss_t (S_T, text)",
-    "loss_v": "loss_v (S_V, visual)",
-    "loss_r": "loss_r (S_R, retrieval)",
-    "loss_kd": "loss_kd (distillation)",
-}
+def loss_labels() -> dict:
+    """Legend label of each logged loss: the total J and the terms of `modeling_otmel.LOSS_TERMS`."""
+    from modeling_otmel import LOSS_TERMS
+
+    return {"loss": "loss (total J)", **{key: f"{key} ({text.split(':')[0]})" for key, text in LOSS_TERMS.items()}}
+
+
 _SPECIAL = {"<|startoftext|>": "<start>", "<|endoftext|>": "<end>"}
 
 
@@ -390,11 +387,12 @@ def plot_training_curves(source, out: str | None = None, title: str | None = Non
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
 
     plotted = 0
-    for key in LOSS_KEYS:
+    labels = loss_labels()
+    for key in labels:
         steps, values = _series(history, key)
         if steps:
             style = dict(linewidth=2.2, color="black") if key == "loss" else dict(linewidth=1.3)
-            ax_loss.plot(steps, values, label=LOSS_LABELS[key], **style)
+            ax_loss.plot(steps, values, label=labels[key], **style)
             plotted += 1
     steps, values = _series(history, "eval_loss")
     if steps:

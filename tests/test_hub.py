@@ -375,7 +375,7 @@ def test_training_curves(tmp_path):
     fig = visualize_otmel.plot_training_curves(str(run), out=str(tmp_path / "curves.png"))
     loss_ax, eval_ax = fig.axes[:2]
     assert {line.get_label() for line in loss_ax.get_lines()} == {
-        visualize_otmel.LOSS_LABELS[k] for k in ("loss", "loss_o", "loss_t", "loss_v", "loss_kd")
+        visualize_otmel.loss_labels()[k] for k in ("loss", "loss_o", "loss_t", "loss_v", "loss_kd")
     }
     assert {line.get_label() for line in eval_ax.get_lines()} == {"validation MRR", "validation H@1"}
     assert loss_ax.get_xlabel() and loss_ax.get_ylabel() and eval_ax.get_xlabel()
