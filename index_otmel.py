@@ -26,7 +26,8 @@ except ImportError:
 
 INDEX_WEIGHTS = "entity_index.safetensors"
 INDEX_META = "entity_index.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: per-row KB hashes (ROW_HASHES) and live edits
+ROW_HASHES = "row_hashes"  # the safetensors entry of EntityIndex.row_hashes
 
 # Config settings that change entity features or scores; part of the model fingerprint.
 SCORE_SETTINGS = (
@@ -96,11 +97,32 @@ def processor_fingerprint(processor) -> dict:
     }
 
 
+ROW_HASH_BYTES = 16
+
+
+def kb_row_hashes(kb) -> torch.Tensor:
+    """`(N, 16)` uint8: per KB row, the first 16 bytes of sha256 over `[qid, name, attributes, image byte length]`.
+
+    What an [`EntityIndex`] keeps of each row's source, so that a KB can be checked against it row by row, also after
+    [`~EntityIndex.add`] / [`~EntityIndex.remove`] changed the index.
+    """
+    view = kb if isinstance(kb, KBView) else KBView(kb)
+    lengths = view.image_lengths()
+    out = torch.empty(len(view), ROW_HASH_BYTES, dtype=torch.uint8)
+    for i, row in enumerate(zip(view.qids, view.names, view.attributes, lengths)):
+        digest = hashlib.sha256(json.dumps(list(row), ensure_ascii=False).encode()).digest()[:ROW_HASH_BYTES]
+        out[i] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+    return out
+
+
+def content_fingerprint(row_hashes: torch.Tensor) -> str:
+    """sha256 over the row hashes ([`kb_row_hashes`]) in row order: the KB fingerprint of an index's rows."""
+    return hashlib.sha256(_tensor_bytes(row_hashes.to(torch.uint8))).hexdigest()
+
+
 def kb_fingerprint(kb) -> str:
-    """sha256 over the KB's qids, names, attributes and image byte lengths, in row order."""
-    view = KBView(kb)
-    payload = json.dumps([view.qids, view.names, view.attributes, view.image_lengths()], ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """sha256 over the KB's rows (qid, name, attributes, image byte length; [`kb_row_hashes`]), in row order."""
+    return content_fingerprint(kb_row_hashes(kb))
 
 
 def _diff(kind: str, expected: dict, actual: dict) -> list[str]:
@@ -143,6 +165,15 @@ class KBView:
                 self.images = kb.cast_column("image", Image(decode=False)) if isinstance(feature, Image) else kb
         else:
             rows = list(kb)
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict) or r.get("qid") is None or str(r["qid"]) == "":
+                    raise ValueError(
+                        f"KB row {i}: expected a dict with a non-empty 'qid' (and 'name', 'attributes', 'image'), "
+                        f"got {str(r)[:80]!r}"
+                    )
+                for key in ("name", "attributes"):
+                    if r.get(key) is not None and not isinstance(r[key], str):
+                        raise ValueError(f"KB row {i} (qid {r['qid']!r}): {key} must be a string, got {type(r[key]).__name__}")
             self.kb = rows
             self.qids = [str(r["qid"]) for r in rows]
             self.names = [r.get("name") or "" for r in rows]
@@ -215,15 +246,27 @@ class EntityIndex:
             `dtype` (float16 or float32; scoring is always float32), masks as bool, text fields cut to the KB's
             longest real text.
         qids, names (`list[str]`): KB row i is entity `qids[i]`.
-        meta (`dict`): fingerprints of the model, processor and KB, the layout of `retrieval`, the storage dtype.
+        meta (`dict`): fingerprints of the model, processor and KB, the layout of `retrieval`, the storage dtype;
+            `meta["kb"]` is [`content_fingerprint`] of `row_hashes` (after [`~EntityIndex.add`] /
+            [`~EntityIndex.remove`] it describes the edited rows, no longer the dataset the index was built from) and
+            `meta["edits"]` counts the rows added, replaced and removed since [`encode_kb`].
+        row_hashes (`(N, 16)` uint8, *optional*): [`kb_row_hashes`] of the KB rows (qid, name, attributes, image byte
+            length), so [`~EntityIndex.check`] can compare a KB row by row.
+
+    `version` grows with every change of the rows ([`~EntityIndex.add`], [`~EntityIndex.remove`]); caches built from
+    the rows (`row_of`, device copies, `ranking_otmel`'s FAISS indexes) are keyed on it.
     """
 
-    def __init__(self, retrieval: torch.Tensor, tensors: dict, qids: list, names: list, meta: dict):
+    def __init__(
+        self, retrieval: torch.Tensor, tensors: dict, qids: list, names: list, meta: dict, row_hashes=None
+    ):
         self.retrieval = retrieval
         self.tensors = tensors
         self.qids = list(qids)
         self.names = list(names)
         self.meta = meta
+        self.row_hashes = row_hashes
+        self.version = 0
         self._row_of = None
         self._device_cache = {}
 
@@ -284,10 +327,145 @@ class EntityIndex:
             fields[name] = take(tensor)
         return OTMELEntityFeatures(**fields)
 
+    # ---- live updates ---------------------------------------------------------------------------------------
+
+    def _changed(self, **edits):
+        """Bookkeeping after the rows changed: version, caches, size, KB content fingerprint, edit counts."""
+        self.version += 1
+        self._row_of = None
+        self._device_cache = {}
+        self.meta["size"] = len(self.qids)
+        self.meta["kb"] = content_fingerprint(self.row_hashes) if self.row_hashes is not None else None
+        counts = dict(self.meta.get("edits") or {"added": 0, "replaced": 0, "removed": 0})
+        for key, value in edits.items():
+            counts[key] = counts.get(key, 0) + value
+        self.meta["edits"] = counts
+
+    def _text_length(self) -> int:
+        mask = self.tensors.get("text_mask")
+        return mask.shape[1] if mask is not None else 0
+
+    def add(self, other: "EntityIndex") -> dict:
+        """Adds the rows of `other` (an index of the same model and processor, e.g. `encode_kb` of a few new
+        entities): a qid already here is replaced in place (every row holding it), new qids are appended in `other`'s
+        order.
+
+        Text fields are zero-padded to the longer of the two texts (padding takes part in no score); `other`'s
+        features are stored in this index's dtype.
+
+        Returns:
+            `{"added": int, "replaced": int}`: qids appended and qids replaced.
+
+        Raises:
+            [`IndexMismatchError`]: `other` was built with another model (weights or score settings) or processor, or
+                stores other fields; nothing is changed.
+            `ValueError`: `other` holds a qid twice.
+        """
+        if not isinstance(other, EntityIndex):
+            raise TypeError(f"EntityIndex.add takes an EntityIndex, got {type(other).__name__}")
+        problems = []
+        mine, theirs = self.meta["model"], other.meta["model"]
+        problems += _diff("model setting", mine["settings"], theirs["settings"])
+        if mine["weights"] != theirs["weights"]:
+            problems.append(f"model weights differ (this index {mine['weights'][:12]}..., added {theirs['weights'][:12]}...)")
+        if self.meta.get("processor") != other.meta.get("processor"):
+            problems += _diff("processor", self.meta.get("processor") or {}, other.meta.get("processor") or {})
+        if self.splits != other.splits:
+            problems.append(f"stage-1 layout differs (this index {self.splits}, added {other.splits})")
+        if set(self.tensors) != set(other.tensors):
+            problems.append(f"stored fields differ (this index {sorted(self.tensors)}, added {sorted(other.tensors)})")
+        else:
+            for name, t in self.tensors.items():
+                skip = 2 if name in OTMELEntityFeatures.TEXT_TOKEN_FIELDS else 1
+                if tuple(t.shape[skip:]) != tuple(other.tensors[name].shape[skip:]):
+                    problems.append(f"field {name} has shape {tuple(other.tensors[name].shape[1:])}, expected {tuple(t.shape[1:])}")
+        if problems:
+            raise IndexMismatchError("cannot add an entity index built differently: " + "; ".join(problems) + ".")
+        seen, repeated = set(), []
+        for q in other.qids:
+            if q in seen:
+                repeated.append(q)
+            seen.add(q)
+        if repeated:
+            raise ValueError(f"the added index holds qid(s) more than once: {sorted(set(repeated))[:20]}")
+
+        source = {q: i for i, q in enumerate(other.qids)}
+        replace_rows = [i for i, q in enumerate(self.qids) if q in source]
+        replace_from = torch.tensor([source[self.qids[i]] for i in replace_rows], dtype=torch.long)
+        present = set(self.qids)
+        append_from = torch.tensor([i for i, q in enumerate(other.qids) if q not in present], dtype=torch.long)
+        replace_rows = torch.tensor(replace_rows, dtype=torch.long)
+        length = max(self._text_length(), other._text_length())
+        mine_t, theirs_t = _fit_text(self.tensors, length), _fit_text(other.tensors, length)
+
+        def merge(a, b):
+            b = b.to(a.dtype)
+            out = torch.cat([a, b.index_select(0, append_from)])
+            if replace_rows.numel():
+                out[replace_rows] = b.index_select(0, replace_from)
+            return out
+
+        retrieval = merge(self.retrieval, other.retrieval)
+        tensors = {name: merge(t, theirs_t[name]) for name, t in mine_t.items()}
+        row_hashes = None
+        if self.row_hashes is not None and other.row_hashes is not None:
+            row_hashes = merge(self.row_hashes, other.row_hashes)
+        names = list(self.names)
+        for i, j in zip(replace_rows.tolist(), replace_from.tolist()):
+            names[i] = other.names[j]
+        self.retrieval, self.tensors, self.row_hashes = retrieval, tensors, row_hashes
+        self.qids = self.qids + [other.qids[j] for j in append_from.tolist()]
+        self.names = names + [other.names[j] for j in append_from.tolist()]
+        added, replaced = len(append_from), len(other) - len(append_from)
+        self._changed(added=added, replaced=replaced)
+        return {"added": added, "replaced": replaced}
+
+    def remove(self, qids, missing_ok: bool = False) -> int:
+        """Removes every row holding one of `qids` (a qid or a list); the other rows keep their order.
+
+        Args:
+            qids (`str` or iterable of `str`).
+            missing_ok (`bool`): ignore qids not in the index; by default they raise `KeyError` naming them and
+                nothing is removed.
+
+        Returns:
+            `int`: rows removed.
+
+        Raises:
+            `KeyError`: unknown qid(s) (without `missing_ok`). `ValueError`: the index would be left empty.
+        """
+        wanted = {str(qids)} if isinstance(qids, (str, int)) else {str(q) for q in qids}
+        missing = sorted(wanted - set(self.qids))
+        if missing and not missing_ok:
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise KeyError(f"{len(missing)} qid(s) not in the entity index: {missing[:20]}{more}; nothing removed")
+        keep = [i for i, q in enumerate(self.qids) if q not in wanted]
+        removed = len(self.qids) - len(keep)
+        if removed == 0:
+            return 0
+        if not keep:
+            raise ValueError(f"removing {removed} row(s) would leave the entity index empty; nothing removed")
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        self.retrieval = self.retrieval.index_select(0, keep_t)
+        self.tensors = {name: t.index_select(0, keep_t) for name, t in self.tensors.items()}
+        if self.row_hashes is not None:
+            self.row_hashes = self.row_hashes.index_select(0, keep_t)
+        self.qids = [self.qids[i] for i in keep]
+        self.names = [self.names[i] for i in keep]
+        self._changed(removed=removed)
+        return removed
+
     # ---- checks ---------------------------------------------------------------------------------------------
 
     def check(self, model=None, processor=None, kb=None, kb_hash: str | None = None):
-        """Raises [`IndexMismatchError`] naming every difference between this index and the given model / processor / KB."""
+        """Raises [`IndexMismatchError`] naming every difference between this index and the given model / processor / KB.
+
+        A `kb` is compared with the index's rows: the same size, the same qids in the same order, then the same content
+        row by row (name, attributes, image byte length; [`kb_row_hashes`]). After [`~EntityIndex.add`] /
+        [`~EntityIndex.remove`] the KB that matches is the edited one in the index's row order (replaced rows in
+        place, added qids at the end), not the dataset the index was first built from. `kb_hash` is compared with
+        `meta["kb"]` ([`kb_fingerprint`] of that KB).
+        """
         problems = []
         if model is not None:
             fp = model_fingerprint(model)
@@ -302,13 +480,26 @@ class EntityIndex:
         if kb is not None or kb_hash is not None:
             if kb is not None:
                 view = KBView(kb)
+                given = kb_row_hashes(view)
                 if len(view) != len(self):
                     problems.append(f"KB size differs: index has {len(self)} entities, given KB {len(view)}")
                 elif view.qids != self.qids:
                     first = next(i for i, (a, b) in enumerate(zip(self.qids, view.qids)) if a != b)
                     problems.append(f"KB qids differ (first at row {first}: index {self.qids[first]!r}, KB {view.qids[first]!r})")
-                kb_hash = kb_fingerprint(kb)
-            if kb_hash != self.meta["kb"] and not any(p.startswith("KB") for p in problems):
+                elif self.row_hashes is not None:
+                    rows = (given != self.row_hashes).any(dim=1).nonzero().flatten().tolist()
+                    if rows:
+                        others = f" and {len(rows) - 1} other row(s)" if len(rows) > 1 else ""
+                        problems.append(
+                            f"KB content differs at row {rows[0]} (qid {self.qids[rows[0]]!r}){others}: name, "
+                            "attributes or image changed; same qids in the same order"
+                        )
+                kb_hash = content_fingerprint(given)
+            if (
+                self.meta.get("kb") is not None
+                and kb_hash != self.meta["kb"]
+                and not any(p.startswith("KB") for p in problems)
+            ):
                 problems.append("KB content differs (names, attributes or images changed; same qids in the same order)")
         if problems:
             raise IndexMismatchError(
@@ -326,6 +517,8 @@ class EntityIndex:
         for name, (a, b) in self.splits.items():
             tensors[name] = self.retrieval[:, a:b].to(storage_dtype(self.meta["dtype"])).contiguous()
         tensors.update({k: v.contiguous() for k, v in self.tensors.items()})
+        if self.row_hashes is not None:
+            tensors[ROW_HASHES] = self.row_hashes.contiguous()
         save_file(tensors, os.path.join(directory, INDEX_WEIGHTS))
         meta = dict(self.meta, qids=self.qids, names=self.names)
         with open(os.path.join(directory, INDEX_META), "w", encoding="utf-8") as f:
@@ -347,9 +540,23 @@ class EntityIndex:
         tensors = load_file(os.path.join(directory, INDEX_WEIGHTS))
         qids, names = meta.pop("qids"), meta.pop("names")
         parts = [tensors.pop(name).float() for name in meta["splits"]]
-        index = cls(torch.cat(parts, dim=1), tensors, qids, names, meta)
+        row_hashes = tensors.pop(ROW_HASHES, None)
+        index = cls(torch.cat(parts, dim=1), tensors, qids, names, meta, row_hashes=row_hashes)
         index.check(model=model, processor=processor, kb=kb)
         return index
+
+
+def _fit_text(tensors: dict, length: int) -> dict:
+    """Index fields with their text axis (axis 1 of `TEXT_TOKEN_FIELDS`) cut or zero-padded to `length`."""
+    out = {}
+    for name, t in tensors.items():
+        if name in OTMELEntityFeatures.TEXT_TOKEN_FIELDS and t.shape[1] != length:
+            if t.shape[1] > length:
+                t = t[:, :length]
+            else:
+                t = torch.cat([t, t.new_zeros(t.shape[0], length - t.shape[1], *t.shape[2:])], dim=1)
+        out[name] = t
+    return out
 
 
 def storage_dtype(name) -> torch.dtype:
@@ -418,16 +625,18 @@ def encode_kb(
             retrieval[start:end] = stage1
             for name in fields:
                 tensors[name][start:end] = rows[name].to("cpu", tensors[name].dtype)
+    row_hashes = kb_row_hashes(view)
     meta = {
         "format": INDEX_FORMAT,
         "dtype": str(dtype).replace("torch.", ""),
         "splits": splits,
         "model": model_fingerprint(model),
         "processor": processor_fingerprint(processor),
-        "kb": kb_fingerprint(kb),
+        "kb": content_fingerprint(row_hashes),
         "size": n,
+        "edits": {"added": 0, "replaced": 0, "removed": 0},
     }
-    return EntityIndex(retrieval, tensors, view.qids, view.names, meta)
+    return EntityIndex(retrieval, tensors, view.qids, view.names, meta, row_hashes=row_hashes)
 
 
 __all__ = [
@@ -437,9 +646,11 @@ __all__ = [
     "EntityIndex",
     "IndexMismatchError",
     "KBView",
+    "content_fingerprint",
     "encode_kb",
     "inference_mode",
     "kb_fingerprint",
+    "kb_row_hashes",
     "model_fingerprint",
     "processor_fingerprint",
     "storage_dtype",

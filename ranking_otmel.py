@@ -29,6 +29,8 @@ Ordering: results are sorted by S_O, ties broken by S_R, then by KB row, in both
 batch beyond float rounding (Sinkhorn stops per problem).
 """
 
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -87,11 +89,15 @@ class RankOptions:
         if self.assignment not in (None, "ot", "attention"):
             raise ValueError(f"assignment must be 'ot', 'attention' or None, got {self.assignment!r}")
         check_ties(self.ties)
-        for name in ("candidates", "chunk_size", "stage1_budget"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        for name in ("candidates", "chunk_size", "stage1_budget", "top_k"):
+            value = getattr(self, name)
+            if name == "top_k" and value is None:
+                continue
+            # bool is an int to Python but never a count here; numpy / torch integers are accepted as plain ints.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                allowed = " or None" if name == "top_k" else ""
+                raise ValueError(f"{name} must be a positive integer{allowed}, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
 
 class RankResult(NamedTuple):
@@ -126,31 +132,55 @@ class RankResult(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+MENTION_HELP = (
+    "a mention is a dict with a string 'mention' and optional 'sentence' (string or None) and 'image' (PIL image, "
+    "path, bytes, datasets image dict or None)"
+)
+
+
 def mention_columns(mentions) -> tuple[list, list, list]:
     """`(surfaces, sentences, images)` of a list of mention dicts (`mention`, optional `sentence` and `image`) or of a
-    `datasets` split with those columns (images left undecoded)."""
+    `datasets` split with those columns (images left undecoded).
+
+    Raises `TypeError` naming the first bad mention (by position) when `mentions` is not a list of mention dicts or
+    split (a single dict or string is refused: pass a list), or a `mention` / `sentence` is not a string. Images are
+    not checked here: an unreadable or unsupported one counts as "no image" with a warning
+    (`processing_otmel.read_image`).
+    An empty list gives three empty lists.
+    """
     if hasattr(mentions, "column_names") and hasattr(mentions, "features"):
         from datasets import Image
 
+        if "mention" not in mentions.column_names:
+            raise TypeError(
+                f"the mentions split has no 'mention' column (columns: {', '.join(mentions.column_names)})"
+            )
         feature = mentions.features.get("image")
         if isinstance(feature, Image) and feature.decode:
             mentions = mentions.cast_column("image", Image(decode=False))
         surfaces = list(mentions["mention"])
         sentences = list(mentions["sentence"]) if "sentence" in mentions.column_names else [""] * len(surfaces)
         images = list(mentions["image"]) if "image" in mentions.column_names else [None] * len(surfaces)
-        return surfaces, sentences, images
-    mentions = list(mentions)
-    for i, m in enumerate(mentions):
-        if not isinstance(m, dict) or not isinstance(m.get("mention"), str):
-            raise TypeError(
-                f"mention {i} is {type(m).__name__} {str(m)[:60]!r}: a mention is a dict with a string 'mention' and "
-                "optional 'sentence' (string) and 'image' (PIL image, path, bytes or None)"
-            )
-    return (
-        [m["mention"] for m in mentions],
-        [m.get("sentence") or "" for m in mentions],
-        [m.get("image") for m in mentions],
-    )
+    else:
+        if isinstance(mentions, (str, bytes, Mapping)) or not hasattr(mentions, "__iter__"):
+            what = "a DatasetDict (pass one split)" if hasattr(mentions, "column_names") else type(mentions).__name__
+            raise TypeError(f"mentions must be a list of mention dicts, got {what}: pass a list of mention dicts, "
+                            f"even for one ([{{'mention': ..., 'sentence': ...}}]); {MENTION_HELP}")  # fmt: skip
+        mentions = list(mentions)
+        for i, m in enumerate(mentions):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"mention {i} is {type(m).__name__} {str(m)[:60]!r}: pass a list of mention dicts; "
+                                f"{MENTION_HELP}")  # fmt: skip
+        surfaces = [m.get("mention") for m in mentions]
+        sentences = [m.get("sentence") for m in mentions]
+        images = [m.get("image") for m in mentions]
+    for i, (surface, sentence) in enumerate(zip(surfaces, sentences)):
+        if not isinstance(surface, str):
+            got = "no 'mention'" if surface is None else f"'mention' of type {type(surface).__name__}"
+            raise TypeError(f"mention {i} has {got}: {MENTION_HELP}")
+        if sentence is not None and not isinstance(sentence, str):
+            raise TypeError(f"mention {i} has a 'sentence' of type {type(sentence).__name__}: {MENTION_HELP}")
+    return surfaces, [t or "" for t in sentences], images
 
 
 def encode_mentions(model, processor, mentions, batch_size: int = 64, progress: bool = False) -> OTMELMentionFeatures:
@@ -177,17 +207,19 @@ _faiss_cache = {}
 
 
 def faiss_stage1(index: EntityIndex, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact stage-1 top-k by FAISS `IndexFlatIP` over `index.retrieval` (built once per index): `(scores, rows)`."""
+    """Exact stage-1 top-k by FAISS `IndexFlatIP` over `index.retrieval` (built once per index and `index.version`,
+    so rebuilt after [`~index_otmel.EntityIndex.add`] / `remove`): `(scores, rows)`."""
     import faiss
 
     key = id(index)
-    if key not in _faiss_cache or _faiss_cache[key][0] is not index:
+    cached = _faiss_cache.get(key)
+    if cached is None or cached[0] is not index or cached[1] != index.version:
         flat = faiss.IndexFlatIP(index.retrieval.shape[1])
         flat.add(index.retrieval.numpy())
         _faiss_cache.clear()
-        _faiss_cache[key] = (index, flat)
+        _faiss_cache[key] = cached = (index, index.version, flat)
     faiss.omp_set_num_threads(torch.get_num_threads())
-    scores, rows = _faiss_cache[key][1].search(queries.cpu().float().numpy(), k)
+    scores, rows = cached[2].search(queries.cpu().float().numpy(), k)
     return torch.from_numpy(scores), torch.from_numpy(rows).long()
 
 
