@@ -211,8 +211,6 @@ class OTMELLinker:
         if len(index) == 0:
             raise ValueError("the entity index is empty: build it from a KB with at least one entity")
         surfaces, sentences, images = mention_columns(mentions)  # TypeError naming the first bad mention
-        if not surfaces:
-            return []
         mentions = [{"mention": m, "sentence": s, "image": i} for m, s, i in zip(surfaces, sentences, images)]
         options = RankOptions(strategy=strategy, candidates=max(candidates, top_k), top_k=top_k, assignment=assignment,
                               chunk_size=chunk_size)  # fmt: skip
@@ -502,14 +500,14 @@ def _run(args) -> int:
     if total == 0:
         print(f"warning: --input {args.input} holds no mentions (empty, or blank lines only)", file=sys.stderr)
     bad, failed, extra_lines, extra_fields = [], [], 0, set()
-    no_image = linked = 0
+    no_image = linked = last_read = last_written = 0
     pending = []
     options = dict(top_k=args.top_k, strategy=args.strategy, candidates=args.candidates, assignment=args.assignment)
 
     def flush(out):
         """Links the pending mentions and writes them (flushed: a later crash keeps them). A batch that fails is
         retried mention by mention, so one bad mention loses only itself."""
-        nonlocal linked
+        nonlocal linked, last_written
         batch = pending[:]
         pending.clear()
         if not batch:
@@ -536,6 +534,7 @@ def _run(args) -> int:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         out.flush()
         linked += len(done)
+        last_written = batch[-1][0]
 
     try:
         out = open(args.output, "w", encoding="utf-8")
@@ -547,6 +546,7 @@ def _run(args) -> int:
         with out, tqdm(total=total, desc="Linking", unit="mention") as bar:
             for number, rec, error in _read_jsonl(args.input):
                 bar.update(1)
+                last_read = number
                 if error is not None:
                     bad.append(number)
                     tqdm.write(f"line {number}: {error}; skipped", file=sys.stderr)
@@ -578,7 +578,7 @@ def _run(args) -> int:
         if extra_lines:
             summary += f", {extra_lines} line(s) with unused field(s) {', '.join(sorted(extra_fields)[:10])}"
         if not completed:
-            summary += ", STOPPED EARLY (the lines after the last one linked were not read)"
+            summary += f", STOPPED EARLY after line {last_read}: lines after {last_written} are not in the output"
         print(f"{summary}; {time.time() - start_time:.1f} s -> {args.output}", file=sys.stderr)
     return 1 if failed else 0
 

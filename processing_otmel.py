@@ -3,12 +3,13 @@
 import io
 import logging
 import os
+import warnings
 from collections import Counter
 from urllib.parse import unquote
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -44,35 +45,47 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
     """Reads an image given as a PIL image, a path, raw bytes, a datasets `{"bytes", "path"}` dict, or None.
 
     Returns `(RGB image, None)` or `(None, reason)`; a missing or unreadable picture is "no image", never an error and
-    never a stand-in picture. Truncated files are rejected rather than half-decoded.
+    never a stand-in picture. The reason starts with its kind (`missing`, `unsupported`, `oversized`, `unreadable`,
+    `empty`). Truncated files are rejected rather than half-decoded. Files over PIL's decompression-bomb limit
+    (`PIL.Image.MAX_IMAGE_PIXELS` pixels, about 89M by default; PIL only warns up to twice that) are refused before
+    decoding: raise that limit (or set it to None) to accept them.
     """
     if source is None:
         return None, None
     if isinstance(source, dict):
+        other = sorted(str(k) for k in set(source) - {"bytes", "path"})
         source = source.get("bytes") or source.get("path")
         if source is None:
+            if other:
+                return None, f"unsupported image dict with keys {', '.join(other)} (expected bytes / path)"
             return None, None
+    if not isinstance(source, (Image.Image, bytes, bytearray, str, os.PathLike)):
+        return None, f"unsupported image type {type(source).__name__} (expected a PIL image, path, bytes or None)"
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            return None, f"missing file {os.fspath(source)}"
+        if not os.path.isfile(source):
+            return None, f"missing file: {os.fspath(source)} is not a file"
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        elif isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
-        elif isinstance(source, (str, os.PathLike)):
-            if not os.path.isfile(source):
-                return None, f"missing file {os.fspath(source)}"
-            image = Image.open(source)
-        else:
-            return None, f"unsupported image type {type(source).__name__}"
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            image.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        with warnings.catch_warnings():
+            # PIL warns (over MAX_IMAGE_PIXELS) or raises (over twice that) when it reads the size: both refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                image = source
+            else:
+                image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            previous = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                image.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
         if image.width < 1 or image.height < 1:
             return None, "empty image"
         return to_rgb(image), None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, f"oversized image ({err} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.)"
+    except Exception as err:  # noqa: BLE001 - any decoder failure is "no image", reported with its cause
         return None, f"unreadable image ({type(err).__name__}: {err})"
 
 

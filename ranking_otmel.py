@@ -145,8 +145,7 @@ def mention_columns(mentions) -> tuple[list, list, list]:
     Raises `TypeError` naming the first bad mention (by position) when `mentions` is not a list of mention dicts or
     split (a single dict or string is refused: pass a list), or a `mention` / `sentence` is not a string. Images are
     not checked here: an unreadable or unsupported one counts as "no image" with a warning
-    (`processing_otmel.read_image`).
-    An empty list gives three empty lists.
+    (`processing_otmel.read_image`). An empty list gives three empty lists.
     """
     if hasattr(mentions, "column_names") and hasattr(mentions, "features"):
         from datasets import Image
