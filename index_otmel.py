@@ -24,9 +24,11 @@ except ImportError:
     from modeling_otmel import OTMELEntityFeatures, real_text_length
 
 
-INDEX_WEIGHTS = "entity_index.safetensors"
+INDEX_WEIGHTS = "entity_index.safetensors"  # format <= 2; format 3 names its tensors file in the meta
 INDEX_META = "entity_index.json"
-INDEX_FORMAT = 2  # 2: per-row KB hashes (ROW_HASHES) and live edits
+# 2: per-row KB hashes (ROW_HASHES) and live edits. 3: checksums of the tensors file and of the qid / name lists,
+# tensors file named per save (`entity_index-<id>.safetensors`, listed in the meta) so that saving is atomic.
+INDEX_FORMAT = 3
 ROW_HASHES = "row_hashes"  # the safetensors entry of EntityIndex.row_hashes
 
 # Config settings that change entity features or scores; part of the model fingerprint.
@@ -45,6 +47,11 @@ SCORE_SETTINGS = (
 
 class IndexMismatchError(ValueError):
     """An entity index does not belong to the given model, processor or KB."""
+
+
+class IndexCorruptError(IndexMismatchError):
+    """A saved entity index is damaged (missing, truncated or altered file, broken JSON, lists that do not match
+    their checksums) or of an older format: the message names the file; rebuild the index."""
 
 
 @contextlib.contextmanager
@@ -509,41 +516,203 @@ class EntityIndex:
     # ---- persistence ----------------------------------------------------------------------------------------
 
     def save(self, directory: str):
-        """Writes `entity_index.safetensors` (tensors) and `entity_index.json` (fingerprints, qids, names, layout)."""
+        """Writes the index into `directory`, atomically: `entity_index-<id>.safetensors` (tensors) and
+        `entity_index.json` (fingerprints, qids, names, layout, the tensors file's name, and sha256 checksums of the
+        tensors file and of the qid and name lists, which [`~EntityIndex.load`] verifies).
+
+        The tensors file is written under a temporary name, flushed to disk and renamed; then the JSON is written the
+        same way, and its rename is the commit: an interrupted save leaves the previous index (or none) loadable, never
+        a half-written one. The previous index's tensors file is deleted after the commit; other files in `directory`
+        are left alone. Two processes must not save into the same directory at once.
+        """
         from safetensors.torch import save_file
 
+        directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
+        _remove_temporaries(directory)
         tensors = {}
         for name, (a, b) in self.splits.items():
             tensors[name] = self.retrieval[:, a:b].to(storage_dtype(self.meta["dtype"])).contiguous()
         tensors.update({k: v.contiguous() for k, v in self.tensors.items()})
         if self.row_hashes is not None:
             tensors[ROW_HASHES] = self.row_hashes.contiguous()
-        save_file(tensors, os.path.join(directory, INDEX_WEIGHTS))
-        meta = dict(self.meta, qids=self.qids, names=self.names)
-        with open(os.path.join(directory, INDEX_META), "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False)
+        weights_name = f"{WEIGHTS_PREFIX}{os.urandom(6).hex()}{WEIGHTS_SUFFIX}"
+        weights_path = os.path.join(directory, weights_name)
+        committed = False
+        try:
+            with _AtomicFile(weights_path) as tmp:
+                save_file(tensors, tmp)
+            meta = dict(self.meta)
+            meta["files"] = {"weights": weights_name}
+            meta["checksums"] = {
+                "weights_sha256": _file_sha256(weights_path),
+                "weights_bytes": os.path.getsize(weights_path),
+                "qids_sha256": _list_sha256(self.qids),
+                "names_sha256": _list_sha256(self.names),
+            }
+            meta.update(qids=self.qids, names=self.names)
+            with _AtomicFile(os.path.join(directory, INDEX_META)) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(meta, f, ensure_ascii=False)
+            committed = True
+        finally:
+            if not committed and os.path.exists(weights_path):
+                os.remove(weights_path)
+        # The commit is done: the tensors files of earlier saves are no longer referenced.
+        for name in os.listdir(directory):
+            if name != weights_name and (
+                name == INDEX_WEIGHTS or (name.startswith(WEIGHTS_PREFIX) and name.endswith(WEIGHTS_SUFFIX))
+            ):
+                os.remove(os.path.join(directory, name))
+        _fsync_dir(directory)
 
     @classmethod
-    def load(cls, directory: str, model=None, processor=None, kb=None) -> "EntityIndex":
-        """Reads an index written by [`~EntityIndex.save`]; with `model` / `processor` / `kb` given, refuses
-        ([`IndexMismatchError`]) an index built from anything else."""
+    def load(cls, directory: str, model=None, processor=None, kb=None, verify: bool = True) -> "EntityIndex":
+        """Reads an index written by [`~EntityIndex.save`].
+
+        Args:
+            directory (`str`): the index folder.
+            model, processor, kb (*optional*): refuse ([`IndexMismatchError`]) an index built from anything else.
+            verify (`bool`): check the sha256 of the tensors file (reads it once; the size, the layout and the
+                checksums of the qid and name lists are always checked).
+
+        Raises:
+            `FileNotFoundError`: no `entity_index.json` in `directory`.
+            [`IndexCorruptError`]: a damaged or older-format index (the message names the file; rebuild the index).
+            [`IndexMismatchError`]: another model / processor / KB.
+        """
         from safetensors.torch import load_file
 
         meta_path = os.path.join(directory, INDEX_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no entity index in {directory} (missing {INDEX_META})")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != INDEX_FORMAT:
-            raise IndexMismatchError(f"entity index format {meta.get('format')!r} in {directory}; expected {INDEX_FORMAT}")
-        tensors = load_file(os.path.join(directory, INDEX_WEIGHTS))
+        meta = _read_meta(meta_path)
+        weights_path = os.path.join(directory, meta["files"]["weights"])
+        checksums = meta.pop("checksums")
+        meta.pop("files")
         qids, names = meta.pop("qids"), meta.pop("names")
+        if not os.path.isfile(weights_path):
+            raise IndexCorruptError(f"{weights_path} is missing (named by {meta_path}); {REBUILD}")
+        size = os.path.getsize(weights_path)
+        if size != checksums["weights_bytes"]:
+            raise IndexCorruptError(
+                f"{weights_path} has {size} bytes, {meta_path} says {checksums['weights_bytes']} (truncated or "
+                f"replaced); {REBUILD}"
+            )
+        if verify and _file_sha256(weights_path) != checksums["weights_sha256"]:
+            raise IndexCorruptError(f"{weights_path}: contents do not match the sha256 in {meta_path} (damaged); {REBUILD}")
+        try:
+            tensors = load_file(weights_path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, without the file name
+            raise IndexCorruptError(f"{weights_path}: unreadable tensors file ({type(err).__name__}: {err}); {REBUILD}") from err
+        missing = [name for name in meta["splits"] if name not in tensors]
+        rows = {name: t.shape[0] for name, t in tensors.items() if t.dim()}
+        if missing or any(r != len(qids) for r in rows.values()):
+            raise IndexCorruptError(
+                f"{weights_path}: tensors {sorted(rows)} with rows {sorted(set(rows.values()))} do not fit the "
+                f"{len(qids)} qids of {meta_path}{f' (missing {missing})' if missing else ''}; {REBUILD}"
+            )
         parts = [tensors.pop(name).float() for name in meta["splits"]]
         row_hashes = tensors.pop(ROW_HASHES, None)
         index = cls(torch.cat(parts, dim=1), tensors, qids, names, meta, row_hashes=row_hashes)
         index.check(model=model, processor=processor, kb=kb)
         return index
+
+
+WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "entity_index-", ".safetensors"
+TEMPORARY_MARK = ".tmp-"
+REBUILD = "rebuild the index (e.g. `linking_otmel.py ... --rebuild_index`, or encode_kb + save)"
+
+
+def _list_sha256(values: list) -> str:
+    return hashlib.sha256(json.dumps(values, ensure_ascii=False).encode()).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_dir(directory: str):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_temporaries(directory: str):
+    """Deletes the temporary files an interrupted save left in `directory`."""
+    for name in os.listdir(directory):
+        if name.startswith(".") and TEMPORARY_MARK in name and (INDEX_META in name or WEIGHTS_PREFIX in name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+
+
+class _AtomicFile:
+    """`with _AtomicFile(path) as tmp:` write `tmp`; on success it is flushed to disk and renamed to `path` (and the
+    directory entry flushed); on an exception it is deleted and `path` is untouched."""
+
+    def __init__(self, path: str):
+        self.path = path
+        folder, name = os.path.split(path)
+        self.tmp = os.path.join(folder, f".{name}{TEMPORARY_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+
+    def __enter__(self) -> str:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
+            return False
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        _fsync_dir(os.path.dirname(self.path))
+        return False
+
+
+def _read_meta(meta_path: str) -> dict:
+    """The JSON of a saved index, checked: format, keys, qid / name lists against their checksums."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexCorruptError(f"{meta_path}: not valid JSON ({err}); {REBUILD}") from err
+    if not isinstance(meta, dict):
+        raise IndexCorruptError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {REBUILD}")
+    if meta.get("format") != INDEX_FORMAT:
+        raise IndexCorruptError(
+            f"{meta_path}: entity index format {meta.get('format')!r}, this code reads format {INDEX_FORMAT} "
+            f"(written by another version); {REBUILD}"
+        )
+    missing = [k for k in ("qids", "names", "splits", "dtype", "model", "files", "checksums") if k not in meta]
+    checksums = meta.get("checksums")
+    if not missing and isinstance(checksums, dict):
+        missing = [
+            f"checksums.{k}" for k in ("weights_sha256", "weights_bytes", "qids_sha256", "names_sha256") if k not in checksums
+        ]
+    if missing or not isinstance(meta["files"], dict) or not isinstance(meta["files"].get("weights"), str):
+        raise IndexCorruptError(f"{meta_path}: lacks {missing or ['files.weights']}; {REBUILD}")
+    weights = meta["files"]["weights"]
+    if os.path.basename(weights) != weights or not weights.startswith(WEIGHTS_PREFIX):
+        raise IndexCorruptError(f"{meta_path}: bad tensors file name {weights!r}; {REBUILD}")
+    for key in ("qids", "names"):
+        values = meta[key]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise IndexCorruptError(f"{meta_path}: {key} must be a list of strings; {REBUILD}")
+        if _list_sha256(values) != checksums[f"{key}_sha256"]:
+            raise IndexCorruptError(
+                f"{meta_path}: the {key} list does not match its checksum (edited, reordered or cut: every returned "
+                f"{key[:-1]} would be wrong); {REBUILD}"
+            )
+    if len(meta["qids"]) != len(meta["names"]):
+        raise IndexCorruptError(f"{meta_path}: {len(meta['qids'])} qids but {len(meta['names'])} names; {REBUILD}")
+    return meta
 
 
 def _fit_text(tensors: dict, length: int) -> dict:
@@ -644,6 +813,7 @@ __all__ = [
     "INDEX_META",
     "INDEX_WEIGHTS",
     "EntityIndex",
+    "IndexCorruptError",
     "IndexMismatchError",
     "KBView",
     "content_fingerprint",

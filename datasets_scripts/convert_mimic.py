@@ -533,6 +533,19 @@ def _safe_to_replace(out_dir: Path) -> bool:
     return not any(out_dir.iterdir()) or (out_dir / "conversion_summary.json").is_file()
 
 
+def _fsync_tree(folder: Path):
+    """Flushes every file and folder under `folder` to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None = None,
             overwrite: bool = False, license: str | None = None, verbose: bool = True) -> dict:
     """Convert ``raw_dir`` (MIMIC layout) into ``out_dir``; return the summary dict.
@@ -605,6 +618,7 @@ def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None =
         with open(tmp / "conversion_summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
             f.write("\n")
+        _fsync_tree(tmp)  # on disk before the rename publishes it (a crash cannot leave renamed empty files)
         if out_dir.exists():
             trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(trash)
@@ -612,6 +626,11 @@ def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None =
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(out_dir)
+        fd = os.open(out_dir.parent, os.O_RDONLY)  # the rename itself, on disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

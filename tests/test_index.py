@@ -221,3 +221,128 @@ def test_save_load_after_changes(world, tmp_path):
     half = _encode(world, KB, dtype="float16")
     half.add(_encode(world, NEW))
     assert half.tensors["text_queries"].dtype == torch.float16 and len(half) == 14
+
+
+# ---- saved-index integrity and atomic writes ------------------------------------------------------------------
+
+
+def _saved(world, tmp_path, rows=KB):
+    path = str(tmp_path / "index")
+    _encode(world, rows).save(path)
+    return path
+
+
+def _files(path):
+    with open(os.path.join(path, ix.INDEX_META), encoding="utf-8") as f:
+        meta = __import__("json").load(f)
+    return os.path.join(path, ix.INDEX_META), os.path.join(path, meta["files"]["weights"]), meta
+
+
+def _rewrite_meta(meta_path, meta):
+    with open(meta_path, "w", encoding="utf-8") as f:
+        __import__("json").dump(meta, f)
+
+
+def test_reordered_or_removed_qids_are_refused(world, tmp_path):
+    path = _saved(world, tmp_path)
+    meta_path, _, meta = _files(path)
+    meta["qids"][0], meta["qids"][1] = meta["qids"][1], meta["qids"][0]
+    _rewrite_meta(meta_path, meta)
+    with pytest.raises(ix.IndexCorruptError, match=f"{meta_path}: the qids list does not match its checksum.*rebuild"):
+        ix.EntityIndex.load(path)
+    meta["qids"][0], meta["qids"][1] = meta["qids"][1], meta["qids"][0]
+    del meta["qids"][5]
+    _rewrite_meta(meta_path, meta)
+    with pytest.raises(ix.IndexCorruptError, match="qids list does not match"):
+        ix.EntityIndex.load(path)
+    meta["qids"].insert(5, "Q5")
+    meta["names"][3] = "someone else"
+    _rewrite_meta(meta_path, meta)
+    with pytest.raises(ix.IndexCorruptError, match="names list does not match"):
+        ix.EntityIndex.load(path)
+
+
+def test_same_size_corruption_of_the_tensors_is_refused(world, tmp_path):
+    path = _saved(world, tmp_path)
+    index = ix.EntityIndex.load(path)
+    _, weights, _ = _files(path)
+    data = bytearray(open(weights, "rb").read())
+    data[-3] ^= 0x40  # a byte of the last tensor's data, not of the header
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(ix.IndexCorruptError, match=f"{weights}: contents do not match the sha256.*rebuild"):
+        ix.EntityIndex.load(path)
+    # Without verification the same-size change is not seen (the size and layout checks still run).
+    assert len(ix.EntityIndex.load(path, verify=False)) == len(index)
+
+
+def test_truncated_or_missing_tensors_file_names_the_file(world, tmp_path):
+    path = _saved(world, tmp_path)
+    _, weights, _ = _files(path)
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) // 2])
+    for verify in (True, False):
+        with pytest.raises(ix.IndexCorruptError, match=f"{weights} has {len(data) // 2} bytes.*truncated.*rebuild"):
+            ix.EntityIndex.load(path, verify=verify)
+    os.remove(weights)
+    with pytest.raises(ix.IndexCorruptError, match=f"{weights} is missing"):
+        ix.EntityIndex.load(path)
+
+
+def test_broken_json_and_old_format_name_the_file(world, tmp_path):
+    path = _saved(world, tmp_path)
+    meta_path, _, meta = _files(path)
+    text = open(meta_path, encoding="utf-8").read()
+    open(meta_path, "w", encoding="utf-8").write(text[:-40])
+    with pytest.raises(ix.IndexCorruptError, match=f"{meta_path}: not valid JSON.*rebuild"):
+        ix.EntityIndex.load(path)
+    _rewrite_meta(meta_path, {**meta, "format": 1})
+    with pytest.raises(ix.IndexCorruptError, match=f"{meta_path}: entity index format 1.*rebuild"):
+        ix.EntityIndex.load(path)
+    # The CLI's handler (IndexMismatchError) catches corruption too.
+    assert issubclass(ix.IndexCorruptError, ix.IndexMismatchError)
+
+
+def test_interrupted_save_keeps_the_previous_index(world, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = _saved(world, tmp_path)
+    before = sorted(os.listdir(path))
+    real_save = safetensors.torch.save_file
+
+    def half_save(tensors, filename, *args, **kwargs):  # writes half a file, then dies
+        real_save(tensors, filename, *args, **kwargs)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_save)
+    bigger = _encode(world, KB + NEW)
+    with pytest.raises(KeyboardInterrupt):
+        bigger.save(path)
+    assert sorted(os.listdir(path)) == before  # no half index, no temporary left
+    assert ix.EntityIndex.load(path, model=world["model"]).qids == [r["qid"] for r in KB]
+    # Into a new folder: nothing that loads is left.
+    with pytest.raises(KeyboardInterrupt):
+        bigger.save(str(tmp_path / "fresh"))
+    assert os.listdir(tmp_path / "fresh") == []
+    monkeypatch.undo()
+
+    # Dying after the tensors are written but before the JSON commit: still the previous index.
+    real_dump = ix.json.dump
+
+    def dump_and_die(obj, f, **kwargs):
+        real_dump(obj, f, **kwargs)
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(ix.json, "dump", dump_and_die)
+    with pytest.raises(KeyboardInterrupt):
+        bigger.save(path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before
+    assert len(ix.EntityIndex.load(path)) == len(KB)
+    # A temporary left by a killed process is ignored by load and cleaned by the next save.
+    open(os.path.join(path, f".{ix.INDEX_META}.tmp-999-dead"), "w").write("{")
+    assert len(ix.EntityIndex.load(path)) == len(KB)
+    bigger.save(path)
+    assert len(ix.EntityIndex.load(path)) == len(KB) + len(NEW)
+    assert len(os.listdir(path)) == 2  # the JSON and one tensors file
