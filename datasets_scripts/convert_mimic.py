@@ -16,13 +16,14 @@ Output (load with ``datasets.load_dataset(OUT_DIR, "mentions")`` / ``load_datase
     OUT_DIR/data/kb/train-XXXXX-of-YYYYY.parquet
 
 Config ``mentions``: id (string), mention (URL-unquoted surface), sentence, image (Image, None when
-there is none), answer (gold qid).  Config ``kb``: qid, name (URL-unquoted), attributes,
+there is none), answer (gold qid, or ``"nil"`` when the entity is not in the KB: kept for NIL evaluation).  Config ``kb``: qid, name (URL-unquoted), attributes,
 image (Image, the first listed picture that exists and decodes, else None), image_names (all listed
 file names).  Every stored picture decodes with PIL to an RGB image: JPEG/RGB files are stored
 byte for byte, anything else (PNG, RGBA, greyscale, palette, CMYK, ...) is re-encoded (JPEG sources
 to JPEG, others to PNG).
 
-Dirty data is counted, never dropped silently: for every split, input rows = rows + skipped rows,
+Dirty data is counted, never dropped silently: for every split, input rows = rows + skipped rows
+(an answer that is neither ``nil`` nor a KB qid), rows with a ``nil`` answer are counted (``nil``),
 and rows = sum of the image outcomes (found / no image / missing / unreadable / unsafe path).
 Malformed input (not JSON, a row that is not an object or lacks a required field) stops the
 conversion with :class:`MalformedDataError` naming the file and the row.
@@ -58,7 +59,7 @@ except ImportError:  # run as a script from a checkout: the project's modules ar
 logger = logging.getLogger(__name__)
 
 # Bump when the output changes, so caches keyed by fingerprint_raw_dir() are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: NIL mentions are kept (answer "nil") instead of skipped
 
 MENTION_FEATURES = Features({
     "id": Value("string"),
@@ -83,7 +84,8 @@ KB_IMAGE_DIR = "kb_image"
 
 MENTION_IMAGE_OUTCOMES = ("found", "no image", "missing", "unreadable", "unsafe path")
 KB_IMAGE_OUTCOMES = ("found", "no image listed", "missing", "unreadable", "unsafe path")
-MENTION_SKIP_REASONS = ("nil answer", "answer not in KB")
+MENTION_SKIP_REASONS = ("answer not in KB",)
+NIL_ANSWER = "nil"  # the answer of a mention whose entity is not in the KB (source: "nil", any case, or empty)
 KB_SKIP_REASONS = ("duplicate qid",)
 
 # Below this many pictures a process pool costs more than it saves.
@@ -467,7 +469,7 @@ def _convert_mentions(path: Path, split: str, mention_dirs: list[Path], roots: t
                       writer: _ShardWriter, prober: _Prober, verbose: bool):
     raw = _load_json_list(path)
     stats = {"source": path.name, "input_rows": len(raw), "rows": 0,
-             "skipped": {r: 0 for r in MENTION_SKIP_REASONS},
+             "skipped": {r: 0 for r in MENTION_SKIP_REASONS}, "nil": 0,
              "images": {o: 0 for o in MENTION_IMAGE_OUTCOMES},
              "reencoded": 0, "text_repaired": 0}
     rows, tasks = [], []
@@ -479,10 +481,10 @@ def _convert_mentions(path: Path, split: str, mention_dirs: list[Path], roots: t
                          allow_none=True)
         mid = _text(path, i, "id", _field(path, i, r, "id", required=False, default=str(i)), allow_none=True)
         answer = answer.strip()
-        if answer == "" or answer.lower() == "nil":
-            stats["skipped"]["nil answer"] += 1
-            continue
-        if answer not in kb_qids:
+        if answer not in kb_qids and (answer == "" or answer.lower() == NIL_ANSWER):
+            stats["nil"] += 1  # kept: NIL evaluation needs these mentions
+            answer = NIL_ANSWER
+        elif answer not in kb_qids:
             stats["skipped"]["answer not in KB"] += 1
             continue
         texts = []
@@ -521,6 +523,9 @@ def _warn(config: str, split: str, s: dict) -> None:
     if skipped:
         logger.warning("%s/%s (%s): skipped %d of %d rows: %s", config, split, s["source"],
                        sum(skipped.values()), s["input_rows"], ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if s.get("nil"):
+        logger.info("%s/%s (%s): %d of %d rows have the answer nil (entity not in the KB), kept", config, split,
+                    s["source"], s["nil"], s["input_rows"])
     if bad:
         logger.warning("%s/%s (%s): %d rows without their picture: %s", config, split, s["source"],
                        sum(bad.values()), ", ".join(f"{k} {v}" for k, v in bad.items()))
@@ -667,13 +672,13 @@ def _table_rows(summary: dict) -> list[list[str]]:
             im = s["images"]
             none = im.get("no image", im.get("no image listed", 0))
             reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items() if v) or "-"
-            rows.append([config, split, str(s["input_rows"]), str(s["rows"]), str(im["found"]), str(none),
-                         str(im["missing"]), str(im["unreadable"]), str(im["unsafe path"]),
+            rows.append([config, split, str(s["input_rows"]), str(s["rows"]), str(s.get("nil", "-")),
+                         str(im["found"]), str(none), str(im["missing"]), str(im["unreadable"]), str(im["unsafe path"]),
                          str(s["reencoded"]), str(sum(s["skipped"].values())), reasons])
     return rows
 
 
-TABLE_HEADER = ["config", "split", "input", "rows", "img found", "no img", "missing", "unreadable",
+TABLE_HEADER = ["config", "split", "input", "rows", "nil", "img found", "no img", "missing", "unreadable",
                 "unsafe", "re-encoded", "skipped", "skip reasons"]
 
 
@@ -750,7 +755,8 @@ Every stored picture decodes with PIL to RGB: JPEG/RGB files are stored byte for
 
 ## Counts and dirty data
 
-For every row: input = rows + skipped; rows = img found + no img + missing + unreadable + unsafe.
+For every row: input = rows + skipped; rows = img found + no img + missing + unreadable + unsafe;
+"nil": rows kept with the answer `nil` (entity not in the KB, for NIL evaluation).
 
 {chr(10).join(table)}
 
@@ -761,7 +767,8 @@ unreadable {kbf['unreadable']}, unsafe path {kbf['unsafe path']}, not checked {k
 Rules: a mention picture is `mention_image/<stem>.jpg` (stem = basename of `imgPath` up to its
 first dot), else the exact basename; `mention_images/` is searched too.  Paths with `..` components
 or resolving outside the source folder (symlinks) are never read ("unsafe").  Answers `nil`/empty
-and answers absent from the KB are skipped; duplicate KB qids keep the first row.
+are kept as `nil` (the entity is not in the KB); other answers absent from the KB are skipped;
+duplicate KB qids keep the first row.
 """
     if ceilings is not None and isinstance(ceilings.get("splits"), dict):
         lines = ["", "## Perfect-reader ceilings (from the generator, `ceilings.json`)", "",

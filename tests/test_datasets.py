@@ -360,9 +360,9 @@ def test_dirty_counts_add_up(dirty):
     s = dirty["summary"]
     assert_counts_add_up(s)
     t = s["configs"]["mentions"]["train"]
-    assert t["input_rows"] == 20 and t["rows"] == 17
-    assert t["skipped"] == {"nil answer": 2, "answer not in KB": 1}
-    assert t["images"] == {"found": 8, "no image": 4, "missing": 1, "unreadable": 2, "unsafe path": 2}
+    assert t["input_rows"] == 20 and t["rows"] == 19 and t["nil"] == 2  # NIL rows are kept (answer "nil")
+    assert t["skipped"] == {"answer not in KB": 1}
+    assert t["images"] == {"found": 9, "no image": 5, "missing": 1, "unreadable": 2, "unsafe path": 2}
     assert t["reencoded"] == 5
     v = s["configs"]["mentions"]["validation"]
     assert v["rows"] == 1 and v["skipped"]["answer not in KB"] == 1
@@ -374,7 +374,7 @@ def test_dirty_counts_add_up(dirty):
 
 def test_dirty_warnings_carry_counts(dirty):
     logs = "\n".join(dirty["logs"])
-    assert "skipped 3 of 20 rows: nil answer 2, answer not in KB 1" in logs
+    assert "skipped 1 of 20 rows: answer not in KB 1" in logs
     assert "duplicate qid 1" in logs
     assert "missing 1, unreadable 2, unsafe path 2" in logs
     assert "repaired 1 strings" in logs
@@ -425,10 +425,11 @@ def test_dirty_paths_leaving_the_folder_are_never_read(dirty):
     assert dirty["m"]["19"]["image"] is not None
 
 
-def test_dirty_answers_nil_and_out_of_kb_skipped(dirty):
+def test_dirty_answers_nil_kept_and_out_of_kb_skipped(dirty):
     ids = set(dirty["m"])
-    assert not ids & {"m12", "m13", "m17"}
-    assert all(r["answer"] in dirty["e"] for split in dirty["mentions"].values() for r in split)
+    assert "m13" not in ids  # Q999: neither nil nor a KB qid
+    assert dirty["m"]["m12"]["answer"] == dirty["m"]["m17"]["answer"] == "nil"  # "nil" and "NIL", kept as "nil"
+    assert all(r["answer"] in dirty["e"] or r["answer"] == "nil" for split in dirty["mentions"].values() for r in split)
 
 
 def test_dirty_sentences_kept(dirty):

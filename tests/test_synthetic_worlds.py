@@ -317,15 +317,20 @@ def test_nil_text_ceiling_recomputed_from_files(nil_world):
         assert empty / max(nil, 1) == pytest.approx(ceilings[split]["nil_detectable"]["text_only"], abs=1e-6)
 
 
-def test_converter_skips_nil_mentions(nil_world, tmp_path):
+def test_converter_keeps_nil_mentions(nil_world, tmp_path):
+    from datasets import load_dataset
+
     from datasets_scripts import convert_mimic as cm
 
     summary = cm.convert(nil_world, tmp_path / "hf", num_proc=1, verbose=False)
     ceilings = _load(nil_world, "ceilings.json")["splits"]
+    converted = load_dataset(str(tmp_path / "hf"), "mentions", cache_dir=str(tmp_path / "cache"))
     for split, raw in (("train", "train"), ("validation", "dev"), ("test", "test")):
         s = summary["configs"]["mentions"][split]
-        assert s["skipped"]["nil answer"] == ceilings[raw]["n_nil"] and s["skipped"]["answer not in KB"] == 0
-        assert s["rows"] == ceilings[raw]["n_in_kb"]
+        assert s["nil"] == ceilings[raw]["n_nil"] > 0 and s["skipped"]["answer not in KB"] == 0
+        assert s["rows"] == ceilings[raw]["n_in_kb"] + ceilings[raw]["n_nil"]
+        answers = converted[split]["answer"]
+        assert answers.count("nil") == ceilings[raw]["n_nil"] and len(answers) == s["rows"]
 
 
 def test_knobs_deterministic(tmp_path):
