@@ -3,6 +3,8 @@
 import io
 import logging
 import os
+import re
+import threading
 import warnings
 from collections import Counter
 from urllib.parse import unquote
@@ -41,6 +43,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 def read_image(source) -> tuple[Image.Image | None, str | None]:
     """Reads an image given as a PIL image, a path, raw bytes, a datasets `{"bytes", "path"}` dict, or None.
 
@@ -62,24 +67,27 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
     if not isinstance(source, (Image.Image, bytes, bytearray, str, os.PathLike)):
         return None, f"unsupported image type {type(source).__name__} (expected a PIL image, path, bytes or None)"
     if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", os.fspath(source)):
+            return None, f"unsupported image URL {os.fspath(source)} (only local files are read: download it first)"
         if not os.path.exists(source):
             return None, f"missing file {os.fspath(source)}"
         if not os.path.isfile(source):
             return None, f"missing file: {os.fspath(source)} is not a file"
     try:
-        with warnings.catch_warnings():
-            # PIL warns (over MAX_IMAGE_PIXELS) or raises (over twice that) when it reads the size: both refused.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(source, Image.Image):
-                image = source
-            else:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            # PIL warns (over MAX_IMAGE_PIXELS) or raises (over twice that) when it reads the size: both refused. The
+            # warnings filters are process-wide, hence the lock (only around the header read, not the decoding).
+            with _OPEN_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-            previous = ImageFile.LOAD_TRUNCATED_IMAGES
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            try:
-                image.load()
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            image.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
         if image.width < 1 or image.height < 1:
             return None, "empty image"
         return to_rgb(image), None

@@ -161,6 +161,8 @@ def mention_columns(mentions) -> tuple[list, list, list]:
         sentences = list(mentions["sentence"]) if "sentence" in mentions.column_names else [""] * len(surfaces)
         images = list(mentions["image"]) if "image" in mentions.column_names else [None] * len(surfaces)
     else:
+        if hasattr(mentions, "to_dict") and hasattr(mentions, "columns"):
+            raise TypeError("mentions is a pandas DataFrame: pass df.to_dict('records'), a list of mention dicts")
         if isinstance(mentions, (str, bytes, Mapping)) or not hasattr(mentions, "__iter__"):
             what = "a DatasetDict (pass one split)" if hasattr(mentions, "column_names") else type(mentions).__name__
             raise TypeError(f"mentions must be a list of mention dicts, got {what}: pass a list of mention dicts, "

@@ -209,7 +209,8 @@ def test_cli_unexpected_crash_exits_1_with_the_summary(world, tmp_path, capsys, 
 
 def test_cli_reports_a_line_that_is_not_utf8_and_links_the_rest(world, tmp_path, capsys):
     latin1 = '{"mention": "café", "sentence": "a chef"}'.encode("latin-1")
-    data = b"\xef\xbb\xbf" + _line("ada smith").encode() + b"\n" + latin1 + b"\r\n" + _line("bob jones").encode() + b"\n"
+    bom = b"\xef\xbb\xbf"
+    data = bom + _line("ada smith").encode() + b"\n" + latin1 + b"\r\n" + _line("bob jones").encode() + b"\n"
     status, rows = _run(world, tmp_path, data)
     err = capsys.readouterr().err
     assert status == 0 and [r["line"] for r in rows] == [1, 3]  # a byte-order mark on line 1 is fine
@@ -304,15 +305,16 @@ def test_cli_refuses_bad_paths(world, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     base = {"--model": world["model_dir"], "--kb": world["index_dir"], "--input": str(src),
             "--output": str(tmp_path / "o.jsonl")}  # fmt: skip
+    nested = tmp_path / "afile" / "sub" / "o.jsonl"
     cases = [
         ({"--input": str(tmp_path / "missing.jsonl")}, f"error: --input {tmp_path / 'missing.jsonl'}: no such file"),
         ({"--input": str(tmp_path)}, f"error: --input {tmp_path}: not a file"),
         ({"--output": str(tmp_path)}, f"error: --output {tmp_path} is a folder"),
-        ({"--output": str(tmp_path / "afile" / "sub" / "o.jsonl")},
-         f"error: --output {tmp_path / 'afile' / 'sub' / 'o.jsonl'}: cannot create its folder {tmp_path / 'afile' / 'sub'}"),
+        ({"--output": str(nested)}, f"error: --output {nested}: cannot create its folder {nested.parent}"),
         ({"--model": str(tmp_path / "no_model")}, f"error: --model {tmp_path / 'no_model'}: no such folder"),
-        ({"--model": "no_such_org/no_such_model"}, "error: --model no_such_org/no_such_model: could not load an OT-MEL "
-                                                   "model and processor (no such local folder, and as a Hub id: "),
+        ({"--model": "no_such_org/no_such_model"},
+         "error: --model no_such_org/no_such_model: could not load an OT-MEL model and processor (no such local folder, "
+         "and as a Hub id: "),
         ({"--model": str(tmp_path / "afile")}, f"error: --model {tmp_path / 'afile'} is a file"),
         ({"--kb": str(tmp_path / "no_kb")}, f"error: --kb {tmp_path / 'no_kb'}"),
         ({"--index_dir": str(tmp_path / "afile")}, f"error: --index_dir {tmp_path / 'afile'} is a file"),
@@ -385,3 +387,45 @@ def test_link_and_rank_options_check_counts(world):
     for kw in ({"top_k": True}, {"candidates": False}, {"chunk_size": 2.0}, {"stage1_budget": 0}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             rk.RankOptions(**kw)
+
+
+def test_cli_more_refusals(world, tmp_path, capsys):
+    src = tmp_path / "m.jsonl"
+    src.write_text(_line("ada smith") + "\n")
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes((_line("ada smith") + "\n").encode("utf-16"))
+    (tmp_path / "empty_model").mkdir()
+    out = str(tmp_path / "o.jsonl")
+    base = {"--model": world["model_dir"], "--kb": world["index_dir"], "--input": str(src), "--output": out}
+    cases = [
+        ({"--input": str(utf16)}, f"error: --input {utf16} is UTF-16 or UTF-32 encoded (it starts with a byte-order "
+                                  "mark): save it as UTF-8"),
+        ({"--index_dir": out}, f"error: --output {out} is also --index_dir"),
+        ({"--device": "no_such_device"}, "error: --device no_such_device: "),
+        ({"--model": str(tmp_path / "empty_model")},
+         f"error: --model {tmp_path / 'empty_model'}: could not load an OT-MEL model and processor ("),
+    ]  # fmt: skip
+    for change, message in cases:
+        args = [x for k, v in {**base, **change}.items() for x in (k, v)]
+        assert lk.main(args) == 2, change
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (change, err)
+    assert not os.path.exists(out)
+
+
+def test_cli_nan_and_url_lines(world, tmp_path, capsys):
+    lines = ['{"mention": "ada smith", "sentence": "x", "id": NaN}', _line("bob jones", "https://example.org/a.jpg")]
+    status, rows = _run(world, tmp_path, lines)
+    err = capsys.readouterr().err
+    assert status == 0 and [r["line"] for r in rows] == [2]
+    assert "line 1: invalid JSON (NaN is not a JSON value); skipped" in err
+    assert "line 2: unsupported image URL https://example.org/a.jpg (only local files are read: download it first); " \
+           "linked without image" in err  # fmt: skip
+
+
+def test_link_refuses_a_dataframe(world):
+    import pandas as pd
+
+    linker = lk.OTMELLinker(world["model"], world["processor"], world["index"], batch_size=4)
+    with pytest.raises(TypeError, match=r"pandas DataFrame: pass df.to_dict\('records'\)"):
+        linker.link(pd.DataFrame([{"mention": "ada smith", "sentence": "x"}]))
