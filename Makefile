@@ -3,11 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo bench clean
+.PHONY: install test quality demo bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The pinned requirements, then the project itself (editable, so the otmel-* commands exist in .venv/bin and run this
+# checkout). Its dependencies are the same pins (pyproject.toml reads requirements.txt), hence --no-deps; the pinned
+# setuptools of requirements-dev.txt builds it, hence --no-build-isolation (no second download).
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -18,6 +22,11 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 test: install
 	$(OFFLINE) $(PY) -m pytest -q tests
 
+# Lint (pyflakes, pycodestyle, import order) and formatting, configured in pyproject.toml. `ruff format .` fixes the second.
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 demo: install
 	$(OFFLINE) $(PY) demo.py
 
@@ -26,4 +35,4 @@ bench: install
 	$(PY) benchmarks/bench_linking.py
 
 clean:
-	rm -rf $(VENV) outputs data
+	rm -rf $(VENV) outputs data build *.egg-info

@@ -72,7 +72,32 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(metadata={"help": "Hub dataset id, converted dataset folder, or raw MIMIC-layout folder."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, converted dataset folder, or raw MIMIC-layout folder (mentions and KB). "
+                  "Or give your own files: --train_file / --validation_file / --test_file and --kb."},
+    )  # fmt: skip
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training mentions: a CSV, TSV, JSONL, JSON or Parquet file with columns mention, sentence, "
+                  "image (path relative to the file), answer (gold qid), id (optional). See data_otmel.py."},
+    )  # fmt: skip
+    validation_file: str | None = field(default=None, metadata={"help": "Validation mentions (as --train_file)."})
+    test_file: str | None = field(default=None, metadata={"help": "Test mentions (as --train_file)."})
+    kb: str | None = field(
+        default=None,
+        metadata={"help": "The KB: a CSV, TSV, JSONL, JSON or Parquet file (columns qid, name, attributes, image: "
+                  "paths relative to the file, several separated by ';'), a dataset folder or Hub id with a 'kb' "
+                  "config, or a raw MIMIC-layout folder. Default: the KB of --dataset_name."},
+    )  # fmt: skip
+    kb_columns: str | None = field(
+        default=None,
+        metadata={"help": "Map the KB's column names: qid=id,name=title,attributes=description,image=image_path."},
+    )
+    mention_columns: str | None = field(
+        default=None,
+        metadata={"help": "Map the mention files' column names: mention=text,sentence=context,answer=gold_id,..."},
+    )
     max_text_length: int | None = field(default=None, metadata={"help": "Token budget per text (paper: 40)."})
     data_cache_dir: str | None = field(default=None, metadata={"help": "Where raw folders are converted to."})
     max_train_samples: int | None = None
@@ -117,20 +142,56 @@ class OTMELTrainingArguments(TrainingArguments):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_mel_dataset(name: str, cache_dir: str | None = None) -> tuple[datasets.DatasetDict, datasets.Dataset, str]:
-    """Returns `(mention splits, KB, path)`: `path` is the dataset's folder or Hub id (the conversion's folder when
-    `name` is a raw MIMIC-layout folder)."""
-    from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
+def load_mel_dataset(
+    name: str | None = None,
+    cache_dir: str | None = None,
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    kb: str | None = None,
+    kb_columns: str | None = None,
+    mention_columns: str | None = None,
+) -> tuple[datasets.DatasetDict, datasets.Dataset, str]:
+    """Returns `(mention splits, KB, path)`.
 
+    Mentions come from the files (`train_file`, `validation_file`, `test_file`: CSV, TSV, JSONL, JSON or Parquet, see
+    `data_otmel`) when any is given, else from the `mentions` config of `name` (a Hub id, a converted dataset folder, or
+    a raw MIMIC-layout folder, converted into `cache_dir`). The KB comes from `kb` (a table file, dataset folder, Hub id
+    or MIMIC-layout folder) when given, else from `name`'s `kb` config; `kb_columns` / `mention_columns` map other
+    column names. `path` is the dataset's folder or Hub id (the conversion's folder for a raw folder), or the first
+    mention file. Raises `data_otmel.DataFormatError` (a `ValueError`) naming the argument, file and line of a problem.
+    """
+    from data_otmel import DataFormatError, kb_from_dataset, load_kb, load_mention_files
+
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    if not name and not any(files.values()):
+        raise DataFormatError("no data: give --dataset_name, or --train_file / --validation_file / --test_file with --kb")
+    if any(files.values()) and not name and not kb:
+        raise DataFormatError("--train_file / --validation_file / --test_file need --kb (or --dataset_name's KB)")
     path = name
-    if os.path.isdir(name) and is_mimic_layout(name):
-        cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel", "converted")
-        path, _ = cached_convert(name, cache_dir)
-        logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", name, path)
-        path = str(path)
-    mentions = load_dataset(path, "mentions")
-    kb = load_dataset(path, "kb")["train"]
-    return mentions, kb, path
+    if name and os.path.isdir(name):
+        from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
+
+        if is_mimic_layout(name):
+            cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel", "converted")
+            path, _ = cached_convert(name, cache_dir)
+            logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", name, path)
+            path = str(path)
+    if any(files.values()):
+        mentions = load_mention_files(files, columns=mention_columns)
+        path = name and path or next(p for p in files.values() if p)
+    else:
+        mentions = load_dataset(path, "mentions")
+        if mention_columns:
+            raise DataFormatError("--mention_columns applies to --train_file / --validation_file / --test_file only")
+    if kb:
+        kb_dataset = load_kb(kb, columns=kb_columns, cache_dir=cache_dir)
+    else:
+        kb_dataset = load_dataset(path, "kb")["train"]
+        if kb_columns:
+            kb_dataset = kb_from_dataset(kb_dataset, kb_columns, where=f"--dataset_name {name}")
+    return mentions, kb_dataset, path
 
 
 def keep_linkable(split: datasets.Dataset, qid_to_index: dict, split_name: str) -> datasets.Dataset:
@@ -386,7 +447,7 @@ def main(argv=None):
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
-    for name in ("processing_otmel", "index_otmel", "ranking_otmel", "datasets_scripts.convert_mimic"):
+    for name in ("processing_otmel", "index_otmel", "ranking_otmel", "data_otmel", "datasets_scripts.convert_mimic"):
         logging.getLogger(name).setLevel(logging.INFO if log_level <= logging.INFO else log_level)
     logger.info("Training/evaluation parameters %s", training_args)
 
@@ -397,7 +458,15 @@ def main(argv=None):
             logger.info("Checkpoint found at %s: resuming. Use another --output_dir to start afresh.", last_checkpoint)
     set_seed(training_args.seed)
 
-    mentions, kb, _ = load_mel_dataset(data_args.dataset_name, data_args.data_cache_dir)
+    mentions, kb, _ = load_mel_dataset(
+        data_args.dataset_name, data_args.data_cache_dir, train_file=data_args.train_file,
+        validation_file=data_args.validation_file, test_file=data_args.test_file, kb=data_args.kb,
+        kb_columns=data_args.kb_columns, mention_columns=data_args.mention_columns,
+    )  # fmt: skip
+    # What the data is called in messages and the model card: the dataset, or the first mention file.
+    dataset_label = data_args.dataset_name or next(
+        f for f in (data_args.train_file, data_args.validation_file, data_args.test_file) if f
+    )
     qid_to_index = {}
     for i, qid in enumerate(kb["qid"]):
         qid_to_index.setdefault(qid, i)
@@ -411,7 +480,8 @@ def main(argv=None):
 
     def take(split, limit):
         if split not in mentions:
-            raise ValueError(f"{data_args.dataset_name} has no '{split}' split (has: {', '.join(mentions)})")
+            given = "" if data_args.dataset_name else f" (give --{split}_file)"
+            raise ValueError(f"{dataset_label} has no '{split}' split{given} (has: {', '.join(mentions)})")
         data = mentions[split]
         return data.select(range(min(limit, len(data)))) if limit is not None else data
 
@@ -483,7 +553,7 @@ def main(argv=None):
             write_model_card(
                 training_args.output_dir,
                 model.config,
-                dataset_name=data_args.dataset_name,
+                dataset_name=dataset_label,
                 metrics={k: v for k, v in all_metrics.items() if k.startswith(("eval_", "test_"))},
                 training=training,
                 base_model=model_args.model_name_or_path or model_args.clip_model,
@@ -509,5 +579,18 @@ def write_predictions(path: str, split: datasets.Dataset, kb: datasets.Dataset, 
     logger.info("Wrote %s", path)
 
 
+def console_main(argv=None) -> int:
+    """The `otmel-train` command: runs [`main`] (which returns the metrics) and gives the exit status, 2 with the
+    message for a data problem (`data_otmel.DataFormatError`: bad file, missing column, missing argument)."""
+    from data_otmel import DataFormatError
+
+    try:
+        main(argv)
+    except DataFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())
