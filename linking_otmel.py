@@ -21,9 +21,17 @@ Command line:
 Input lines: `{"mention": ..., "sentence": ..., "image": "pics/a.jpg" (optional, relative to the JSONL file), "id": ...
 (optional)}`. Output lines: `{"id", "line", "mention", "candidates": [{"qid", "name", "score"}, ...]}`; when the best
 score is below the NIL threshold (`--nil_threshold`, by default the model's saved `nil_threshold`), the candidates start
-with `{"qid": null, "name": null, "nil": true, "score": <best score>}` ([`OTMELLinker.link`]). Bad lines
-(invalid JSON, missing or non-string fields) are reported on stderr by line number and skipped; an unreadable picture
-is reported and the mention linked without it; a summary line ends the run.
+with `{"qid": null, "name": null, "nil": true, "score": <best score>}` ([`OTMELLinker.link`]).
+
+Nothing is dropped silently, and one bad line never loses the others. Bad lines (not UTF-8, invalid JSON, not an
+object, missing or non-string fields) are reported on stderr by line number and skipped; an unreadable, missing or
+oversized picture (over PIL's decompression-bomb limit) is reported and the mention linked without it; fields other
+than id / mention / sentence / image are reported once and counted; a mention whose linking fails unexpectedly is
+reported and skipped, the rest of its batch linked. Results are flushed batch by batch, so a crash keeps every line
+linked before it. A summary line with the counts ends every run that started linking. Exit status: 0 when the run
+completed (bad lines included), 2 for a usage error or a refused run (a count below 1, a missing --input or --model,
+--output equal to --input, a KB or index refused), reported before anything is written, 1 for an unexpected failure
+(some mention failed to link, or a crash), 130 on Ctrl-C.
 """
 
 import argparse
@@ -260,6 +268,11 @@ def _load_kb_dataset(path: str, columns: str | None = None):
 _JSON_TYPES = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
                "NoneType": "null"}  # fmt: skip
 INPUT_FIELDS = ("id", "mention", "sentence", "image")
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _read_jsonl(path: str):
@@ -285,9 +298,12 @@ def _read_jsonl(path: str):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_not_json)
             except json.JSONDecodeError as err:
                 yield number, None, f"invalid JSON ({err.msg} at column {err.colno})"
+                continue
+            except ValueError as err:  # NaN / Infinity, which Python reads but JSON does not have
+                yield number, None, f"invalid JSON ({err})"
                 continue
             except RecursionError:
                 yield number, None, "invalid JSON (nested too deeply)"
@@ -313,8 +329,8 @@ def _read_jsonl(path: str):
                 surrogate = err.object[err.start : err.end]
                 yield number, None, f"invalid text: unpaired surrogate {surrogate!a} (a broken \\u escape)"
                 continue
-            if image:
-                image = image if os.path.isabs(image) else os.path.join(base, image)
+            if image and not os.path.isabs(image) and not URL_PATTERN.match(image):
+                image = os.path.join(base, image)
             obj["image"] = image or None
             yield number, obj, None
 
@@ -365,12 +381,24 @@ def _refuse_paths(args) -> str | None:
         return f"--input {args.input}: not a file (expected a JSONL file of mentions)"
     if not os.access(args.input, os.R_OK):
         return f"--input {args.input}: not readable (permission denied)"
+    with open(args.input, "rb") as f:
+        start = f.read(4)
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)):  # UTF-32 LE: as UTF-16 LE
+        return f"--input {args.input} is UTF-16 or UTF-32 encoded (it starts with a byte-order mark): save it as UTF-8"
+    if os.path.isfile(args.model):
+        return f"--model {args.model} is a file: expected an OT-MEL folder (config, weights, processor) or a Hub id"
+    if not os.path.exists(args.model) and not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", args.model):
+        return f"--model {args.model}: no such folder (expected an OT-MEL folder or a Hub id)"
+    if args.index_dir and os.path.exists(args.index_dir) and not os.path.isdir(args.index_dir):
+        return f"--index_dir {args.index_dir} is a file: expected a folder"
     if os.path.isdir(args.output):
         return f"--output {args.output} is a folder: give the path of the results file"
     for flag, path in (("--input", args.input), ("--kb", args.kb)):
         if _same_file(args.output, path):
             return (f"--output {args.output} is the same file as {flag} {path}: refusing to overwrite it; give "
                     "another --output")  # fmt: skip
+    if args.index_dir and os.path.realpath(args.index_dir) == os.path.realpath(args.output):
+        return f"--output {args.output} is also --index_dir: give them different paths"
     folder = os.path.dirname(os.path.abspath(args.output))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -380,12 +408,6 @@ def _refuse_paths(args) -> str | None:
         return f"--output {args.output}: its folder {folder} is not writable"
     if os.path.exists(args.output) and not os.access(args.output, os.W_OK):
         return f"--output {args.output}: not writable (permission denied)"
-    if os.path.isfile(args.model):
-        return f"--model {args.model} is a file: expected an OT-MEL folder (config, weights, processor) or a Hub id"
-    if not os.path.exists(args.model) and not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", args.model):
-        return f"--model {args.model}: no such folder (expected an OT-MEL folder or a Hub id)"
-    if args.index_dir and os.path.exists(args.index_dir) and not os.path.isdir(args.index_dir):
-        return f"--index_dir {args.index_dir} is a file: expected a folder"
     return None
 
 
