@@ -541,18 +541,21 @@ def _run(args) -> int:
         try:
             done = list(zip(batch, linker.link([rec for _, rec in batch], **options)))
         except Exception as err:  # noqa: BLE001 - reported and counted; the other mentions go on
+            done = []
             if len(batch) > 1:
                 tqdm.write(f"lines {batch[0][0]}-{batch[-1][0]}: linking failed ({type(err).__name__}: {err}); "
                            "retrying them one by one", file=sys.stderr)  # fmt: skip
-            done = []
             for number, rec in batch:
-                try:
-                    done.append(((number, rec), (linker.link([rec], **options) if len(batch) > 1 else None)[0]))
-                except Exception as one:  # noqa: BLE001
-                    one = err if len(batch) == 1 else one
-                    failed.append(number)
-                    tqdm.write(f"line {number}: linking failed ({type(one).__name__}: {one}); not linked",
-                               file=sys.stderr)  # fmt: skip
+                error = err
+                if len(batch) > 1:
+                    try:
+                        done.append(((number, rec), linker.link([rec], **options)[0]))
+                        continue
+                    except Exception as one:  # noqa: BLE001
+                        error = one
+                failed.append(number)
+                tqdm.write(f"line {number}: linking failed ({type(error).__name__}: {error}); not linked",
+                           file=sys.stderr)  # fmt: skip
         for (number, rec), cands in done:
             row = {"line": number, "mention": rec["mention"], "candidates": cands}
             if "id" in rec:

@@ -164,6 +164,11 @@ def test_cli_a_failing_mention_loses_only_itself(world, tmp_path, capsys, monkey
     assert "line 3: linking failed (RuntimeError: kaboom); not linked" in err
     assert "linked 4 mention(s), skipped 0 bad line(s), 0 unreadable image(s) linked without image, " \
            "1 mention(s) failed to link (line 3)" in err  # fmt: skip
+    # One mention per batch: nothing to retry, the same lines (scores may differ in the last bits: other padding).
+    status, single = _run(world, tmp_path, lines, batch_size="1")
+    assert status == 1 and [r["line"] for r in single] == [1, 2, 4, 5]
+    err = capsys.readouterr().err
+    assert "line 3: linking failed (RuntimeError: kaboom); not linked" in err and "retrying" not in err
 
 
 def test_cli_output_is_written_batch_by_batch(world, tmp_path, capsys, monkeypatch):
