@@ -570,7 +570,7 @@ def _load_kb_config(path: str, where: str):
                 raise DataFormatError(
                     f"{where} {path}: no 'kb' config ({err}) and no loadable default config ({inner})"
                 ) from inner
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ConnectionError) as err:
             raise DataFormatError(
                 f"{where} {path}: not a file, folder or reachable Hub dataset ({err}); a KB is a "
                 f"{'/'.join(TABLE_FORMATS)} file, a dataset folder or Hub id with a 'kb' config, or a MIMIC-layout folder"
@@ -630,6 +630,14 @@ def load_kb(source: str, columns=None, cache_dir: str | None = None, where: str 
             converted, _ = cached_convert(source, cache_dir)
             logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", source, converted)
             path = str(converted)
+        elif not os.path.isfile(os.path.join(source, "README.md")) and not _is_saved_dataset(source):
+            tables = sorted(n for n in os.listdir(source) if table_format(n) is not None)
+            if tables:  # a folder holding the KB file (and its pictures), not a dataset folder
+                raise DataFormatError(
+                    f"{where} {source}: a folder, not a dataset (no README.md with a 'kb' config, not saved with "
+                    f"save_to_disk, not the MIMIC layout); give the KB file itself, e.g. "
+                    f"{where} {os.path.join(source, tables[0])}"
+                )
     kb = _load_kb_config(path, where)
     base = path if os.path.isdir(path) else None
     return kb_from_dataset(kb, columns, where=f"{where} {source}", base=base)

@@ -242,6 +242,12 @@ def test_other_kb_sources(tmp_path):
     load_dataset(str(converted), "kb")["train"].rename_columns({"qid": "id"}).save_to_disk(str(saved))
     from_disk = dx.load_kb(str(saved), columns="qid=id")
     assert from_disk["qid"] == expected and from_disk["image"][1] == from_folder["image"][1]
+    csv_folder = tmp_path / "csv_kb"
+    _write_kb(str(csv_folder))
+    with pytest.raises(
+        dx.DataFormatError, match="a folder, not a dataset .*give the KB file itself, e.g. --kb .*entities.csv"
+    ):
+        dx.load_kb(str(csv_folder))
     with pytest.raises(dx.DataFormatError, match="--kb .*entities.xlsx: unknown file type|--kb .*not a file"):
         (tmp_path / "entities.xlsx").write_bytes(b"x")
         dx.load_kb(str(tmp_path / "entities.xlsx"))
