@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from transformers import BatchFeature
+from transformers import AutoProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 
@@ -209,7 +209,6 @@ try:  # in-library registration, so AutoProcessor does not fall back to a bare t
     from .configuration_otmel import OTMELConfig
 except ImportError:
     from configuration_otmel import OTMELConfig
-from transformers import AutoProcessor
 
 AutoProcessor.register(OTMELConfig, OTMELProcessor, exist_ok=True)
 

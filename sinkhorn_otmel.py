@@ -13,6 +13,7 @@ scalings, which is several times cheaper when it is numerically safe (see `KERNE
 
 import torch
 
+
 # Up to this ratio of a problem's cost spread to epsilon, the kernel exp(-(C - min C) / epsilon) stays above
 # e^-30 ~ 1e-13, so the scalings, and their squares met in the backward pass, stay far inside float32's range: the
 # solver runs in the kernel form (matrix-vector products, cheap). Above it, it works on log potentials (logsumexp

@@ -44,11 +44,11 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
+
 
 try:
     from processing_otmel import to_rgb

@@ -141,6 +141,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageOps
 
+
 DATASET_NAME = "Synth"
 GENERATOR_VERSION = 1
 

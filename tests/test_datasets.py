@@ -14,6 +14,7 @@ from urllib.parse import quote, unquote
 import pytest
 from PIL import Image
 
+
 REPO = Path(__file__).resolve().parents[1]
 # `pytest tests/...` (not `python -m pytest`) does not put the repo root on sys.path.
 if str(REPO) not in sys.path:

@@ -13,11 +13,13 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from datasets_scripts import make_synthetic as ms  # noqa: E402
+
 
 SMALL = {"entities": 60, "mentions": 160, "seed": 3, "image_size": 32, "workers": 1}
 
