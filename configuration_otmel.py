@@ -1,5 +1,7 @@
 """OT-MEL configuration."""
 
+import math
+
 from transformers import CLIPConfig, PreTrainedConfig
 
 
@@ -108,6 +110,12 @@ class OTMELConfig(PreTrainedConfig):
             entity, B^2 unimodal assignments (the paper). k > 0: against its gold entity and the k other in-batch
             entities with the highest S_R, B(k+1) assignments: the hard negatives that two-stage ranking re-ranks.
             S_F and S_R always use every in-batch entity.
+        nil_threshold (`float`, *optional*, defaults to `None`):
+            NIL prediction: a mention whose best S_O is below this value is answered "not in the KB" (NIL) by
+            [`~linking_otmel.OTMELLinker.link`] and the `multimodal-entity-linking` pipeline. `None` turns NIL
+            prediction off (the best entity is always answered). `run_mel.py` chooses it on the validation split when
+            that split has NIL mentions (`metrics_otmel.choose_nil_threshold`); without NIL training data, set it from
+            a few labelled examples with the same function.
     """
 
     model_type = "otmel"
@@ -129,6 +137,7 @@ class OTMELConfig(PreTrainedConfig):
     inference_assignment: str = "ot"
     retrieval_loss_weight: float = 1.0
     pairwise_negatives: int = 0
+    nil_threshold: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -162,6 +171,15 @@ class OTMELConfig(PreTrainedConfig):
             raise ValueError(f"OTMELConfig.pairwise_negatives must be >= 0 (0: all in-batch entities), got {self.pairwise_negatives!r}.")
         if self.sinkhorn_tolerance < 0 or self.kd_weight < 0 or self.retrieval_loss_weight < 0:
             raise ValueError("OTMELConfig.sinkhorn_tolerance, kd_weight and retrieval_loss_weight must be >= 0.")
+        if self.nil_threshold is not None and (
+            isinstance(self.nil_threshold, bool)
+            or not isinstance(self.nil_threshold, (int, float))
+            or not math.isfinite(self.nil_threshold)
+        ):
+            raise ValueError(
+                f"OTMELConfig.nil_threshold must be a finite number (a score) or None (no NIL prediction), got "
+                f"{self.nil_threshold!r}."
+            )
         if not self.logit_scale_init > 0:
             raise ValueError(f"OTMELConfig.logit_scale_init must be > 0, got {self.logit_scale_init!r}.")
 

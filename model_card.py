@@ -28,7 +28,7 @@ PAPER_CITATION = """@inproceedings{zhang2024otmel,
   url       = {https://arxiv.org/abs/2406.01934}
 }"""
 
-TAGS = ["entity-linking", "multimodal", "optimal-transport", "clip", "otmel"]
+TAGS = ["entity-linking", "multimodal-entity-linking", "multimodal", "optimal-transport", "clip", "otmel"]
 HITS_AT = (1, 3, 5, 10, 20)
 _SPLITS = {"eval": "validation", "validation": "validation", "val": "validation", "dev": "validation", "test": "test"}
 
@@ -274,7 +274,31 @@ def training_markdown(training: dict | None) -> str:
 
 
 def usage_snippet(repo_id: str) -> str:
-    """Python code that loads the checkpoint from the Hub (or a folder) and links one mention against a small KB."""
+    """Python code that links a mention against a small KB with the checkpoint's `multimodal-entity-linking` pipeline
+    (`pipeline_otmel.py`, shipped with the checkpoint), from the Hub or a folder."""
+    return f'''```python
+from transformers import pipeline
+
+repo = "{repo_id}"  # a Hub repository id or a local folder
+# The KB: a list of dicts as here, a datasets.Dataset, a dataset folder or Hub dataset with a "kb" config, or an entity
+# index saved by OTMELLinker.save_index. Images: file paths, PIL images, bytes or None (missing or unreadable: no image).
+kb = [
+    {{"qid": "Q76", "name": "Barack Obama", "attributes": "Occupation: politician. Born in Honolulu.",
+     "image": "entity_0.jpg"}},
+    {{"qid": "Q13133", "name": "Michelle Obama", "attributes": "Occupation: lawyer. Born in Chicago.", "image": None}},
+]
+linker = pipeline("multimodal-entity-linking", model=repo, trust_remote_code=True, index=kb)  # encodes the KB once
+
+mentions = [{{"mention": "Obama", "sentence": "Obama speaks to the press in Chicago.", "image": "mention_0.jpg"}}]
+for mention, answers in zip(mentions, linker(mentions, top_k=5)):
+    # Best first: {{"qid", "name", "score"}}; {{"qid": None, "name": None, "nil": True, "score"}} comes first when the
+    # best score is below the checkpoint's NIL threshold (`nil_threshold=None` in the call turns NIL answers off).
+    print(mention["mention"], [(a["name"], round(a["score"], 4)) for a in answers])
+```'''
+
+
+def model_snippet(repo_id: str) -> str:
+    """Python code that scores mentions against entities with the model and processor alone (no index, no pipeline)."""
     return f'''```python
 import torch
 from transformers import AutoModel, AutoProcessor
@@ -320,6 +344,51 @@ def _is_synthetic(dataset_name: str, training: dict | None) -> bool:
     return "synth" in dataset_name.lower()
 
 
+def nil_markdown(config, metrics: dict | None) -> str:
+    """What the checkpoint answers for a mention whose entity is not in the KB, with the NIL metrics of the run."""
+    threshold = _get(config, "nil_threshold")
+    if threshold is None:
+        text = (
+            "- **NIL (entity not in the KB):** this checkpoint has no NIL threshold (`nil_threshold` is None), so it "
+            "always answers the best entities of the KB, even for a mention whose entity the KB lacks. To answer NIL, "
+            "link a few labelled mentions (some whose entity is not in your KB) with `nil_threshold=None`, give their "
+            "best scores and NIL flags to `choose_nil_threshold(scores, is_nil)` (`metrics_otmel.py`, shipped with the "
+            "checkpoint), and pass the result as `nil_threshold=` (or set `config.nil_threshold`). Without any "
+            "labelled example a threshold is a guess: look at the best scores of your own mentions and check a sample "
+            "of those below it by hand."
+        )
+    else:
+        text = (
+            f"- **NIL (entity not in the KB):** a mention whose best score S_O is below {threshold:.4f} (chosen on the "
+            "validation split to maximise NIL-aware accuracy) is answered NIL: `{\"qid\": null, \"nil\": true}` first "
+            "in its list. The threshold belongs to this checkpoint and its validation data; re-choose it for another "
+            "KB or domain (`choose_nil_threshold` in `metrics_otmel.py`), or pass `nil_threshold=None` to turn it off."
+        )
+    return text
+
+
+def nil_metrics_markdown(metrics: dict | None) -> str:
+    """The table of NIL prediction metrics (`eval_nil_precision`, ..., `test_nil_accuracy`), or "" when none."""
+    rows = []
+    for split_key, split in (("eval", "validation"), ("test", "test")):
+        m = metrics or {}
+        if f"{split_key}_nil_f1" in m:
+            cells = [m.get(f"{split_key}_{k}") for k in ("nil_precision", "nil_recall", "nil_f1", "inkb_hits@1",
+                                                          "nil_accuracy")]  # fmt: skip
+            counts = f"{m.get(f'{split_key}_n_nil', '-')} / {m.get(f'{split_key}_n_inkb', '-')}"
+            rows.append(f"| {split} | {counts} | " + " | ".join("-" if c is None else f"{100 * c:.2f}" for c in cells)
+                        + " |")  # fmt: skip
+    if not rows:
+        return ""
+    return (
+        "NIL prediction (mentions whose entity is not in the KB; H@k and MRR above are over the in-KB mentions). "
+        "In-KB H@1: in-KB mentions linked to their entity and not answered NIL; NIL-aware accuracy: over all "
+        "mentions, a NIL mention answered NIL or an in-KB mention linked to its entity.\n\n"
+        "| split | NIL / in-KB mentions | NIL precision (%) | NIL recall (%) | NIL F1 (%) | in-KB H@1 (%) | "
+        "NIL-aware accuracy (%) |\n|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def build_model_card(
     config,
     *,
@@ -333,6 +402,9 @@ def build_model_card(
     """The model card of [`write_model_card`], as a `huggingface_hub.ModelCard` (nothing is written or downloaded)."""
     training = dict(training or {})
     dataset_id = _dataset_id(dataset_name)
+    if repo_id and not _looks_like_hub_id(str(repo_id)):  # a local folder (run_mel's --output_dir) names no repository
+        training.setdefault("model_name", _dataset_id(os.path.abspath(str(repo_id))))
+        repo_id = None
     model_name = training.get("model_name") or repo_id or f"otmel-{dataset_id}".lower()
     repo_id = repo_id or training.get("repo_id") or "your-username/" + model_name.split("/")[-1]
     license = training.get("license", license)
@@ -344,7 +416,9 @@ def build_model_card(
     data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag="feature-extraction",
+        # No Hub task fits (the Hub has no entity-linking task, and "feature-extraction" would promise a pipeline that
+        # does not work); the checkpoint's own pipeline is named in the tags and the text.
+        pipeline_tag=None,
         license=license,
         tags=list(TAGS) + (["synthetic-data"] if synthetic else []),
         datasets=[dataset_id],
@@ -416,6 +490,8 @@ score S_R, re-ranked by S_O), a gold entity missing from the shortlist ranks aft
 
 {metrics_markdown(metrics)}
 
+{nil_metrics_markdown(metrics)}
+
 For reference, the paper reports (H@1 / MRR, %) 83.30 / 88.27 on RichpediaMEL, 88.97 / 92.59 on WikiMEL and
 66.07 / 75.43 on WikiDiverse for OT-MEL (OT) with CLIP ViT-B/32; numbers on other data are not comparable with these.
 
@@ -433,7 +509,7 @@ the setting of WikiMEL / RichpediaMEL / WikiDiverse (MIMIC "cleaned" format).
 
 {data_note}
 
-- The model ranks a **closed** KB: it has no NIL prediction and always returns the best-scoring entities.
+{nil_markdown(config, metrics)}
 - Inputs are truncated to {_get(config, "max_text_length")} tokens; long attribute texts lose their end.
 - Pictures are resized and centre-cropped to the CLIP input size; a missing or unreadable picture is handled as "no
   image" (a learned embedding), never as a blank picture.
@@ -442,12 +518,18 @@ the setting of WikiMEL / RichpediaMEL / WikiDiverse (MIMIC "cleaned" format).
 
 ## How to use
 
-The modelling code ships with the checkpoint (`trust_remote_code=True`):
+The code ships with the checkpoint (`trust_remote_code=True`; it needs `torch`, `transformers`, `datasets` and
+`Pillow`). The `multimodal-entity-linking` pipeline encodes the KB once and links mentions against it (two-stage
+ranking: a shortlist by S_R, re-ranked by S_O):
 
 {usage_snippet(repo_id)}
 
-For a whole KB, the linker of the project's `linking_otmel.py` (not part of this checkpoint) does the batching, the
-caching of entity features and the two-stage ranking:
+The model and processor alone score mentions against entities:
+
+{model_snippet(repo_id)}
+
+The pipeline wraps the linker of `linking_otmel.py` (also shipped with the checkpoint), which can save and reload the
+encoded KB:
 
 ```python
 from linking_otmel import OTMELLinker
@@ -530,6 +612,9 @@ __all__ = [
     "collect_metrics",
     "paper_variant",
     "usage_snippet",
+    "model_snippet",
+    "nil_markdown",
+    "nil_metrics_markdown",
     "hub_files",
     "push_folder_to_hub",
     "HUB_IGNORE_PATTERNS",

@@ -10,11 +10,14 @@ cache keyed by the folder's content. With neither `--model_name_or_path` (an OT-
 and training text only; the default training arguments are the schedule of that tiny model (see README).
 """
 
+import argparse
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import time
 import dataclasses
@@ -34,10 +37,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_otmel import PAPER_MODELS, OTMELConfig
 from index_otmel import encode_kb
+from metrics_otmel import choose_nil_threshold, is_nil_answer, nil_metrics
 from modeling_otmel import LOSS_TERMS, OTMELModel
 from processing_otmel import OTMELProcessor
 from ranking_otmel import STRATEGIES, RankOptions, evaluation_metrics, rank_mentions
@@ -45,11 +48,20 @@ from ranking_otmel import STRATEGIES, RankOptions, evaluation_metrics, rank_ment
 
 logger = logging.getLogger(__name__)
 
+
+class UsageError(ValueError):
+    """A problem with the command line or with the data it names. Run as a script, run_mel.py prints the message and
+    exits with status 2, without a traceback."""
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "An OT-MEL checkpoint (local or Hub)."})
     clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to start a new OT-MEL from."})
-    mode: str = field(default="ot", metadata={"help": "The paper's model to train: " + " | ".join(PAPER_MODELS) + "."})
+    mode: str = field(
+        default="ot",
+        metadata={"help": "The paper's model to train: " + " | ".join(PAPER_MODELS) + ".", "choices": list(PAPER_MODELS)},
+    )
     fusion_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (ablations F1, F2)."})
     unimodal_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (M1, M2)."})
     pooling: str | None = field(default=None, metadata={"help": "softpool | mean | max (O1, O2)."})
@@ -68,6 +80,11 @@ class ModelArguments:
     tiny_image_size: int = field(default=64, metadata={"help": "Offline tiny CLIP: image size."})
     tiny_patch_size: int = field(default=16, metadata={"help": "Offline tiny CLIP: patch size."})
     tiny_vocab_size: int = field(default=4000, metadata={"help": "Offline tiny CLIP: tokenizer vocabulary."})
+    allow_untrained: bool = field(
+        default=False,
+        metadata={"help": "Let --do_eval / --do_predict rank with a model that was never trained (neither "
+                  "--model_name_or_path nor --do_train): random OT-MEL weights, a baseline only."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -135,6 +152,17 @@ class OTMELTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = False
     dataloader_drop_last: bool = True
     eval_every_epochs: int = field(default=5, metadata={"help": "With eval_strategy=epoch: evaluate every N epochs."})
+    kb_negatives: int = field(
+        default=0,
+        metadata={"help": "Per training mention, this many namesakes of its gold entity drawn from the KB join the batch "
+                  "as extra negatives (MELCollator), so that words alone cannot tell the batch's entities apart."},
+    )  # fmt: skip
+    # TrainingArguments 5.x has no overwrite_output_dir: without it, --do_train resumes a run found in --output_dir.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start training afresh in an --output_dir that holds checkpoints of another run (they are "
+                  "deleted) instead of resuming (the default when the run's settings match) or refusing (otherwise)."},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,34 +222,118 @@ def load_mel_dataset(
     return mentions, kb_dataset, path
 
 
-def keep_linkable(split: datasets.Dataset, qid_to_index: dict, split_name: str) -> datasets.Dataset:
-    """Drops mentions whose answer is not in the KB, with a counted warning (never silently)."""
+def keep_linkable(
+    split: datasets.Dataset, qid_to_index: dict, split_name: str, keep_nil: bool = False
+) -> datasets.Dataset:
+    """The mentions of `split` that can be scored: those whose answer is in the KB and, with `keep_nil` (validation
+    and test), those whose answer is NIL (`"nil"` or empty: the entity is not in the KB; `metrics_otmel.is_nil_answer`),
+    which NIL evaluation needs.
+
+    Dropped mentions are counted in a warning, never dropped silently: NIL mentions without `keep_nil` (training: the
+    in-batch objective needs a gold entity), and answers that are neither NIL nor a qid of the KB (an unknown qid).
+    """
     answers = split["answer"]
-    keep = [i for i, qid in enumerate(answers) if qid in qid_to_index]
-    if len(keep) < len(answers):
+    keep, nil, unknown = [], [], []
+    for i, qid in enumerate(answers):
+        if qid in qid_to_index:
+            keep.append(i)
+        elif is_nil_answer(qid):
+            nil.append(i)
+            if keep_nil:
+                keep.append(i)
+        else:
+            unknown.append(i)
+    if nil and keep_nil:
+        logger.info("%s: %d of %d mentions are NIL (entity not in the KB): kept for NIL evaluation",
+                    split_name, len(nil), len(answers))  # fmt: skip
+    elif nil:
+        logger.warning(
+            "%s: %d of %d mentions have a NIL answer (entity not in the KB) and are skipped: training needs a gold "
+            "entity", split_name, len(nil), len(answers),
+        )  # fmt: skip
+    if unknown:
         logger.warning(
             "%s: %d of %d mentions have an answer absent from the KB (e.g. %r) and are skipped",
-            split_name, len(answers) - len(keep), len(answers), next(q for q in answers if q not in qid_to_index),
+            split_name, len(unknown), len(answers), answers[unknown[0]],
         )  # fmt: skip
+    if len(keep) < len(answers):
         split = split.select(keep)
     return split
 
 
 class MELCollator:
-    """Turns mention rows into a batch of mentions with their gold entities (in-batch negatives).
+    """Turns mention rows into a batch of mentions with their gold entities (in-batch negatives), plus negatives mined
+    from the KB.
+
+    Entity rows `0..B-1` are the gold entities of the B mentions; with `kb_negatives = n > 0`, `B * n` more rows follow:
+    for each mention, n *namesakes* of its gold entity drawn at random from the KB (entities whose name holds every
+    word of the mention's surface, e.g. everyone called "Maria" for the surface "Maria"; when there are fewer, entities
+    whose name shares one of its words; then any entity), so a mention is not only told apart from random entities, whose
+    names alone differ, but from the entities its words cannot separate, whose attributes and picture must. The loss
+    takes every row as a column (`OTMELModel.forward` with B_e > B_m); `entity_ids` masks a column that holds a mention's
+    own gold entity. The draw uses the global torch random state, which the Trainer seeds and restores on resume; the
+    number of rows is fixed (`B * (1 + n)`), as gathering across processes needs.
 
     Images stay undecoded in the datasets (`decode=False`) and are decoded here, so a corrupt file becomes "no image".
     Preprocessed pictures are kept (float16) up to `image_cache_mb`: every epoch shows the same pictures again, and
     decoding plus resizing them cost about as much as a training step of the tiny model.
     """
 
-    def __init__(self, processor, kb, qid_to_index: dict, pad_to_max: bool = False, image_cache_mb: int = 1024):
+    def __init__(
+        self, processor, kb, qid_to_index: dict, pad_to_max: bool = False, image_cache_mb: int = 1024,
+        kb_negatives: int = 0,
+    ):  # fmt: skip
+        if kb_negatives < 0:
+            raise ValueError(f"--kb_negatives must be >= 0, got {kb_negatives}")
         self.processor = processor
         self.kb = kb
         self.qid_to_index = qid_to_index
         self.padding = "max_length" if pad_to_max else "longest"  # equal shapes on every process, to gather them
         self.cache = {}
         self.cache_bytes_left = image_cache_mb * 2**20
+        self.kb_negatives = kb_negatives
+        self._by_word = None
+
+    @staticmethod
+    def _words(text: str) -> list[str]:
+        return [w for w in re.split(r"\W+", text.casefold()) if w]
+
+    def _namesake_index(self) -> dict:
+        """`{word: tensor of KB rows whose name holds it}`, built on first use."""
+        if self._by_word is None:
+            by_word = {}
+            for row, name in enumerate(self.kb["name"]):
+                for word in set(self._words(name or "")):
+                    by_word.setdefault(word, []).append(row)
+            self._by_word = {w: torch.tensor(rows) for w, rows in by_word.items()}
+        return self._by_word
+
+    def mine_negatives(self, surfaces: list[str], gold: list[int]) -> list[int]:
+        """`len(surfaces) * kb_negatives` KB rows: for each mention in turn, `kb_negatives` namesakes of its gold entity
+        (see the class docstring), never the gold row itself (a KB may still hold a duplicate of it; the loss masks it
+        by `entity_ids`)."""
+        by_word, n, size = self._namesake_index(), self.kb_negatives, len(self.kb)
+        empty = torch.empty(0, dtype=torch.long)
+        out = []
+        for surface, g in zip(surfaces, gold):
+            pools = [by_word.get(w, empty) for w in dict.fromkeys(self._words(surface))]
+            chosen = []
+            if pools:
+                every = pools[0]
+                for pool in pools[1:]:
+                    every = every[torch.isin(every, pool)]
+                some = torch.unique(torch.cat(pools))
+                for pool in (every, some[~torch.isin(some, every)]):
+                    pool = pool[pool != g]
+                    if len(chosen) < n and len(pool):
+                        take = torch.randperm(len(pool))[: n - len(chosen)]
+                        chosen += pool[take].tolist()
+            while len(chosen) < n:
+                row = int(torch.randint(size, ()))
+                if row != g or size == 1:
+                    chosen.append(row)
+            out += chosen
+        return out
 
     def _pixels(self, images: list) -> dict:
         keys = [hashlib.blake2b(image["bytes"], digest_size=16).digest() if image and image.get("bytes") else None
@@ -245,6 +357,8 @@ class MELCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         entity_index = [self.qid_to_index[row["answer"]] for row in rows]
+        if self.kb_negatives:
+            entity_index += self.mine_negatives([r["mention"] for r in rows], entity_index)
         entities = self.kb[entity_index]
         proc = self.processor
         m = proc.process_mentions([r["mention"] for r in rows], [r["sentence"] for r in rows], padding=self.padding)
@@ -326,16 +440,60 @@ class OTMELTrainer(Trainer):
             progress=main, distributed=True,
         )  # fmt: skip
 
-    def ranking_metrics(self, result, prefix: str) -> dict:
-        metrics = evaluation_metrics(result)
+    def ranking_metrics(self, result, prefix: str, answers: list | None = None) -> dict:
+        """`{prefix}_hits@k`, `_mrr`, `_stage1_recall@k` of `result`. With `answers` (the gold qids), NIL mentions
+        (`metrics_otmel.is_nil_answer`) are left out of these, and when there are any or the model has a
+        `nil_threshold`, NIL prediction at that threshold is measured (`metrics_otmel.nil_metrics`: `_nil_precision`,
+        `_nil_recall`, `_nil_f1`, `_nil_accuracy`, `_inkb_hits@1`, counts, and `_nil_threshold` when set)."""
+        is_nil = torch.tensor([is_nil_answer(a) for a in answers], dtype=torch.bool) if answers is not None else None
+        threshold = getattr(self.accelerator.unwrap_model(self.model).config, "nil_threshold", None)
+        if is_nil is not None and bool(is_nil.any()):
+            in_kb = (~is_nil).nonzero().flatten()
+            metrics = evaluation_metrics(type(result)(*(f[in_kb] if f is not None else None for f in result)))
+        else:
+            metrics = evaluation_metrics(result)
+        if is_nil is not None and (bool(is_nil.any()) or threshold is not None):
+            metrics.update(nil_metrics(result.scores[:, 0], is_nil, result.gold_ranks == 1, threshold))
+            if threshold is not None:
+                metrics["nil_threshold"] = threshold
         if self.rank_options.strategy != "two_stage":  # stage 1 is not part of exhaustive ranking
             metrics = {k: v for k, v in metrics.items() if not k.startswith("stage1_")}
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
+    def choose_nil_threshold(self, split: datasets.Dataset | None):
+        """Sets the model's `config.nil_threshold` from `split` (the validation mentions): the threshold on the best
+        S_O that maximises NIL-aware accuracy (`metrics_otmel.choose_nil_threshold`); None (NIL prediction off) when
+        there is no split, the split has no NIL mention or no threshold helps. Logs the choice; the split's ranking is
+        kept for the next [`~OTMELTrainer.evaluate`] of the same split. Returns the threshold."""
+        config = self.accelerator.unwrap_model(self.model).config
+        is_nil = [is_nil_answer(a) for a in split["answer"]] if split is not None else []
+        if not any(is_nil):
+            config.nil_threshold = None
+            why = "has no NIL mention" if split is not None else "is not used in this run"
+            logger.info("The validation split %s: no NIL threshold is chosen (nil_threshold=None: the model always "
+                        "answers its best entity)", why)  # fmt: skip
+            return None
+        result = self.rank_split(split)
+        top, correct = result.scores[:, 0], result.gold_ranks == 1
+        config.nil_threshold = choose_nil_threshold(top, is_nil, correct)
+        chosen = nil_metrics(top, is_nil, correct, config.nil_threshold)
+        off = nil_metrics(top, is_nil, correct, None)
+        logger.info(
+            "NIL threshold on the best S_O, chosen on the validation split (%d NIL of %d mentions): %s; NIL-aware "
+            "accuracy %.4f (%.4f without NIL answers), NIL precision %.4f, recall %.4f", sum(is_nil), len(is_nil),
+            config.nil_threshold, chosen["nil_accuracy"], off["nil_accuracy"], chosen["nil_precision"],
+            chosen["nil_recall"],
+        )  # fmt: skip
+        self._kept_ranking = (split._fingerprint, result)
+        return config.nil_threshold
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.time()
-        metrics = self.ranking_metrics(self.rank_split(eval_dataset), metric_key_prefix)
+        kept, self._kept_ranking = getattr(self, "_kept_ranking", None), None
+        reuse = kept is not None and kept[0] == eval_dataset._fingerprint and not self.model.training
+        result = kept[1] if reuse else self.rank_split(eval_dataset)
+        metrics = self.ranking_metrics(result, metric_key_prefix, answers=list(eval_dataset["answer"]))
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 2)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -422,6 +580,453 @@ def load_model_and_processor(model_args, data_args, training_args, mentions, kb)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Arguments and start-up checks
+# ---------------------------------------------------------------------------------------------------------------
+
+# Training arguments that change what a run learns: a run found in --output_dir is resumed only if they match.
+TRAINING_SETTINGS = (
+    "learning_rate", "weight_decay", "num_train_epochs", "max_steps", "seed", "data_seed", "lr_scheduler_type",
+    "warmup_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "gradient_accumulation_steps", "bf16", "fp16",
+)  # fmt: skip
+RUN_SETTINGS_NAME = "run_settings.json"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _given_arguments(parser: HfArgumentParser, args: list[str] | None) -> dict:
+    """The arguments written on the command line, with their parsed values (defaults left out)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(args)
+    finally:
+        for action, default in defaults:
+            action.default = default
+    return vars(namespace)
+
+
+def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]]:
+    """Defaults changed so that none contradicts a setting the user gave: `(new defaults, (log level, note) pairs)`.
+
+    - Without `--do_train`, no evaluation or saving *during training* (the default `eval_strategy="epoch"` would turn
+      `--do_eval` on: TrainingArguments does so for any strategy but "no").
+    - `--eval_strategy` alone sets `--save_strategy` (and `--eval_steps` `--save_steps`), and the other way round:
+      `--load_best_model_at_end` (on by default) needs a checkpoint at every evaluation.
+    - `--load_best_model_at_end` (if not given) is turned off where it cannot work: no evaluation, no checkpoint, or
+      evaluations and checkpoints the user set apart.
+    - `--bf16` without a bf16 GPU runs on the CPU (`--use_cpu true`), which TrainingArguments otherwise refuses.
+    """
+    adjusted, notes = {}, []
+    if not value("do_train"):
+        for name, off in (("eval_strategy", "no"), ("save_strategy", "no"), ("load_best_model_at_end", False)):
+            if name not in given:
+                adjusted[name] = off
+    else:
+        eval_s, save_s = str(value("eval_strategy")), str(value("save_strategy"))
+        if "eval_strategy" in given and "save_strategy" not in given and eval_s in ("steps", "epoch"):
+            save_s = adjusted["save_strategy"] = eval_s
+            notes.append((logging.INFO, f"--save_strategy {save_s}: follows --eval_strategy (a checkpoint at each "
+                                        "evaluation, which --load_best_model_at_end needs)"))  # fmt: skip
+        elif "save_strategy" in given and "eval_strategy" not in given and save_s in ("steps", "epoch"):
+            eval_s = adjusted["eval_strategy"] = save_s
+            notes.append((logging.INFO, f"--eval_strategy {eval_s}: follows --save_strategy (an evaluation at each "
+                                        "checkpoint, which --load_best_model_at_end needs)"))  # fmt: skip
+        eval_steps, save_steps = value("eval_steps") or value("logging_steps"), value("save_steps")
+        if eval_s == save_s == "steps":
+            if "save_steps" not in given:
+                save_steps = adjusted["save_steps"] = eval_steps
+            elif "eval_steps" not in given:
+                eval_steps = adjusted["eval_steps"] = save_steps
+        if value("load_best_model_at_end") and "load_best_model_at_end" not in given:
+            reason, level = None, logging.WARNING
+            if eval_s == "no":
+                reason, level = "no evaluation during training (--eval_strategy no)", logging.INFO
+            elif save_s == "no":
+                reason, level = "no checkpoint is saved (--save_strategy no)", logging.INFO
+            elif save_s != "best" and eval_s != save_s:
+                reason = f"evaluations (--eval_strategy {eval_s}) and checkpoints (--save_strategy {save_s}) differ"
+            elif eval_s == "steps" and save_s == "steps" and min(eval_steps, save_steps) >= 1 and save_steps % eval_steps:
+                reason = f"--save_steps {save_steps} is not a multiple of --eval_steps {eval_steps}"
+            if reason:
+                adjusted["load_best_model_at_end"] = False
+                notes.append((level, f"--load_best_model_at_end false: {reason}; the model kept is the last one"))
+    if (value("bf16") or value("bf16_full_eval")) and not value("use_cpu") and "use_cpu" not in given:
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+            adjusted["use_cpu"] = True
+            notes.append((logging.INFO, "--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)"))
+    return adjusted, notes
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Parses the command line (or a single JSON file of settings) into
+    `(model_args, data_args, training_args, given, notes)`.
+
+    `given` maps each setting the user wrote (a flag or a JSON key) to its value; the script's defaults follow those
+    where they would contradict one (`_defaults_following`). `notes` are `(log level, message)` pairs for `main` to log
+    once logging is set up. Errors (a missing `--output_dir`, an unknown flag, TrainingArguments' own checks) raise
+    [`UsageError`] or exit through argparse, with status 2.
+    """
+    parser = HfArgumentParser((ModelArguments, DataArguments, OTMELTrainingArguments))
+    args = sys.argv[1:] if argv is None else list(argv)
+    json_file = os.path.abspath(args[0]) if len(args) == 1 and args[0].endswith(".json") else None
+    if json_file:
+        with open(json_file, encoding="utf-8") as f:
+            given = json.load(f)
+    else:
+        given = _given_arguments(parser, args)
+
+    def value(name):
+        return given[name] if name in given else parser.get_default(name)
+
+    # TrainingArguments 5.x fills in "trainer_output" for a missing output_dir: the run's outputs would land there.
+    if not value("output_dir"):
+        parser.error("--output_dir is required: the folder for the checkpoints, metrics, predictions and model")
+    adjusted, notes = _defaults_following(value, given)
+    try:
+        if json_file:
+            model_args, data_args, training_args = parser.parse_dict({**adjusted, **given})
+        else:
+            parser.set_defaults(**adjusted)
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    except ValueError as error:  # an unknown flag or JSON key, or TrainingArguments' own checks
+        raise UsageError(str(error)) from None
+    return model_args, data_args, training_args, given, notes
+
+
+def check_arguments(model_args, data_args, training_args, given: dict) -> None:
+    """Refuses ([`UsageError`], naming the flags) a command line that would run without doing what it says: nothing to
+    do, a value out of range, an invalid model setting, or an evaluation of a model that was never trained. Cheap: runs
+    before any data or model is loaded."""
+    do_train, do_eval, do_predict = training_args.do_train, training_args.do_eval, training_args.do_predict
+    if not (do_train or do_eval or do_predict):
+        raise UsageError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    if model_args.mode not in PAPER_MODELS:
+        raise UsageError(f"--mode {model_args.mode!r} is invalid; allowed: {', '.join(PAPER_MODELS)}")
+    if data_args.strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {data_args.strategy!r} is invalid; allowed: {', '.join(STRATEGIES)}")
+    at_least_one = {
+        "candidates": data_args.candidates, "predict_top_k": data_args.predict_top_k,
+        "kb_batch_size": data_args.kb_batch_size, "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "eval_every_epochs": training_args.eval_every_epochs, "max_text_length": data_args.max_text_length,
+        "max_train_samples": data_args.max_train_samples, "max_eval_samples": data_args.max_eval_samples,
+        "max_predict_samples": data_args.max_predict_samples,
+    }  # fmt: skip
+    if do_train:
+        at_least_one["per_device_train_batch_size"] = training_args.per_device_train_batch_size
+    for name, number in at_least_one.items():
+        if number is not None and number < 1:
+            raise UsageError(f"--{name} {number}: must be a positive integer")
+    if do_train:
+        if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+            raise UsageError(
+                f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing: give a positive "
+                "--num_train_epochs or --max_steps"
+            )
+        if not training_args.learning_rate > 0:
+            raise UsageError(f"--learning_rate {training_args.learning_rate}: must be > 0")
+    if model_args.model_name_or_path and model_args.clip_model:
+        raise UsageError(
+            "--model_name_or_path (a trained OT-MEL checkpoint) and --clip_model (a CLIP checkpoint to start a new "
+            "OT-MEL from) exclude each other: give one"
+        )
+    ignored = sorted(f"--{name}" for name in given if name.startswith("tiny_"))
+    if ignored and (model_args.model_name_or_path or model_args.clip_model):
+        logger.warning("%s only shape the offline tiny CLIP: ignored with --model_name_or_path / --clip_model",
+                       ", ".join(ignored))  # fmt: skip
+
+    overrides = build_config_overrides(model_args, data_args)
+    config = None
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig
+
+        name = model_args.model_name_or_path
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=True)
+        except (OSError, ValueError) as error:  # not found locally nor on the Hub, offline, not a model folder
+            raise UsageError(f"--model_name_or_path {name}: no OT-MEL checkpoint there ({type(error).__name__}: "
+                             f"{error})") from None  # fmt: skip
+        if getattr(config, "model_type", None) != OTMELConfig.model_type:
+            raise UsageError(f"--model_name_or_path {name} is a {config.model_type!r} checkpoint, not an OT-MEL one; to "
+                             "start a new OT-MEL from a CLIP checkpoint, use --clip_model")  # fmt: skip
+    try:
+        if config is not None:
+            for key, setting in overrides.items():
+                setattr(config, key, setting)
+            config.check_settings()
+        else:
+            OTMELConfig(**overrides)  # validates its settings
+    except ValueError as error:
+        raise UsageError(f"invalid model settings: {error}") from None
+
+    if (do_eval or do_predict) and not do_train and not model_args.model_name_or_path:
+        flags = " and ".join(flag for flag, on in (("--do_eval", do_eval), ("--do_predict", do_predict)) if on)
+        if model_args.clip_model and model_args.mode == "clip":
+            logger.warning(
+                "Zero-shot evaluation: %s ranks with the pretrained CLIP %s as it is (--mode clip: global features "
+                "only), without any OT-MEL training", flags, model_args.clip_model,
+            )  # fmt: skip
+        elif model_args.allow_untrained:
+            logger.warning("%s ranks with an untrained model (--allow_untrained): random OT-MEL weights", flags)
+        else:
+            base = f"the CLIP {model_args.clip_model}" if model_args.clip_model else "the offline tiny CLIP"
+            raise UsageError(
+                f"{flags} without --do_train or --model_name_or_path would rank with an untrained model (random "
+                f"OT-MEL weights on {base}). Pass --model_name_or_path with a trained OT-MEL checkpoint, or add "
+                "--do_train; for the zero-shot CLIP baseline pass --clip_model <a CLIP checkpoint> --mode clip; "
+                "--allow_untrained ranks with the untrained model anyway"
+            )  # fmt: skip
+
+
+def run_settings(model_args, data_args, training_args) -> dict:
+    """What decides the result of a training run (data, starting model, model config, optimisation), as stored in
+    `run_settings.json` of the output folder and compared before resuming a run found there."""
+    def where(path):
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+
+    settings = {
+        "dataset_name": where(data_args.dataset_name),
+        "max_train_samples": data_args.max_train_samples,
+        "model_name_or_path": model_args.model_name_or_path,
+        "clip_model": model_args.clip_model,
+        "mode": model_args.mode,
+    }
+    # Own data files (data_otmel): recorded only when given, so settings stored before they existed still compare.
+    for name in ("train_file", "validation_file", "kb", "kb_columns", "mention_columns"):
+        value = getattr(data_args, name, None)
+        if value is not None:
+            settings[name] = where(value) if name in ("train_file", "validation_file", "kb") else value
+    if not (model_args.model_name_or_path or model_args.clip_model):
+        settings.update({f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)
+                         if f.name.startswith("tiny_")})  # fmt: skip
+    settings.update(build_config_overrides(model_args, data_args))
+    settings.update({name: getattr(training_args, name) for name in TRAINING_SETTINGS})
+    settings["total_train_batch_size"] = (
+        training_args.per_device_train_batch_size * max(1, training_args.world_size)
+        * training_args.gradient_accumulation_steps
+    )  # fmt: skip
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _read_run_settings(folder: str) -> dict | None:
+    path = os.path.join(folder, RUN_SETTINGS_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _settings_differences(before: dict, now: dict) -> str:
+    def show(settings, key):
+        return repr(settings[key]) if key in settings else "unset"
+
+    keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+    return "; ".join(f"{key}: {show(before, key)} there, {show(now, key)} now" for key in keys)
+
+
+def _checkpoints(folder: str) -> list[str]:
+    return sorted(
+        (os.path.join(folder, name) for name in os.listdir(folder)
+         if _CHECKPOINT_DIR.match(name) and os.path.isdir(os.path.join(folder, name))),
+        key=lambda path: int(_CHECKPOINT_DIR.match(os.path.basename(path)).group(1)),
+    )  # fmt: skip
+
+
+def _checkpoint_progress(checkpoint: str) -> str:
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        step, total = state["global_step"], state["max_steps"]
+        return f"step {step} of {total}" + ("; that run is complete, so no step is left to train" if step >= total else "")
+    except (OSError, ValueError, KeyError):
+        return "step unknown: no readable trainer_state.json"
+
+
+def resume_point(training_args, settings: dict) -> str | None:
+    """The checkpoint `--do_train` resumes from, or None to train afresh; says so at the default log level (WARNING).
+
+    The last checkpoint in `--output_dir` is resumed when the run that wrote it had the same [`run_settings`]. A run
+    with other settings is refused ([`UsageError`] naming the folder, the settings that differ and the flags), unless
+    `--overwrite_output_dir` (its checkpoints are deleted by [`start_run`]) or `--resume_from_checkpoint` (resumed as
+    asked, the differences logged).
+    """
+    out = training_args.output_dir
+    if training_args.resume_from_checkpoint:
+        checkpoint = training_args.resume_from_checkpoint
+        before = _read_run_settings(os.path.dirname(os.path.abspath(checkpoint)))
+        differences = _settings_differences(before, settings) if before is not None else ""
+        logger.warning("Resuming from %s (%s), as --resume_from_checkpoint asks%s", checkpoint,
+                       _checkpoint_progress(checkpoint), f", with other settings: {differences}" if differences else "")  # fmt: skip
+        return checkpoint
+    if not os.path.isdir(out):
+        return None
+    checkpoints = _checkpoints(out)
+    before = _read_run_settings(out)
+    differences = _settings_differences(before, settings) if before is not None else ""
+    if training_args.overwrite_output_dir:
+        if checkpoints:
+            logger.warning("--overwrite_output_dir: training afresh in %s; its %d checkpoint(s) are deleted when "
+                           "training starts", out, len(checkpoints))  # fmt: skip
+        return None
+    if not checkpoints:
+        if differences:
+            logger.warning("%s holds the outputs of a run with other settings (%s): this run replaces them", out,
+                           differences)  # fmt: skip
+        return None
+    checkpoint = checkpoints[-1]
+    if before is None:
+        logger.warning(
+            "Resuming the run in %s from %s (%s). Its settings cannot be compared with this run's (no %s: an older "
+            "run_mel.py wrote it); pass --overwrite_output_dir to train afresh", out, checkpoint,
+            _checkpoint_progress(checkpoint), RUN_SETTINGS_NAME,
+        )  # fmt: skip
+        return checkpoint
+    if differences:
+        raise UsageError(
+            f"--output_dir {out} holds checkpoints of a run with other settings ({differences}). Resuming it would "
+            f"continue that run ({_checkpoint_progress(checkpoint)}) and keep its weights, not train with these "
+            f"settings. Pass --overwrite_output_dir to delete its checkpoints and train afresh, choose another "
+            f"--output_dir, or pass --resume_from_checkpoint {checkpoint} to continue it anyway"
+        )
+    logger.warning("Resuming the run in %s from %s (%s): its settings match this run's. Pass --overwrite_output_dir to "
+                   "train afresh", out, checkpoint, _checkpoint_progress(checkpoint))  # fmt: skip
+    return checkpoint
+
+
+def start_run(training_args, settings: dict) -> None:
+    """Right before training, on the main process: deletes the checkpoints `--overwrite_output_dir` discards and
+    writes the run's settings to `--output_dir/run_settings.json` (what a later run compares before resuming)."""
+    if training_args.process_index != 0:
+        return
+    out = training_args.output_dir
+    os.makedirs(out, exist_ok=True)
+    if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+        for checkpoint in _checkpoints(out):
+            shutil.rmtree(checkpoint)
+    tmp = os.path.join(out, f".{RUN_SETTINGS_NAME}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(out, RUN_SETTINGS_NAME))
+
+
+def fit_batch_to_data(training_args, n_train: int) -> None:
+    """Shrinks `per_device_train_batch_size` (with a warning) when the training split holds less than one batch: with
+    `dataloader_drop_last` the incomplete batch is dropped and no step would run. Refuses fewer than 2 mentions."""
+    world = max(1, training_args.world_size)
+    batch = training_args.per_device_train_batch_size
+    if not training_args.dataloader_drop_last or n_train >= batch * world:
+        return
+    fitted = n_train // world
+    if fitted * world < 2:
+        raise UsageError(
+            f"{n_train} training mention(s) on {world} process(es): in-batch contrastive training needs batches of "
+            "at least 2 mentions (and at least 1 per process)"
+        )
+    logger.warning(
+        "Only %d training mentions, fewer than one batch of %d (--per_device_train_batch_size %d x %d process(es)): "
+        "the incomplete last batch is dropped (dataloader_drop_last), so no step would run. Training with batches of "
+        "%d per process", n_train, batch * world, batch, world, fitted,
+    )  # fmt: skip
+    training_args.per_device_train_batch_size = fitted
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_DATASET_EXPECTED = (
+    "Expected a dataset id on the Hub, a folder made by datasets_scripts/convert_mimic.py (a README.md whose configs "
+    "include 'mentions' and 'kb'), or a raw folder in the MIMIC layout (kb_entity.json and *_train.json)"
+)
+
+
+def check_dataset_source(data_args) -> None:
+    """Raises [`UsageError`] naming the path and what was expected when `--dataset_name` is not something
+    `load_mel_dataset` reads: a local path that does not exist (never looked up on the Hub: a path with `./`, `../`,
+    `/`, `~`, more than one `/`, or whose first folder exists here), a file, a folder that is neither a converted dataset
+    nor a MIMIC-layout folder, or a name the Hub (or its offline cache) does not know. Only the configs that are used
+    are tried: `mentions` unless mention files are given, `kb` unless `--kb` is."""
+    name = data_args.dataset_name
+    if not name:
+        return
+    files = [getattr(data_args, f"{split}_file", None) for split in ("train", "validation", "test")]
+    configs = [config for config, used in (("mentions", not any(files)), ("kb", not getattr(data_args, "kb", None))) if used]
+    if not configs:
+        return
+    where = os.path.abspath(os.path.expanduser(name))
+    if os.path.isdir(name):
+        from datasets_scripts.convert_mimic import is_mimic_layout
+
+        if is_mimic_layout(name):
+            return
+        problem = f"the folder {where} is not a dataset this script reads"
+    elif os.path.exists(name):
+        raise UsageError(f"--dataset_name {name}: {where} is a file, not a dataset (for mention and KB table files use "
+                         f"--train_file / --validation_file / --test_file and --kb). {_DATASET_EXPECTED}")  # fmt: skip
+    else:
+        first = name.split("/")[0]
+        if not _HUB_ID.fullmatch(name) or (first != name and os.path.isdir(first)):
+            raise UsageError(f"--dataset_name {name}: no such folder ({where}). {_DATASET_EXPECTED}")
+        problem = f"no folder {where}, and the Hub has no such dataset (or cannot be reached)"
+    for config in configs:
+        try:
+            datasets.load_dataset_builder(name, config)
+        except (OSError, ValueError) as error:  # not found, offline, or no such config
+            raise UsageError(f"--dataset_name {name}: {problem} ({type(error).__name__}: {error}). "
+                             f"{_DATASET_EXPECTED}") from None  # fmt: skip
+
+
+def _without_picture(data: datasets.Dataset) -> int | None:
+    """Rows of an `image` column with neither bytes nor path (None if it cannot be counted without reading pictures)."""
+    if data._indices is not None or not isinstance(data.features.get("image"), ImageFeature):
+        return None
+    import pyarrow.compute as pc
+
+    count = 0
+    for chunk in data.data.column("image").chunks:
+        empty = pc.and_(pc.is_null(chunk.field("bytes")), pc.is_null(chunk.field("path")))
+        count += pc.sum(pc.or_(chunk.is_null(), empty)).as_py() or 0
+    return count
+
+
+def complete_columns(mentions: datasets.DatasetDict, kb: datasets.Dataset, label: str):
+    """Checks the columns run_mel reads in the KB and in every mention split, and returns `(mentions, kb)` completed.
+
+    A missing required column (KB: qid, name; mentions: mention, answer) is a [`UsageError`] listing the columns found.
+    Optional ones are added, with a counted warning: `image` (no picture), `attributes` / `sentence` (empty text), `id`
+    (the row number). Pictures missing in part are counted at INFO level.
+    """
+
+    def complete(data, what, items, required, optional):
+        missing = [column for column in required if column not in data.column_names]
+        if missing:
+            raise UsageError(f"{label}: the {what} lack(s) the column(s) {', '.join(missing)}; columns found: "
+                             f"{', '.join(data.column_names) or 'none'}")  # fmt: skip
+        n = len(data)
+        for column, fill, meaning in optional:
+            if column not in data.column_names:
+                logger.warning("%s has no %s column: all %d %s %s", what, column, n, items, meaning)
+                data = data.add_column(column, [fill(i) for i in range(n)])
+        if "image" not in data.column_names:
+            logger.warning("%s has no image column: all %d %s without picture", what, n, items)
+            data = data.add_column("image", [None] * n, feature=ImageFeature(decode=False))
+        else:
+            absent = _without_picture(data)
+            if absent and absent == n:
+                logger.warning("%s: all %d %s without picture (the image column is empty)", what, n, items)
+            elif absent:
+                logger.info("%s: %d of %d %s without picture", what, absent, n, items)
+        return data
+
+    kb = complete(kb, "KB", "entities", ("qid", "name"), [("attributes", lambda i: "", "with empty attributes")])
+    for split in list(mentions):
+        mentions[split] = complete(
+            mentions[split], f"'{split}' mentions", "mentions", ("mention", "answer"),
+            [("sentence", lambda i: "", "with an empty sentence"), ("id", str, "numbered by row")],
+        )  # fmt: skip
+    return mentions, kb
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -430,13 +1035,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Without this, transformers leaves CPU processes launched by torchrun undistributed (each thinks it is alone).
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((ModelArguments, DataArguments, OTMELTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.output_dir is None:
-        parser.error("--output_dir is required")
+    model_args, data_args, training_args, given, notes = parse_arguments(argv)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -449,14 +1048,16 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity(log_level)
     for name in ("processing_otmel", "index_otmel", "ranking_otmel", "data_otmel", "datasets_scripts.convert_mimic"):
         logging.getLogger(name).setLevel(logging.INFO if log_level <= logging.INFO else log_level)
+    for level, note in notes:
+        logger.log(level, note)
     logger.info("Training/evaluation parameters %s", training_args)
 
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir) and not training_args.resume_from_checkpoint:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info("Checkpoint found at %s: resuming. Use another --output_dir to start afresh.", last_checkpoint)
+    # Refuse what cannot do what it says before loading anything; find the run to resume (or refuse a different one).
+    check_arguments(model_args, data_args, training_args, given)
+    settings = run_settings(model_args, data_args, training_args) if training_args.do_train else None
+    last_checkpoint = resume_point(training_args, settings) if training_args.do_train else None
     set_seed(training_args.seed)
+    check_dataset_source(data_args)
 
     mentions, kb, _ = load_mel_dataset(
         data_args.dataset_name, data_args.data_cache_dir, train_file=data_args.train_file,
@@ -467,35 +1068,46 @@ def main(argv=None):
     dataset_label = data_args.dataset_name or next(
         f for f in (data_args.train_file, data_args.validation_file, data_args.test_file) if f
     )
+    mentions, kb = complete_columns(mentions, kb, dataset_label)
     qid_to_index = {}
     for i, qid in enumerate(kb["qid"]):
         qid_to_index.setdefault(qid, i)
     for split in list(mentions):
-        mentions[split] = keep_linkable(mentions[split], qid_to_index, split)
+        mentions[split] = keep_linkable(mentions[split], qid_to_index, split, keep_nil=split != "train")
     mentions = mentions.cast_column("image", ImageFeature(decode=False))
     kb = kb.cast_column("image", ImageFeature(decode=False))
 
-    model, processor, base_model = load_model_and_processor(model_args, data_args, training_args, mentions, kb)
-    logger.info("Model config: %s", model.config.to_diff_dict())
-
     def take(split, limit):
+        # Evaluation during training (any --eval_strategy but "no") turns do_eval on: it needs the validation split.
+        hint = "; pass --eval_strategy no to train without evaluation" if split == "validation" and training_args.do_train else ""
         if split not in mentions:
             given = "" if data_args.dataset_name else f" (give --{split}_file)"
-            raise ValueError(f"{dataset_label} has no '{split}' split{given} (has: {', '.join(mentions)})")
+            raise UsageError(f"{dataset_label} has no '{split}' split{given} (has: {', '.join(mentions)}){hint}")
         data = mentions[split]
-        return data.select(range(min(limit, len(data)))) if limit is not None else data
+        data = data.select(range(min(limit, len(data)))) if limit is not None else data
+        if len(data) == 0:
+            raise UsageError(f"{dataset_label}: the '{split}' split has no mention left to use{hint}")
+        return data
 
     train_dataset = take("train", data_args.max_train_samples) if training_args.do_train else None
-    eval_dataset = take("validation", data_args.max_eval_samples) if (training_args.do_eval or training_args.do_train) else None
-    if training_args.eval_strategy != "no" and eval_dataset is None:
-        raise ValueError("evaluation during training needs a validation split")
+    eval_dataset = take("validation", data_args.max_eval_samples) if training_args.do_eval else None
+    if training_args.do_predict:
+        take("test", data_args.max_predict_samples)  # checked now, not after training
+    if train_dataset is not None:
+        fit_batch_to_data(training_args, len(train_dataset))
+
+    model, processor, base_model = load_model_and_processor(model_args, data_args, training_args, mentions, kb)
+    logger.info("Model config: %s", model.config.to_diff_dict())
 
     trainer = OTMELTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MELCollator(processor, kb, qid_to_index, pad_to_max=training_args.world_size > 1),
+        data_collator=MELCollator(
+            processor, kb, qid_to_index, pad_to_max=training_args.world_size > 1,
+            kb_negatives=training_args.kb_negatives,
+        ),
         processing_class=processor,
         callbacks=[EvaluateEveryEpochs(training_args.eval_every_epochs)],
         kb=kb,
@@ -505,9 +1117,18 @@ def main(argv=None):
 
     all_metrics, training = {}, None
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        start_run(training_args, settings)
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        # The NIL threshold of the trained model, chosen on validation and saved with it (config.nil_threshold).
+        nil_split = eval_dataset
+        if nil_split is None and len(mentions.get("validation", [])):
+            nil_split = take("validation", data_args.max_eval_samples)
+        trainer.choose_nil_threshold(nil_split)
         trainer.save_model()
+        if trainer.is_world_process_zero():
+            from pipeline_otmel import save_pipeline_files
+
+            save_pipeline_files(training_args.output_dir, model.config)  # pipeline("multimodal-entity-linking")
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_dataset)
         trainer.log_metrics("train", metrics)
@@ -527,6 +1148,8 @@ def main(argv=None):
         }
 
     if training_args.do_eval:
+        if not training_args.do_train:
+            trainer.choose_nil_threshold(eval_dataset)
         metrics = trainer.evaluate(metric_key_prefix="eval")
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -536,13 +1159,14 @@ def main(argv=None):
         test = take("test", data_args.max_predict_samples)
         start = time.time()
         result = trainer.rank_split(test, top_k=data_args.predict_top_k)
-        metrics = trainer.ranking_metrics(result, "test")
+        metrics = trainer.ranking_metrics(result, "test", answers=list(test["answer"]))
         metrics["test_runtime"] = round(time.time() - start, 2)
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
         all_metrics.update(metrics)
         if trainer.is_world_process_zero():
-            write_predictions(os.path.join(training_args.output_dir, "predictions_test.jsonl"), test, kb, result)
+            write_predictions(os.path.join(training_args.output_dir, "predictions_test.jsonl"), test, kb, result,
+                              nil_threshold=model.config.nil_threshold)  # fmt: skip
 
     if trainer.is_world_process_zero() and (training_args.do_train or training_args.do_eval or training_args.do_predict):
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -566,8 +1190,9 @@ def main(argv=None):
     return all_metrics
 
 
-def write_predictions(path: str, split: datasets.Dataset, kb: datasets.Dataset, result) -> None:
-    """One JSON line per mention: id, gold qid, rank of the gold entity, and the top predictions with their scores."""
+def write_predictions(path: str, split: datasets.Dataset, kb: datasets.Dataset, result, nil_threshold=None) -> None:
+    """One JSON line per mention: id, gold qid, rank of the gold entity (-1 for a NIL gold), the top predictions with
+    their scores and, with a `nil_threshold`, `"nil"`: whether the mention is answered NIL (best score below it)."""
     qids = kb["qid"]
     with open(path, "w", encoding="utf-8") as f:
         for row_id, gold, rank, top, scores in zip(
@@ -575,18 +1200,21 @@ def write_predictions(path: str, split: datasets.Dataset, kb: datasets.Dataset, 
         ):
             predictions = [{"qid": qids[i], "score": round(float(s), 5)} for i, s in zip(top, scores)]
             row = {"id": row_id, "gold": gold, "rank": rank, "predictions": predictions}
+            if nil_threshold is not None:
+                row["nil"] = bool(scores) and scores[0] < nil_threshold
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     logger.info("Wrote %s", path)
 
 
 def console_main(argv=None) -> int:
     """The `otmel-train` command: runs [`main`] (which returns the metrics) and gives the exit status, 2 with the
-    message for a data problem (`data_otmel.DataFormatError`: bad file, missing column, missing argument)."""
+    message for a data problem (`data_otmel.DataFormatError`: bad file, missing column, missing argument) or a usage
+    problem ([`UsageError`]: arguments that contradict each other or would not do what they say)."""
     from data_otmel import DataFormatError
 
     try:
         main(argv)
-    except DataFormatError as err:
+    except (DataFormatError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,7 @@ from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
 import visualize_otmel  # noqa: E402
 from model_card import collect_metrics, hub_files, metrics_markdown, write_model_card  # noqa: E402
 from modeling_otmel import OTMELModel  # noqa: E402
+from pipeline_otmel import save_pipeline_files  # noqa: E402
 from processing_otmel import OTMELProcessor  # noqa: E402
 from tiny_clip import build_tiny_clip  # noqa: E402
 
@@ -103,6 +104,7 @@ def hub_setup(tmp_path_factory):
     folder = root / "otmel-synthetic-tiny"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    save_pipeline_files(folder, model.config)  # what run_mel.py does: the card's snippet uses the pipeline
     write_model_card(
         folder, model.config, dataset_name="data/synthetic", metrics=METRICS, training=TRAINING, base_model=clip_dir
     )
@@ -125,9 +127,9 @@ def test_model_card_metadata_and_body(hub_setup):
     card = ModelCard.load(hub_setup["folder"] / "README.md")
     data = card.data
     assert data.library_name == "transformers"
-    assert data.pipeline_tag == "feature-extraction"
+    assert data.pipeline_tag is None  # no Hub task fits; the checkpoint's own pipeline is in the tags and the text
     assert data.license
-    for tag in ("entity-linking", "multimodal", "optimal-transport", "clip"):
+    for tag in ("entity-linking", "multimodal-entity-linking", "multimodal", "optimal-transport", "clip"):
         assert tag in data.tags
     assert data.datasets == ["synthetic"]
     # A local folder is no Hub repository: it is described in the text, not put in the base_model metadata.
@@ -148,6 +150,7 @@ def test_model_card_metadata_and_body(hub_setup):
     assert "| assignment space size D (`hidden_size`) | 32 |" in text
     assert "| learning rate | 0.0002 |" in text
     assert "trained on synthetic data" in text
+    assert 'pipeline("multimodal-entity-linking", model=repo, trust_remote_code=True, index=kb)' in text
     assert 'AutoModel.from_pretrained(repo, trust_remote_code=True)' in text
     assert 'AutoProcessor.from_pretrained(repo, trust_remote_code=True)' in text
     assert "OTMELLinker.from_pretrained(" in text and ".link(" in text
@@ -197,6 +200,8 @@ def test_folder_holds_what_a_hub_user_needs(hub_setup):
         "configuration_otmel.py",
         "modeling_otmel.py",
         "processing_otmel.py",
+        "pipeline_otmel.py",
+        "linking_otmel.py",
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -206,6 +211,7 @@ def test_folder_holds_what_a_hub_user_needs(hub_setup):
 
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "otmel"
+    assert config["custom_pipelines"]["multimodal-entity-linking"]["impl"] == "pipeline_otmel.OTMELPipeline"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_otmel.OTMELConfig",
         "AutoModel": "modeling_otmel.OTMELModel",
@@ -220,6 +226,10 @@ def test_folder_holds_what_a_hub_user_needs(hub_setup):
 
 FRESH_PROCESS = r'''
 import importlib.util, json, os, re, sys
+# A user without the checkout: drop an editable install of it (a finder on sys.meta_path) and its folder on sys.path.
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(sys.argv[2])]
+sys.path_importer_cache.clear()
 assert importlib.util.find_spec("modeling_otmel") is None, "the checkout leaked into the fresh process"
 import torch
 from transformers import AutoModel, AutoProcessor
@@ -237,7 +247,7 @@ with torch.no_grad():
     scores = model.score(queries, entities).overall
 print("SCORES " + json.dumps(scores.tolist()))
 
-# The model card's snippet, run as a user would (its repository id replaced by the folder).
+# The model card's first snippet (the pipeline), run as a user would (its repository id replaced by the folder).
 card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
 snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
 snippet = re.sub(r'^repo = "[^"]*"', "repo = " + json.dumps(folder), snippet, count=1, flags=re.M)
@@ -258,7 +268,7 @@ def test_loads_in_a_fresh_process_and_scores_the_same(hub_setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
     result = subprocess.run(
-        [sys.executable, str(script), str(args)], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(args), REPO], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("SCORES "))
