@@ -623,9 +623,16 @@ def load_kb(source: str, columns=None, cache_dir: str | None = None, where: str 
         raise DataFormatError(f"{where} {source}: unknown file type; a KB file is one of {', '.join(TABLE_FORMATS)}")
     path = source
     if os.path.isdir(source):
-        from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
-
-        if is_mimic_layout(source):
+        try:  # the converter is part of the checkout, not of a checkpoint's remote code (Hub users lack it)
+            from datasets_scripts.convert_mimic import cached_convert, is_mimic_layout
+        except ImportError:
+            if os.path.isfile(os.path.join(source, "kb_entity.json")):
+                raise DataFormatError(
+                    f"{where} {source}: a raw MIMIC-layout folder needs datasets_scripts/convert_mimic.py (the otmel "
+                    "checkout) to be converted; convert it there first and give the converted folder"
+                ) from None
+            cached_convert = is_mimic_layout = None
+        if is_mimic_layout is not None and is_mimic_layout(source):
             cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel", "converted")
             converted, _ = cached_convert(source, cache_dir)
             logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", source, converted)

@@ -210,7 +210,10 @@ _faiss_cache = {}
 def faiss_stage1(index: EntityIndex, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact stage-1 top-k by FAISS `IndexFlatIP` over `index.retrieval` (built once per index and `index.version`,
     so rebuilt after [`~index_otmel.EntityIndex.add`] / `remove`): `(scores, rows)`."""
-    import faiss
+    try:  # optional: inside try, so that transformers does not require it of remote-code users
+        import faiss
+    except ImportError as err:
+        raise ImportError("stage1='faiss' needs the faiss package (pip install faiss-cpu); stage1='torch' does not") from err
 
     key = id(index)
     cached = _faiss_cache.get(key)

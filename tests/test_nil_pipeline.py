@@ -290,6 +290,19 @@ def test_run_mel_chooses_and_reports_the_nil_threshold(nil_run):
         assert (out / name).read_text() == open(os.path.join(ROOT, name)).read()
 
 
+def test_remote_code_imports_only_common_packages():
+    """From the Hub (unlike from a local folder) transformers checks the imports of every remote-code file the pipeline
+    needs, except those inside `try`: none may be an optional package (faiss) or a part of the checkout that the
+    folder does not carry (datasets_scripts)."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "datasets", "pyarrow", "safetensors", "tqdm",
+                                               "PIL", "numpy", "huggingface_hub"}  # fmt: skip
+    start = os.path.join(ROOT, "pipeline_otmel.py")
+    for path in [start, *get_relative_import_files(start)]:
+        assert set(get_imports(path)) <= allowed, (path, set(get_imports(path)) - allowed)
+
+
 FRESH_PROCESS = r'''
 import importlib.util, json, os, sys
 # A user without the checkout: drop an editable install of it (a finder on sys.meta_path) and its folder on sys.path.
