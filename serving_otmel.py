@@ -12,11 +12,11 @@
   accepted), or as a path relative to `--image_root` (`image_path`; symlinks are resolved and the file must lie under
   the root: a client can never make the server read any other file).
 - `GET /health`; `GET /info`: the model, the index (size, fingerprint, version, folder), the settings and counters.
-- `POST /entities` `{"entities": [{"qid", "name", "attributes", "image_base64"?}]}` adds entities or replaces those
-  whose qid is in the KB; `DELETE /entities/{qid}` removes one. Only the new entities are encoded; the new index is
-  built beside the serving one (copy-on-write), saved to `--index`, then swapped in under a lock, so every link
-  request is ranked against one whole KB state, old or new, and reports its `index_version`. Changes are answered
-  only once saved; they are all-or-nothing and applied one at a time. Without `--index` the server refuses them (409).
+- `POST /entities` `{"entities": [{"qid", "name", "attributes", "image_base64"? or "image_path"?}]}` adds entities or
+  replaces those whose qid is in the KB; `DELETE /entities/{qid}` removes one. Only the new entities are encoded; the
+  new index is built beside the serving one (copy-on-write), saved to `--index`, then swapped in under a lock, so every
+  link request is ranked against one whole KB state, old or new, and reports its `index_version`. Changes are
+  answered once saved; they are all-or-nothing and applied one at a time. Without `--index` they are refused (409).
 
 Dynamic batching: requests wait in an asyncio queue; one batcher takes up to `--max_batch_mentions` mentions from it
 (waiting at most `--max_wait_ms` for more once the queue is empty), groups them by their settings (`top_k`,
@@ -285,17 +285,27 @@ def index_fingerprint(index: EntityIndex) -> str:
 
 
 def copy_for_write(index: EntityIndex) -> EntityIndex:
-    """A new `EntityIndex` object sharing `index`'s tensors, for [`~EntityIndex.add`] / [`~EntityIndex.remove`] to
-    change while `index` keeps serving.
+    """A new `EntityIndex` object for [`~EntityIndex.add`] / [`~EntityIndex.remove`] to change while `index` keeps
+    serving; `index.copy()` when the class has one, else a copy that shares the tensors.
 
-    `add` and `remove` build new tensors and lists and assign them to the object they are called on, and update its
-    `meta` dict in place: so the copy gets its own `meta`, tensor dict and lists, and no tensor is ever written to.
+    `add` and `remove` build new tensors and lists and assign them to the object they are called on, update its `meta`
+    dict in place, and update its ANN structure (a FAISS index and a slot table) in place: so the copy gets its own
+    `meta`, tensor dict and ANN structure, and shares the rest, which is never written to.
     (tests/test_serving.py checks that the served index is unchanged after a change.)
     """
+    if callable(getattr(index, "copy", None)):
+        return index.copy()
     new = copy.copy(index)
     new.meta = copy.deepcopy(index.meta)
     new.tensors = dict(index.tensors)
-    new.qids, new.names = list(index.qids), list(index.names)
+    ann = getattr(index, "ann", None)
+    if ann is not None:
+        import faiss
+
+        new.ann = copy.copy(ann)
+        new.ann.index = faiss.clone_index(ann.index)
+        new.ann.slot_rows = ann.slot_rows.clone()
+        new.ann.config = dict(ann.config)
     return new
 
 
@@ -686,7 +696,7 @@ def create_app(service: LinkingService) -> FastAPI:
         results, snapshot = await service.link(ok, top_k, candidates, body.assignment)
         linked = iter(results)
         merged = [error if error is not None else next(linked) for error in errors]
-        return {"results": merged, **service._state(snapshot)}
+        return JSONResponse({"results": merged, **service._state(snapshot)})  # plain JSON: no jsonable_encoder walk
 
     @app.post("/entities")
     async def add_entities(body: EntitiesRequest):

@@ -383,6 +383,53 @@ def test_entities_added_replaced_removed_and_saved(writable, world):
     assert client.get("/info").json()["index"]["index_version"] == 3
 
 
+@pytest.mark.parametrize("with_ann", [False, True])
+def test_copy_for_write_leaves_the_served_index_untouched(world, with_ann):
+    linker = lk.OTMELLinker.from_pretrained(world["model_dir"])
+    served = linker.load_index(world["index_dir"])
+    if with_ann:
+        served.ann = ix.AnnIndex.build(served, nlist=1, code="flat")
+    before = {"qids": list(served.qids), "names": list(served.names), "meta": json_copy(served.meta),
+              "tensors": {k: v.clone() for k, v in _row_tensors(served).items()}}  # fmt: skip
+    if with_ann:
+        before["ann"] = (served.ann.slot_rows.clone(), served.ann.index.ntotal, served.ann.version)
+    for change in ("add", "remove"):
+        new = sv.copy_for_write(served)
+        linker.index = new
+        if change == "add":
+            linker.add_entities([{"qid": "Q100", "name": "ada replaced", "attributes": ""},
+                                 {"qid": "Q999", "name": "zed quux", "attributes": "", "image": _png(3)}])  # fmt: skip
+            assert new.qids[-1] == "Q999" and new.names[0] == "ada replaced"
+        else:
+            linker.remove_entities(["Q101", "Q102"])
+            assert "Q101" not in new.qids and len(new) == len(NAMES) - 2
+        assert new.meta["kb"] != served.meta["kb"]
+        assert list(served.qids) == before["qids"] and list(served.names) == before["names"]
+        assert json_copy(served.meta) == before["meta"]
+        now = _row_tensors(served)
+        assert now.keys() == before["tensors"].keys()
+        assert all(torch.equal(now[k], v) for k, v in before["tensors"].items())
+        if with_ann:
+            assert new.ann is not served.ann
+            slot_rows, ntotal, version = before["ann"]
+            assert torch.equal(served.ann.slot_rows, slot_rows) and served.ann.index.ntotal == ntotal
+            assert served.ann.version == version
+
+
+def _row_tensors(index) -> dict:
+    out = {"retrieval": index.retrieval, **index.tensors}
+    for name in ("retrieval_scale", "row_hashes"):
+        if getattr(index, name, None) is not None:
+            out[name] = getattr(index, name)
+    return out
+
+
+def json_copy(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
 def test_links_during_entity_changes_see_one_whole_kb(writable):
     """Links run while entities come and go: each answer lists exactly the KB of the version it reports, and no
     request sent after a removal was answered sees the removed entity."""
