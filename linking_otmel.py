@@ -454,6 +454,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)")
+    parser.add_argument("--nil_threshold", type=_nil_threshold_arg, default="config",
+                        help="answer NIL (not in the KB) below this best score: a number, 'config' (the model's saved "
+                        "threshold, the default) or 'none' (never NIL)")  # fmt: skip
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse printed the usage error (status 2) or the help (0)
@@ -528,7 +531,8 @@ def _run(args) -> int:
     bad, failed, extra_lines, extra_fields = [], [], 0, set()
     no_image = linked = last_read = last_written = 0
     pending = []
-    options = dict(top_k=args.top_k, strategy=args.strategy, candidates=args.candidates, assignment=args.assignment)
+    options = dict(top_k=args.top_k, strategy=args.strategy, candidates=args.candidates, assignment=args.assignment,
+                   nil_threshold=args.nil_threshold)  # fmt: skip
 
     def flush(out):
         """Links the pending mentions and writes them (flushed: a later crash keeps them). A batch that fails is

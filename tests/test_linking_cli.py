@@ -434,3 +434,17 @@ def test_link_refuses_a_dataframe(world):
     linker = lk.OTMELLinker(world["model"], world["processor"], world["index"], batch_size=4)
     with pytest.raises(TypeError, match=r"pandas DataFrame: pass df.to_dict\('records'\)"):
         linker.link(pd.DataFrame([{"mention": "ada smith", "sentence": "x"}]))
+
+
+def test_cli_nil_threshold(world, tmp_path, capsys):
+    lines = [_line("ada smith"), _line("bob jones")]
+    status, rows = _run(world, tmp_path, lines, "--nil_threshold", "2.0")  # above any cosine score: always NIL
+    assert status == 0 and all(r["candidates"][0] == {"qid": None, "name": None, "nil": True,
+                                                      "score": r["candidates"][1]["score"]} for r in rows)  # fmt: skip
+    assert all(len(r["candidates"]) == 3 for r in rows)
+    status, plain = _run(world, tmp_path, lines, "--nil_threshold", "none")
+    assert status == 0 and not any(c.get("nil") for r in plain for c in r["candidates"])
+    assert [r["candidates"][1:] for r in rows] == [r["candidates"][:2] for r in plain]
+    capsys.readouterr()
+    assert _run(world, tmp_path, lines, "--nil_threshold", "high")[0] == 2
+    assert "argument --nil_threshold: expected a number, 'config' or 'none', got 'high'" in capsys.readouterr().err
