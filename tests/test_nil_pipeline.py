@@ -228,6 +228,37 @@ def test_link_answers_nil_first_below_the_threshold(zero_shot):
         linker.model.config.nil_threshold = None
 
 
+def test_cli_answers_nil_first(zero_shot, tmp_path):
+    import linking_otmel as lk
+
+    folder, index_dir = tmp_path / "zero-shot", tmp_path / "index"
+    zero_shot.model.save_pretrained(folder)
+    zero_shot.processor.save_pretrained(folder)
+    zero_shot.save_index(str(index_dir))
+    mentions = [{"mention": m["mention"], "sentence": m["sentence"]} for m in MENTIONS]
+    src = tmp_path / "mentions.jsonl"
+    src.write_text("".join(json.dumps(m) + "\n" for m in mentions))
+    plain = zero_shot.link(mentions, top_k=2, nil_threshold=None)
+    tops = [answers[0]["score"] for answers in plain]
+    threshold = sorted(tops)[1]
+    for flag, expected_nil in (("none", [False] * 3), (repr(threshold), [t < threshold for t in tops])):
+        out = tmp_path / f"links-{flag}.jsonl"
+        args = ["--model", str(folder), "--kb", str(index_dir), "--input", str(src), "--output", str(out),
+                "--top_k", "2", "--nil_threshold", flag]  # fmt: skip
+        assert lk.main(args) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["candidates"][0].get("nil", False) for r in rows] == expected_nil
+        for row, reference, is_nil in zip(rows, plain, expected_nil):
+            got = row["candidates"]
+            assert len(got) == 2
+            if is_nil:
+                assert got[0]["qid"] is None and got[0]["name"] is None
+                assert got[0]["score"] == pytest.approx(reference[0]["score"], abs=1e-5)
+                assert got[1]["qid"] == reference[0]["qid"]
+            else:
+                assert [c["qid"] for c in got] == [c["qid"] for c in reference]
+
+
 # ---- run_mel on a world with NIL mentions; the pipeline from its output folder ----------------------------------
 
 
