@@ -343,7 +343,8 @@ class LinkingService:
         self._write_lock = None
         self._carry = None
         self.queued_mentions = 0
-        self.stats = {"requests": 0, "mentions": 0, "batches": 0, "largest_batch": 0, "entity_changes": 0}
+        self.stats = {"requests": 0, "mentions": 0, "batches": 0, "batched_mentions": 0, "largest_batch": 0,
+                      "model_seconds": 0.0, "entity_changes": 0}  # fmt: skip
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -424,13 +425,17 @@ class LinkingService:
             jobs = [j for j in jobs if not j.future.done()]  # a client that went away
             if not jobs:
                 continue
+            started = time.perf_counter()
             try:
                 snapshot, outcomes = await loop.run_in_executor(self._executor, self._run_batch, jobs)
             except Exception as err:  # noqa: BLE001 - never leave a request waiting
                 logger.exception("batch failed")
                 outcomes, snapshot = [(j, None, err) for j in jobs], None
+            size = sum(len(j.mentions) for j in jobs)
+            self.stats["model_seconds"] += time.perf_counter() - started
             self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], sum(len(j.mentions) for j in jobs))
+            self.stats["batched_mentions"] += size
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
             for job, results, error in outcomes:
                 if job.future.done():
                     continue

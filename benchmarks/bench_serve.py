@@ -157,8 +157,17 @@ async def drive(url: str, bodies: list, concurrency: int, max_seconds: float) ->
     return {"answers": answers, "latencies": latencies, "errors": errors, "wall": wall}
 
 
+def server_stats(url) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/info", timeout=60).json()["stats"]
+
+
 def run_level(url, bodies, per_request, concurrency, max_seconds, expected) -> dict:
+    before = server_stats(url)
     out = asyncio.run(drive(url, bodies, concurrency, max_seconds))
+    after = server_stats(url)
+    batches = after["batches"] - before["batches"]
     done = [i for i, a in enumerate(out["answers"]) if a is not None]
     mentions = sum(len(out["answers"][i]["results"]) for i in done)
     same = total = 0
@@ -173,6 +182,8 @@ def run_level(url, bodies, per_request, concurrency, max_seconds, expected) -> d
         "p50_ms": 1000 * percentile(out["latencies"], 50), "p99_ms": 1000 * percentile(out["latencies"], 99),
         "errors": len(out["errors"]), "error_examples": out["errors"][:3],
         "same_as_in_process": same / total if total else float("nan"),
+        "mean_batch": (after["batched_mentions"] - before["batched_mentions"]) / max(batches, 1),
+        "model_busy": (after["model_seconds"] - before["model_seconds"]) / out["wall"],
     }  # fmt: skip
 
 
@@ -383,13 +394,13 @@ def main():
           f"--max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
           f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
     print("| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
-          "| errors (all rounds) | same top-k as in-process |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - |")
+          "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - |")
     for r in levels:
         print(f"| server | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['mentions_per_s']:.1f} "
               f"| {100 * r['mentions_per_s'] / local_rate:.0f}% | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors_all_rounds']} "
-              f"| {100 * r['same_as_in_process']:.1f}% |")  # fmt: skip
+              f"| {100 * r['same_as_in_process']:.1f}% | {r['mean_batch']:.1f} | {100 * r['model_busy']:.0f}% |")  # fmt: skip
     if mixed_result:
         m = mixed_result
         print(f"\nMixed run: {m['links']} link requests at concurrency {m['concurrency']} while {m['changes']} entity "
