@@ -410,6 +410,8 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     folder, data = sys.argv[1], json.load(open(sys.argv[2]))
+    # A user without the checkout: drop an editable install of it (`make install` puts one in .venv).
+    sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
     for module in ("modeling_otmel", "configuration_otmel", "processing_otmel"):
         assert importlib.util.find_spec(module) is None, f"the checkout's {module} is importable here"
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
