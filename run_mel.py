@@ -11,6 +11,7 @@ and training text only; the default training arguments are the schedule of that 
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,6 @@ import re
 import shutil
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 
 import datasets
