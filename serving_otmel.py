@@ -344,7 +344,7 @@ class LinkingService:
         self._carry = None
         self.queued_mentions = 0
         self.stats = {"requests": 0, "mentions": 0, "batches": 0, "batched_mentions": 0, "largest_batch": 0,
-                      "model_seconds": 0.0, "entity_changes": 0}  # fmt: skip
+                      "model_seconds": 0.0, "model_cpu_seconds": 0.0, "entity_changes": 0}  # fmt: skip
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -453,6 +453,13 @@ class LinkingService:
 
     def _run_batch(self, jobs: list) -> tuple:
         """On the model thread: one snapshot for the whole batch, one `link` call per group of equal settings."""
+        cpu_start = time.thread_time()
+        try:
+            return self._link_batch(jobs)
+        finally:
+            self.stats["model_cpu_seconds"] += time.thread_time() - cpu_start
+
+    def _link_batch(self, jobs: list) -> tuple:
         snapshot = self.snapshot
         groups = {}
         for job in jobs:

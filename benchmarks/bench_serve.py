@@ -157,15 +157,32 @@ async def drive(url: str, bodies: list, concurrency: int, max_seconds: float) ->
     return {"answers": answers, "latencies": latencies, "errors": errors, "wall": wall}
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of this process, or of process `pid` (Linux /proc; NaN elsewhere)."""
+    if pid is None:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def server_stats(url) -> dict:
     import httpx
 
     return httpx.get(f"{url}/info", timeout=60).json()["stats"]
 
 
-def run_level(url, bodies, per_request, concurrency, max_seconds, expected) -> dict:
+def run_level(url, bodies, per_request, concurrency, max_seconds, expected, server_pid) -> dict:
     before = server_stats(url)
+    cpu_before = cpu_seconds(server_pid), cpu_seconds()
     out = asyncio.run(drive(url, bodies, concurrency, max_seconds))
+    cpu_after = cpu_seconds(server_pid), cpu_seconds()
     after = server_stats(url)
     batches = after["batches"] - before["batches"]
     done = [i for i, a in enumerate(out["answers"]) if a is not None]
@@ -184,6 +201,10 @@ def run_level(url, bodies, per_request, concurrency, max_seconds, expected) -> d
         "same_as_in_process": same / total if total else float("nan"),
         "mean_batch": (after["batched_mentions"] - before["batched_mentions"]) / max(batches, 1),
         "model_busy": (after["model_seconds"] - before["model_seconds"]) / out["wall"],
+        "model_running": (after["model_cpu_seconds"] - before["model_cpu_seconds"])
+        / max(after["model_seconds"] - before["model_seconds"], 1e-9),
+        "server_cpu_ms": 1000 * (cpu_after[0] - cpu_before[0]) / max(mentions, 1),
+        "client_cpu_ms": 1000 * (cpu_after[1] - cpu_before[1]) / max(mentions, 1),
     }  # fmt: skip
 
 
@@ -292,11 +313,12 @@ def load_linker(model_dir, index_dir, threads):
     return linker
 
 
-def time_in_process(linker, mentions, top_k, candidates) -> tuple[float, list]:
-    """Mentions/s of one `link()` call on all the mentions, and its results."""
-    t0 = time.perf_counter()
+def time_in_process(linker, mentions, top_k, candidates) -> tuple[float, list, float]:
+    """Mentions/s of one `link()` call on all the mentions, its results, and its CPU ms per mention."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
     results = linker.link(mentions, top_k=top_k, candidates=candidates)
-    return len(mentions) / (time.perf_counter() - t0), results
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return len(mentions) / wall, results, 1000 * cpu / len(mentions)
 
 
 def main():
@@ -344,7 +366,7 @@ def main():
     mentions = load_mentions(dataset, args.requests * per)
     linker = load_linker(model, index_dir, args.threads)
     linker.link(mentions[:16], top_k=args.top_k, candidates=args.candidates)  # warm-up
-    _, expected = time_in_process(linker, mentions, args.top_k, args.candidates)
+    _, expected, _ = time_in_process(linker, mentions, args.top_k, args.candidates)
     bodies = [request_body(mentions[i : i + per], args.top_k, args.candidates) for i in range(0, len(mentions), per)]
 
     serve_dir = os.path.join(args.work_dir, "serve")
@@ -362,13 +384,14 @@ def main():
         for rep in range(args.reps):
             for c in args.concurrency:
                 print(f"round {rep + 1}/{args.reps}: in-process, then the server at concurrency {c} ...", flush=True)
-                local_rates.append(time_in_process(linker, mentions, args.top_k, args.candidates)[0])
-                r = run_level(server.url, bodies, per, c, args.max_seconds, expected)
+                rate, _, cpu_ms = time_in_process(linker, mentions, args.top_k, args.candidates)
+                local_rates.append((rate, cpu_ms))
+                r = run_level(server.url, bodies, per, c, args.max_seconds, expected, server.proc.pid)
                 if c not in best or r["mentions_per_s"] > best[c]["mentions_per_s"]:
                     best[c] = r
                 best[c]["errors_all_rounds"] = best[c].get("errors_all_rounds", 0) + r["errors"]
         levels = [best[c] for c in args.concurrency]
-        local_rate = max(local_rates)
+        local_rate, local_cpu_ms = max(local_rates)
         if args.changes:
             import index_otmel as ix
 
@@ -394,13 +417,17 @@ def main():
           f"--max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
           f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
     print("| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
-          "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - |")
+          "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy (running) "
+          "| CPU ms per mention: server (client) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - "
+          f"| {local_cpu_ms:.2f} |")  # fmt: skip
     for r in levels:
         print(f"| server | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['mentions_per_s']:.1f} "
-              f"| {100 * r['mentions_per_s'] / local_rate:.0f}% | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors_all_rounds']} "
-              f"| {100 * r['same_as_in_process']:.1f}% | {r['mean_batch']:.1f} | {100 * r['model_busy']:.0f}% |")  # fmt: skip
+              f"| {100 * r['mentions_per_s'] / local_rate:.0f}% | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['errors_all_rounds']} | {100 * r['same_as_in_process']:.1f}% | {r['mean_batch']:.1f} "
+              f"| {100 * r['model_busy']:.0f}% ({100 * r['model_running']:.0f}%) "
+              f"| {r['server_cpu_ms']:.2f} ({r['client_cpu_ms']:.2f}) |")  # fmt: skip
     if mixed_result:
         m = mixed_result
         print(f"\nMixed run: {m['links']} link requests at concurrency {m['concurrency']} while {m['changes']} entity "
@@ -416,7 +443,7 @@ def main():
     print(f"Server exit code after SIGTERM: {exit_code}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"in_process_mentions_per_s": local_rate, "levels": levels, "mixed": mixed_result,
+            json.dump({"in_process_mentions_per_s": local_rate, "in_process_cpu_ms": local_cpu_ms, "levels": levels, "mixed": mixed_result,
                        "exit_code": exit_code, "model": model_desc, "args": vars(args)}, f, indent=1)  # fmt: skip
 
 
