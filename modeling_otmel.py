@@ -460,10 +460,29 @@ class OTMELModel(OTMELPreTrainedModel):
         # Not named `logit_scale`: CLIP has a parameter of that name, and transformers' loader maps checkpoint keys
         # between `clip.<name>` and `<name>` when the model has both, which swapped the two on every reload.
         self.otmel_logit_scale = nn.Parameter(torch.empty(()), requires_grad=config.learnable_logit_scale)
-        # CLIP's own temperature takes no part in any OT-MEL score: frozen, so that no parameter misses its gradient
-        # (DDP with find_unused_parameters=False would fail).
-        self.clip.logit_scale.requires_grad_(False)
+        self.apply_frozen_parameters()
         self.post_init()
+
+    def apply_frozen_parameters(self) -> None:
+        """Sets `requires_grad` of the parameters the config keeps fixed: CLIP's own temperature, which takes part in
+        no OT-MEL score; the null visual token of a model without token-level matching (the CLIP baseline: only fusion
+        and unimodal matching read visual tokens); `otmel_logit_scale` unless `config.learnable_logit_scale`. A
+        trainable parameter that misses its gradient makes DDP with find_unused_parameters=False fail.
+
+        Called by `__init__` and again by [`~OTMELModel.from_pretrained`]: transformers 5 re-creates every loaded
+        parameter with `requires_grad=True`."""
+        token_level = self.config.fusion_assignment != "off" or self.config.unimodal_assignment != "off"
+        self.clip.logit_scale.requires_grad_(False)
+        self.null_visual_token.requires_grad_(token_level)
+        self.otmel_logit_scale.requires_grad_(bool(self.config.learnable_logit_scale))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """[`~transformers.PreTrainedModel.from_pretrained`], with the frozen parameters frozen again
+        ([`~OTMELModel.apply_frozen_parameters`])."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_frozen_parameters()
+        return loaded
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -534,6 +553,12 @@ class OTMELModel(OTMELPreTrainedModel):
             visual_tokens = visual_tokens.index_copy(0, idx, vision.last_hidden_state)
             visual_mask = visual_mask.index_fill(0, idx, 1)
             visual_global = visual_global.index_copy(0, idx, clip.visual_projection(vision.pooler_output))
+        elif self.training and torch.is_grad_enabled():
+            # A training batch without any picture: one blank picture through the vision tower, weighted 0, so that its
+            # parameters get (zero) gradients, as DDP with find_unused_parameters=False requires of every parameter.
+            size = clip.config.vision_config.image_size
+            vision = clip.vision_model(pixel_values=text_tokens.new_zeros(1, 3, size, size))
+            visual_global = visual_global + 0.0 * clip.visual_projection(vision.pooler_output).sum()
         return OTMELTokens(
             text_tokens=text_tokens,
             text_mask=attention_mask,
@@ -865,11 +890,11 @@ class OTMELModel(OTMELPreTrainedModel):
             output_features, output_maps: return the side features / assignment maps.
             gather_across_processes (`bool`): under torch.distributed, score each mention against the gold entities of
                 every process (texts must be padded to the same length on every process).
-            return_dict (`bool`, *optional*): return an [`OTMELOutput`] (default: `config.use_return_dict`) or a tuple
+            return_dict (`bool`, *optional*): return an [`OTMELOutput`] (default: `config.return_dict`) or a tuple
                 of its non-None fields.
         """
         cfg = self.config
-        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
         m = self.encode_mentions(
             mention_input_ids, mention_attention_mask, mention_pixel_values, mention_has_image, output_maps=output_maps
         )
@@ -915,6 +940,9 @@ class OTMELModel(OTMELPreTrainedModel):
             out.loss = total
         if output_features or output_maps:
             out.mention_features, out.entity_features = m, e
+        # The fields in their declared order, whatever order they were filled in: the loss first, where transformers'
+        # outputs have it (`outputs[0]`, the tuple of `return_dict=False`, which the Trainer takes the loss from).
+        out = OTMELOutput(**{name: getattr(out, name) for name in OTMELOutput.__dataclass_fields__})
         return out if return_dict else out.to_tuple()
 
 

@@ -1,6 +1,8 @@
 """run_mel.py end to end on a small synthetic world: outputs, metrics, resume, and the multi-process paths (gloo, CPU)."""
 
 import json
+import logging
+import math
 import os
 import shutil
 import socket
@@ -193,3 +195,262 @@ def test_whole_kb_evaluation_split_across_processes(world, tmp_path):
     ranks_a = [json.loads(line)["rank"] for line in (single / "predictions_test.jsonl").read_text().splitlines()]
     ranks_b = [json.loads(line)["rank"] for line in (double / "predictions_test.jsonl").read_text().splitlines()]
     assert ranks_a == ranks_b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing silent: a command line that cannot do what it says is refused, a default never contradicts a flag the user
+# gave, and what the script decides for the user (resume, smaller batch, CPU) is said.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def usage_error(argv, capsys) -> str:
+    """Runs the `otmel-train` entry point in-process; it must refuse with status 2. Returns what it printed."""
+    import run_mel
+
+    try:
+        status = run_mel.console_main(argv)
+    except SystemExit as exit:  # argparse
+        status = exit.code
+    assert status == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def converted(world, tmp_path_factory):
+    """The world as a converted dataset folder, and the cache (with its tiny CLIP) the in-process runs share."""
+    from run_mel import load_mel_dataset
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    _, _, path = load_mel_dataset(world, cache)
+    return path, cache
+
+
+def write_dataset(folder, mentions: dict, kb):
+    """A dataset folder in the converted layout (parquet files and a README whose configs are mentions and kb)."""
+    lines = ["---", "configs:"]
+    for config, splits in (("mentions", mentions), ("kb", {"train": kb})):
+        lines += [f"- config_name: {config}", "  data_files:"]
+        os.makedirs(folder / "data" / config)
+        for split, data in splits.items():
+            data.to_parquet(str(folder / "data" / config / f"{split}.parquet"))
+            lines += [f"  - split: {split}", f"    path: data/{config}/{split}.parquet"]
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+    return str(folder)
+
+
+def in_process(argv, cache):
+    import run_mel
+
+    return run_mel.main([*TINY, *SCHEDULE, "--data_cache_dir", cache, *argv])  # argv last: its flags win
+
+
+OUT = ["--output_dir", "/nonexistent/otmel-out"]  # never written: every command below is refused first
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset_name", "x", "--do_train"], "--output_dir is required"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--mode", "otx"], "invalid choice: 'otx'"),
+        (["--dataset_name", "x", *OUT], "nothing to do: pass --do_train, --do_eval and/or --do_predict"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "-2"], "--num_train_epochs -2 trains nothing"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--candidates", "0"], "--candidates 0: must be a positive"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--max_train_samples", "0"], "--max_train_samples 0: must be"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--eval_every_epochs", "0"], "--eval_every_epochs 0: must be"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--predict_top_k", "0"], "--predict_top_k 0: must be"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--learning_rate", "0"], "--learning_rate 0.0: must be > 0"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--strategy", "fast"], "--strategy 'fast' is invalid"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--lerning_rate", "1"], "not used by the HfArgumentParser: ['--lerning_rate'"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--fusion_assignment", "otx"], "fusion_assignment='otx' is invalid"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--clip_model", "a", "--model_name_or_path", "b"], "exclude each other"),
+        (["--dataset_name", "x", *OUT, "--do_predict"], "--do_predict without --do_train or --model_name_or_path would rank with an untrained model"),
+        (["--dataset_name", "x", *OUT, "--do_eval", "--do_predict"], "--do_eval and --do_predict without --do_train"),
+        (["--dataset_name", "x", *OUT, "--do_eval", "--model_name_or_path", "/nonexistent/model"], "--model_name_or_path /nonexistent/model: no OT-MEL checkpoint there"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--eval_strategy", "steps", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
+         "--load_best_model_at_end requires the save and eval strategy to match"),
+    ],
+)  # fmt: skip
+def test_refused_before_anything_is_loaded(argv, message, capsys):
+    assert message in usage_error(argv, capsys)
+
+
+def test_untrained_model_refusal_names_the_ways_out(capsys):
+    err = usage_error(["--dataset_name", "x", *OUT, "--do_predict"], capsys)
+    for flag in ("--model_name_or_path", "--do_train", "--clip_model", "--mode clip", "--allow_untrained"):
+        assert flag in err
+
+
+def test_a_clip_checkpoint_is_not_an_otmel_one(tiny_clip_dir, capsys):
+    err = usage_error(["--dataset_name", "x", *OUT, "--do_eval", "--model_name_or_path", tiny_clip_dir], capsys)
+    assert "is a 'clip' checkpoint, not an OT-MEL one" in err and "--clip_model" in err
+
+
+def test_dataset_that_is_not_there_is_not_looked_up_on_the_hub(tmp_path, capsys):
+    expected = "Expected a dataset id on the Hub, a folder made by datasets_scripts/convert_mimic.py"
+    missing = tmp_path / "data" / "nope"
+    err = usage_error(["--dataset_name", str(missing), *OUT, "--do_train"], capsys)
+    assert f"no such folder ({missing})" in err and expected in err and "Couldn't reach" not in err
+    # Relative, first folder present here: a local path, not a Hub id.
+    (tmp_path / "data").mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        err = usage_error(["--dataset_name", "data/nope", *OUT, "--do_train"], capsys)
+    finally:
+        os.chdir(cwd)
+    assert f"no such folder ({missing})" in err and "Couldn't reach" not in err
+    # A folder that is neither a converted dataset nor a MIMIC-layout folder.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    err = usage_error(["--dataset_name", str(tmp_path / "notes"), *OUT, "--do_train"], capsys)
+    assert f"the folder {tmp_path / 'notes'} is not a dataset this script reads" in err and expected in err
+    err = usage_error(["--dataset_name", str(tmp_path / "notes" / "a.txt"), *OUT, "--do_train"], capsys)
+    assert "is a file, not a dataset" in err
+
+
+def test_entry_point_exits_2_with_the_message_and_no_traceback(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "run_mel.py"), "--dataset_name", "x", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "nothing to do" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
+    """A finished run in --output_dir: the same command resumes it (said at WARNING), other settings are refused,
+    --overwrite_output_dir trains afresh."""
+    from safetensors.torch import load_file
+
+    import run_mel
+
+    path, cache = converted
+    out = tmp_path / "run"
+    argv = ["--dataset_name", path, "--output_dir", str(out), "--do_train", "--max_steps", "2", "--eval_strategy", "no",
+            "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    in_process(argv, cache)
+    settings = json.loads((out / "run_settings.json").read_text())
+    assert settings["learning_rate"] == 2e-3 and settings["mode"] == "ot" and settings["total_train_batch_size"] == 16
+    first = load_file(str(out / "model.safetensors"))
+
+    with pytest.raises(run_mel.UsageError) as refused:
+        in_process(argv + ["--mode", "att", "--learning_rate", "5e-5"], cache)
+    message = str(refused.value)
+    for part in (f"--output_dir {out} holds checkpoints of a run with other settings", "learning_rate: 0.002 there, 5e-05 now",
+                 "mode: 'ot' there, 'att' now", "fusion_assignment: unset there, 'attention' now", "step 2 of 2",
+                 "--overwrite_output_dir", f"--resume_from_checkpoint {out / 'checkpoint-2'}"):  # fmt: skip
+        assert part in message
+    assert json.loads((out / "run_settings.json").read_text()) == settings  # nothing written
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        in_process(argv, cache)
+    resumed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Resuming" in r.getMessage()]
+    assert resumed and f"from {out / 'checkpoint-2'} (step 2 of 2; that run is complete" in resumed[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        in_process(argv + ["--mode", "att", "--learning_rate", "5e-5", "--overwrite_output_dir"], cache)
+    assert any("--overwrite_output_dir: training afresh" in r.getMessage() for r in caplog.records)
+    assert not any("Resuming" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "run_settings.json").read_text())["mode"] == "att"
+    assert json.loads((out / "config.json").read_text())["fusion_assignment"] == "attention"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and any(entry.get("step") == 2 and "loss" in entry for entry in state["log_history"])
+    second = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first if k in second)
+
+
+def test_small_training_split_shrinks_the_batch(converted, tmp_path, caplog):
+    import run_mel
+
+    path, cache = converted
+    argv = ["--dataset_name", path, "--do_train", "--num_train_epochs", "2", "--eval_strategy", "no"]
+    with caplog.at_level(logging.WARNING):
+        metrics = in_process(argv + ["--output_dir", str(tmp_path / "a"), "--max_train_samples", "10"], cache)
+    assert any("Only 10 training mentions, fewer than one batch of 16" in r.getMessage() for r in caplog.records)
+    state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and metrics["train_loss"] > 0  # one batch of 10 per epoch
+    with pytest.raises(run_mel.UsageError, match="1 training mention"):
+        in_process(argv + ["--output_dir", str(tmp_path / "b"), "--max_train_samples", "1"], cache)
+
+
+def test_one_evaluation_flag_sets_the_saving_to_match(converted, tmp_path):
+    """`--eval_strategy steps --eval_steps 2` alone: the default save_strategy (epoch) and load_best_model_at_end
+    follow, instead of contradicting it."""
+    path, cache = converted
+    out = tmp_path / "run"
+    in_process(["--dataset_name", path, "--output_dir", str(out), "--do_train", "--max_steps", "4",
+                "--eval_strategy", "steps", "--eval_steps", "2"], cache)  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_mrr" in e] == [2, 4]
+    assert sorted(os.listdir(out / "checkpoint-2")) and (out / "checkpoint-4").is_dir()
+    assert state["best_model_checkpoint"] in (str(out / "checkpoint-2"), str(out / "checkpoint-4"))
+
+
+def test_explicit_strategies_that_differ_turn_load_best_off(tmp_path):
+    from run_mel import parse_arguments
+
+    model_args, data_args, args, given, notes = parse_arguments(
+        ["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_train", "--eval_strategy", "steps",
+         "--eval_steps", "3", "--save_strategy", "epoch"]  # fmt: skip
+    )
+    assert not args.load_best_model_at_end and args.eval_strategy == "steps" and args.save_strategy == "epoch"
+    assert any(level == logging.WARNING and "--load_best_model_at_end false" in note for level, note in notes)
+    # --save_strategy steps alone: evaluation follows, at the same steps.
+    _, _, args, _, _ = parse_arguments(["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_train",
+                                        "--save_strategy", "steps", "--save_steps", "6"])  # fmt: skip
+    assert (args.eval_strategy, args.eval_steps, args.save_steps, args.load_best_model_at_end) == ("steps", 6, 6, True)
+    # Without --do_train nothing is evaluated unless asked (the epoch default turned --do_eval on).
+    _, _, args, _, _ = parse_arguments(["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_predict"])
+    assert not args.do_eval and args.eval_strategy == "no"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only set-up")
+def test_bf16_on_a_cpu_only_machine_runs_on_the_cpu(converted, tmp_path, caplog):
+    path, cache = converted
+    with caplog.at_level(logging.INFO, logger="run_mel"):
+        metrics = in_process(["--dataset_name", path, "--output_dir", str(tmp_path), "--do_train", "--max_steps", "1",
+                              "--eval_strategy", "no", "--bf16", "--log_level", "info"], cache)  # fmt: skip
+    assert any("--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
+
+
+def test_dirty_dataset_folders(converted, tmp_path, caplog, monkeypatch):
+    """A KB without pictures trains, with a counted warning; a missing answer column or an empty validation split is
+    refused with a message naming the dataset."""
+    import datasets
+
+    import run_mel
+
+    # datasets 5.2 caches a local folder under its base name, whatever its path and content: a cache of its own.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    path, cache = converted
+    mentions = datasets.load_dataset(path, "mentions")
+    kb = datasets.load_dataset(path, "kb")["train"]
+    common = ["--do_train", "--max_steps", "1", "--eval_strategy", "no"]
+
+    no_pictures = write_dataset(tmp_path / "no_pictures", dict(mentions), kb.remove_columns(["image"]))
+    with caplog.at_level(logging.WARNING):
+        in_process(["--dataset_name", no_pictures, "--output_dir", str(tmp_path / "a"), *common], cache)
+    assert any(f"KB has no image column: all {len(kb)} entities without picture" in r.getMessage() for r in caplog.records)
+
+    no_answer = write_dataset(tmp_path / "no_answer", {k: v.remove_columns(["answer"]) for k, v in mentions.items()}, kb)
+    with pytest.raises(run_mel.UsageError, match=r"no_answer: the 'train' mentions lack\(s\) the column\(s\) answer; "
+                                                 r"columns found: id, mention, sentence, image"):  # fmt: skip
+        in_process(["--dataset_name", no_answer, "--output_dir", str(tmp_path / "b"), *common], cache)
+
+    # Every validation answer absent from the KB: the split is empty once those are skipped.
+    unlinkable = mentions["validation"].map(lambda row: {"answer": "Q-not-in-the-KB"})
+    empty = write_dataset(tmp_path / "empty_validation", {**mentions, "validation": unlinkable}, kb)
+    with pytest.raises(run_mel.UsageError, match="the 'validation' split has no mention left to use; pass --eval_strategy no"):
+        in_process(["--dataset_name", empty, "--output_dir", str(tmp_path / "c"), "--do_train", "--max_steps", "1"], cache)
+
+
+def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(converted, tiny_clip_dir, tmp_path, caplog):
+    path, cache = converted
+    with caplog.at_level(logging.WARNING):
+        metrics = in_process(["--dataset_name", path, "--output_dir", str(tmp_path), "--do_predict",
+                              "--clip_model", tiny_clip_dir, "--mode", "clip"], cache)  # fmt: skip
+    assert any("Zero-shot evaluation: --do_predict ranks with the pretrained CLIP" in r.getMessage() for r in caplog.records)
+    assert "test_mrr" in metrics and not any(k.startswith("eval_") for k in metrics)
+    assert (tmp_path / "predictions_test.jsonl").is_file()
