@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -116,8 +115,7 @@ class ServerThread:
     def __init__(self, app, graceful_timeout=20):
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        sock = sv.bind_socket("127.0.0.1", 0)  # as otmel-serve does
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=graceful_timeout)  # fmt: skip
@@ -294,6 +292,18 @@ def test_bad_requests_get_a_4xx_with_a_message(server, case):
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert isinstance(detail, str) and message in detail, detail
+
+
+def test_small_answers_are_not_held_back(server):
+    """Nagle's algorithm is off on the server's connections: a small answer does not wait ~40 ms for a delayed ACK."""
+    import statistics
+
+    times = []
+    for _ in range(15):
+        start = time.perf_counter()
+        assert server.client.get("/health").status_code == 200
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.03, times
 
 
 def test_other_bad_requests(server):
