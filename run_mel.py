@@ -433,7 +433,8 @@ class OTMELTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         processor = self.processing_class
         main = self.is_world_process_zero()
-        index = encode_kb(model, processor, self.kb, batch_size=self.kb_batch_size, progress=main)
+        # Each process encodes its share of the KB once; the shares are gathered on every process.
+        index = encode_kb(model, processor, self.kb, batch_size=self.kb_batch_size, progress=main, distributed=True)
         options = RankOptions(**{**self.rank_options.__dict__, "top_k": top_k})
         return rank_mentions(
             model, processor, index, split, options, gold_qids=list(split["answer"]), batch_size=self.kb_batch_size,
@@ -616,6 +617,7 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
     - `--load_best_model_at_end` (if not given) is turned off where it cannot work: no evaluation, no checkpoint, or
       evaluations and checkpoints the user set apart.
     - `--bf16` without a bf16 GPU runs on the CPU (`--use_cpu true`), which TrainingArguments otherwise refuses.
+    - Without a GPU, no pinned memory (`--dataloader_pin_memory false`).
     """
     adjusted, notes = {}, []
     if not value("do_train"):
@@ -657,6 +659,8 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
         if not is_torch_bf16_gpu_available() and not is_torch_xla_available():
             adjusted["use_cpu"] = True
             notes.append((logging.INFO, "--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)"))
+    if "dataloader_pin_memory" not in given and not torch.cuda.is_available():
+        adjusted["dataloader_pin_memory"] = False  # nothing to pin for; torch warns at every DataLoader otherwise
     return adjusted, notes
 
 
@@ -727,6 +731,22 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
             )
         if not training_args.learning_rate > 0:
             raise UsageError(f"--learning_rate {training_args.learning_rate}: must be > 0")
+        world = max(1, training_args.world_size)
+        if training_args.per_device_train_batch_size * world < 2:
+            raise UsageError(
+                f"--per_device_train_batch_size {training_args.per_device_train_batch_size} on {world} process(es): "
+                "training contrasts each mention with the other gold entities of its batch, so a batch needs at "
+                "least 2 mentions"
+            )  # fmt: skip
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint and not os.path.isdir(checkpoint):
+            raise UsageError(f"--resume_from_checkpoint {checkpoint}: no such folder")
+    if "eval_every_epochs" in given and training_args.eval_strategy != "epoch":
+        logger.warning("--eval_every_epochs %d is ignored: it applies to --eval_strategy epoch, not %s",
+                       training_args.eval_every_epochs, training_args.eval_strategy.value)  # fmt: skip
+    if "candidates" in given and data_args.strategy != "two_stage":
+        logger.warning("--candidates %d is ignored: --strategy %s scores every entity", data_args.candidates,
+                       data_args.strategy)  # fmt: skip
     if model_args.model_name_or_path and model_args.clip_model:
         raise UsageError(
             "--model_name_or_path (a trained OT-MEL checkpoint) and --clip_model (a CLIP checkpoint to start a new "
@@ -753,6 +773,14 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
                              "start a new OT-MEL from a CLIP checkpoint, use --clip_model")  # fmt: skip
     try:
         if config is not None:
+            changed = {key: (getattr(config, key, None), setting) for key, setting in overrides.items()
+                       if getattr(config, key, None) != setting}  # fmt: skip
+            if changed:
+                logger.warning(
+                    "--model_name_or_path %s: these settings of its config are replaced (--mode %s and the "
+                    "command line): %s", model_args.model_name_or_path, model_args.mode,
+                    "; ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changed.items()),
+                )  # fmt: skip
             for key, setting in overrides.items():
                 setattr(config, key, setting)
             config.check_settings()
@@ -993,7 +1021,7 @@ def complete_columns(mentions: datasets.DatasetDict, kb: datasets.Dataset, label
 
     A missing required column (KB: qid, name; mentions: mention, answer) is a [`UsageError`] listing the columns found.
     Optional ones are added, with a counted warning: `image` (no picture), `attributes` / `sentence` (empty text), `id`
-    (the row number). Pictures missing in part are counted at INFO level.
+    (the row number). Pictures missing in part are counted at INFO level; KB rows repeating a qid, with a warning.
     """
 
     def complete(data, what, items, required, optional):
@@ -1018,6 +1046,16 @@ def complete_columns(mentions: datasets.DatasetDict, kb: datasets.Dataset, label
         return data
 
     kb = complete(kb, "KB", "entities", ("qid", "name"), [("attributes", lambda i: "", "with empty attributes")])
+    seen, duplicates = set(), []
+    for qid in kb["qid"]:
+        if qid in seen:
+            duplicates.append(qid)
+        seen.add(qid)
+    if duplicates:
+        logger.warning(
+            "KB: %d row(s) repeat the qid of an earlier row (e.g. %r): the first row of each qid is the gold entity of "
+            "its mentions; the repeats stay in the KB and are ranked too", len(duplicates), duplicates[0],
+        )  # fmt: skip
     for split in list(mentions):
         mentions[split] = complete(
             mentions[split], f"'{split}' mentions", "mentions", ("mention", "answer"),

@@ -269,6 +269,9 @@ OUT = ["--output_dir", "/nonexistent/otmel-out"]  # never written: every command
         (["--dataset_name", "x", *OUT, "--do_eval", "--model_name_or_path", "/nonexistent/model"], "--model_name_or_path /nonexistent/model: no OT-MEL checkpoint there"),
         (["--dataset_name", "x", *OUT, "--do_train", "--eval_strategy", "steps", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
          "--load_best_model_at_end requires the save and eval strategy to match"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--per_device_train_batch_size", "1"], "a batch needs at least 2 mentions"),
+        (["--dataset_name", "x", *OUT, "--do_train", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"],
+         "--resume_from_checkpoint /nonexistent/checkpoint-3: no such folder"),
     ],
 )  # fmt: skip
 def test_refused_before_anything_is_loaded(argv, message, capsys):
@@ -402,6 +405,15 @@ def test_explicit_strategies_that_differ_turn_load_best_off(tmp_path):
     # Without --do_train nothing is evaluated unless asked (the epoch default turned --do_eval on).
     _, _, args, _, _ = parse_arguments(["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_predict"])
     assert not args.do_eval and args.eval_strategy == "no"
+    # The same from a JSON file of settings.
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"dataset_name": "x", "output_dir": str(tmp_path), "do_train": True,
+                                    "eval_strategy": "steps", "eval_steps": 4}))  # fmt: skip
+    _, _, args, given, _ = parse_arguments([str(settings)])
+    assert (args.save_strategy, args.save_steps, args.load_best_model_at_end) == ("steps", 4, True)
+    settings.write_text(json.dumps({"dataset_name": "x", "do_train": True}))
+    with pytest.raises(SystemExit):
+        parse_arguments([str(settings)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only set-up")
@@ -444,6 +456,34 @@ def test_dirty_dataset_folders(converted, tmp_path, caplog, monkeypatch):
     empty = write_dataset(tmp_path / "empty_validation", {**mentions, "validation": unlinkable}, kb)
     with pytest.raises(run_mel.UsageError, match="the 'validation' split has no mention left to use; pass --eval_strategy no"):
         in_process(["--dataset_name", empty, "--output_dir", str(tmp_path / "c"), "--do_train", "--max_steps", "1"], cache)
+
+
+def test_ignored_flags_and_replaced_checkpoint_settings_are_said(converted, tmp_path, caplog, monkeypatch):
+    """Flags that change nothing in this run, checkpoint settings the command line replaces, and KB rows repeating a
+    qid are warned about."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    path, cache = converted
+    kb = datasets.load_dataset(path, "kb")["train"]
+    mentions = datasets.load_dataset(path, "mentions")
+    doubled = write_dataset(tmp_path / "doubled_kb", dict(mentions), datasets.concatenate_datasets([kb, kb.select(range(3))]))
+    trained = tmp_path / "trained"
+    with caplog.at_level(logging.WARNING):
+        in_process(["--dataset_name", doubled, "--output_dir", str(trained), "--do_train", "--max_steps", "1",
+                    "--eval_strategy", "no", "--load_best_model_at_end", "false", "--eval_every_epochs", "2",
+                    "--strategy", "exhaustive", "--candidates", "20"], cache)  # fmt: skip
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "--eval_every_epochs 2 is ignored: it applies to --eval_strategy epoch, not no" in said
+    assert "--candidates 20 is ignored: --strategy exhaustive scores every entity" in said
+    assert f"KB: 3 row(s) repeat the qid of an earlier row (e.g. {kb[0]['qid']!r})" in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        in_process(["--dataset_name", path, "--output_dir", str(tmp_path / "eval"), "--do_eval",
+                    "--model_name_or_path", str(trained), "--mode", "att", "--pairwise_negatives", "3"], cache)  # fmt: skip
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert f"--model_name_or_path {trained}: these settings of its config are replaced" in said
+    assert "fusion_assignment 'ot' -> 'attention'" in said and "pairwise_negatives 15 -> 3" in said
 
 
 def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(converted, tiny_clip_dir, tmp_path, caplog):
