@@ -13,7 +13,10 @@ Which features are stored is the model's decision ([`~OTMELModel.stage1_weights`
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -24,12 +27,14 @@ except ImportError:
     from modeling_otmel import OTMELEntityFeatures, real_text_length
 
 
-INDEX_WEIGHTS = "entity_index.safetensors"  # format <= 2; format 3 names its tensors file in the meta
+logger = logging.getLogger(__name__)
+
+INDEX_WEIGHTS = "entity_index.safetensors"  # format <= 2; later formats name their files in the meta
 INDEX_META = "entity_index.json"
-# 2: per-row KB hashes (ROW_HASHES) and live edits. 3: checksums of the tensors file and of the qid / name lists,
-# tensors file named per save (`entity_index-<id>.safetensors`, listed in the meta) so that saving is atomic.
-INDEX_FORMAT = 3
-ROW_HASHES = "row_hashes"  # the safetensors entry of EntityIndex.row_hashes
+# 2: per-row KB hashes and live edits. 3: checksums of the tensors file and of the qid / name lists, tensors file
+# named per save (`entity_index-<id>.safetensors`, listed in the meta) so that saving is atomic. 4: compressed
+# storage (codecs), the stage-1 matrix as one memory-mappable tensor, qids and names in the tensors file, the ANN file.
+INDEX_FORMAT = 4
 
 # Config settings that change entity features or scores; part of the model fingerprint.
 SCORE_SETTINGS = (
@@ -43,6 +48,16 @@ SCORE_SETTINGS = (
     "pooling",
     "inference_assignment",
 )
+
+
+def import_faiss():
+    """The `faiss` module, or an ImportError saying how to get it. Imported inside `try`: transformers requires every
+    import outside one of remote-code users (an index checkpoint loaded from the Hub), and faiss is optional."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError("this needs the faiss package: pip install faiss-cpu (or faiss-gpu)") from err
+    return faiss
 
 
 class IndexMismatchError(ValueError):
@@ -107,19 +122,22 @@ def processor_fingerprint(processor) -> dict:
 ROW_HASH_BYTES = 16
 
 
-def kb_row_hashes(kb) -> torch.Tensor:
-    """`(N, 16)` uint8: per KB row, the first 16 bytes of sha256 over `[qid, name, attributes, image byte length]`.
+def kb_row_hashes(kb, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """`(M, 16)` uint8: per KB row (of rows `start:end`), the first 16 bytes of sha256 over `[qid, name, attributes,
+    image byte length]`.
 
     What an [`EntityIndex`] keeps of each row's source, so that a KB can be checked against it row by row, also after
     [`~EntityIndex.add`] / [`~EntityIndex.remove`] changed the index.
     """
     view = kb if isinstance(kb, KBView) else KBView(kb)
-    lengths = view.image_lengths()
-    out = torch.empty(len(view), ROW_HASH_BYTES, dtype=torch.uint8)
-    for i, row in enumerate(zip(view.qids, view.names, view.attributes, lengths)):
-        digest = hashlib.sha256(json.dumps(list(row), ensure_ascii=False).encode()).digest()[:ROW_HASH_BYTES]
-        out[i] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
-    return out
+    end = len(view) if end is None else end
+    lengths = view.image_lengths(start, end)
+    digests = bytearray()
+    for row in zip(view.qids[start:end], view.names[start:end], view.attributes[start:end], lengths):
+        digests += hashlib.sha256(json.dumps(list(row), ensure_ascii=False).encode()).digest()[:ROW_HASH_BYTES]
+    if not digests:
+        return torch.zeros(0, ROW_HASH_BYTES, dtype=torch.uint8)
+    return torch.frombuffer(digests, dtype=torch.uint8).view(-1, ROW_HASH_BYTES).clone()
 
 
 def content_fingerprint(row_hashes: torch.Tensor) -> str:
@@ -197,14 +215,24 @@ class KBView:
             return list(self.images[start:end]["image"])
         return self.images[start:end]
 
-    def image_lengths(self) -> list[int]:
+    def image_rows(self, rows: list) -> list:
+        """The (undecoded) images of the KB rows `rows`."""
         if self.images is None:
-            return [-1] * len(self)
+            return [None] * len(rows)
+        if self.is_dataset:
+            return list(self.images.select(rows)["image"])
+        return [self.images[i] for i in rows]
+
+    def image_lengths(self, start: int = 0, end: int | None = None) -> list[int]:
+        """Byte length of each picture of rows `start:end` (-1: none)."""
+        end = len(self) if end is None else end
+        if self.images is None:
+            return [-1] * (end - start)
         if self.is_dataset:
             import pyarrow as pa
             import pyarrow.compute as pc
 
-            column = self.images.with_format("arrow")[:]["image"]
+            column = self.images.with_format("arrow")[start:end]["image"]
             if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
                 # Lengths from Arrow directly: the picture bytes are never copied into Python objects.
                 lengths = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
@@ -215,7 +243,7 @@ class KBView:
                 ]
             values = column.to_pylist()
         else:
-            values = self.images
+            values = self.images[start:end]
         return [_image_length(v) for v in values]
 
 
@@ -237,57 +265,482 @@ def _image_length(value) -> int:
     return -1
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Storage: how the features are stored (codecs), strings, the tensors file
+# ----------------------------------------------------------------------------------------------------------------
+
+INDEX_DTYPES = ("float32", "float16", "int8", "res4", "res2", "res1")
+# Fields with a token axis (stored with residual codes by the "res*" dtypes; the other float fields as int8).
+TOKEN_FIELDS = ("text_queries", "visual_queries")
+PART = "@"  # `field@part`: a stored part of a field (`text_queries@scale`, `text_queries@codes`, ...)
+
+
+def storage_dtype(name) -> torch.dtype:
+    """`torch.float16` etc. from a name (`"float16"`, `"torch.float16"`) or a dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[str(name).replace("torch.", "")]
+
+
+def check_index_dtype(dtype) -> str:
+    """The index storage name (`INDEX_DTYPES`) of `dtype` (a name or a torch float dtype); ValueError otherwise."""
+    name = str(dtype).replace("torch.", "")
+    if name not in INDEX_DTYPES:
+        raise ValueError(f"index dtype must be one of {', '.join(INDEX_DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class FloatCodec:
+    """Stores a float field as float32 or float16 (part `""`)."""
+
+    kind = "float"
+
+    def __init__(self, dtype="float32"):
+        self.dtype = storage_dtype(dtype)
+
+    def encode(self, x: torch.Tensor) -> dict:
+        return {"": x.to(self.dtype)}
+
+    def decode(self, parts: dict) -> torch.Tensor:
+        return parts[""].float()
+
+    def state(self) -> dict:
+        return {}
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "dtype": _dtype_name(self.dtype)}
+
+
+class Int8Codec:
+    """Symmetric int8 per vector (the last axis), one scale per vector: `x ~ q * scale`, `scale = max|x| / 127`
+    (error at most `scale / 2` per value). Parts: `""` (int8, the shape of x) and `"scale"` (x's shape without the last
+    axis)."""
+
+    kind = "int8"
+
+    def __init__(self, scale_dtype="float16"):
+        self.scale_dtype = storage_dtype(scale_dtype)
+
+    def encode(self, x: torch.Tensor) -> dict:
+        x = x.float()
+        exact = x.abs().amax(-1) / 127
+        scale = exact.to(self.scale_dtype)
+        low = scale.float() < exact  # rounded down: one step up, so no value needs more than 127 steps
+        if bool(low.any()):
+            scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        divisor = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        return {"": torch.round(x / divisor).clamp_(-127, 127).to(torch.int8), "scale": scale}
+
+    def decode(self, parts: dict) -> torch.Tensor:
+        return parts[""].float() * parts["scale"].float().unsqueeze(-1)
+
+    def state(self) -> dict:
+        return {}
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "scale_dtype": _dtype_name(self.scale_dtype)}
+
+
+class ResidualCodec:
+    """Centroid + residual codes (as ColBERTv2) for token vectors of size D: `x ~ centroids[c] + r`, where each value of
+    the residual `r` is one of `2**bits` levels of its dimension (per-dimension quantiles of the training residuals).
+    Parts: `"centroid"` (int16 / int32 id, x's shape without the last axis) and `"codes"` (uint8, `ceil(D * bits / 8)`
+    bytes per vector). Decoding is one table look-up per byte.
+
+    Train it with [`~ResidualCodec.train`] on a sample of token vectors; the same codec then encodes any row (added
+    entities, other shards).
+    """
+
+    kind = "residual"
+
+    def __init__(self, centroids: torch.Tensor, cutoffs: torch.Tensor, weights: torch.Tensor, bits: int):
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"residual bits must be 1, 2, 4 or 8, got {bits!r}")
+        self.centroids = centroids.float().contiguous()  # (K, D)
+        self.cutoffs = cutoffs.float().contiguous()  # (D, 2**bits - 1), ascending per dimension
+        self.weights = weights.float().contiguous()  # (D, 2**bits)
+        self.bits = int(bits)
+        self.dim = self.centroids.shape[1]
+        self.per_byte = 8 // self.bits
+        self.nbytes = -(-self.dim // self.per_byte)
+        levels = 2**self.bits
+        padded = torch.cat([self.weights, self.weights.new_zeros(self.nbytes * self.per_byte - self.dim, levels)])
+        padded = padded.view(self.nbytes, self.per_byte, levels)
+        shifts = torch.arange(self.per_byte) * self.bits
+        codes = (torch.arange(256).unsqueeze(-1) >> shifts) & (levels - 1)  # (256, per_byte): the codes in a byte
+        # table[j * 256 + v] = the residual values of the dimensions held by byte j when it has value v
+        table = padded[:, torch.arange(self.per_byte).unsqueeze(0), codes]  # (nbytes, 256, per_byte)
+        self._table = table.reshape(self.nbytes * 256, self.per_byte).contiguous()
+        self._offsets = torch.arange(self.nbytes) * 256
+        self._shifts = shifts
+        self._half_norms = 0.5 * (self.centroids**2).sum(-1)
+        self.id_dtype = torch.int16 if len(self.centroids) <= 32767 else torch.int32
+
+    @classmethod
+    def train(cls, vectors: torch.Tensor, bits: int, num_centroids: int | None = None, iterations: int = 10,
+              seed: int = 0) -> "ResidualCodec":  # fmt: skip
+        """k-means centroids (default: `clamp(2**floor(log2(n / 32)), 16, 1024)`) and per-dimension residual
+        quantiles of `vectors (n, D)`."""
+        vectors = vectors.float().reshape(-1, vectors.shape[-1])
+        n = len(vectors)
+        if n == 0:
+            raise ValueError("cannot train a residual codec on no vectors")
+        k = num_centroids or max(16, min(1024, 1 << max(0, (n // 32).bit_length() - 1)))
+        k = min(k, n)
+        centroids = _kmeans(vectors, k, iterations, seed)
+        ids = _nearest(vectors, centroids, 0.5 * (centroids**2).sum(-1))
+        residuals = vectors - centroids[ids]
+        g = torch.Generator().manual_seed(seed)
+        if residuals.numel() > (1 << 24):  # torch.quantile's limit
+            residuals = residuals[torch.randperm(n, generator=g)[: (1 << 24) // residuals.shape[1]]]
+        levels = 2**bits
+        cutoffs = torch.quantile(residuals, torch.arange(1, levels) / levels, dim=0).T
+        weights = torch.quantile(residuals, (torch.arange(levels) + 0.5) / levels, dim=0).T
+        return cls(centroids, cutoffs.reshape(-1, levels - 1), weights.reshape(-1, levels), bits)
+
+    def encode(self, x: torch.Tensor) -> dict:
+        lead = x.shape[:-1]
+        flat = x.float().reshape(-1, self.dim)
+        ids = _nearest(flat, self.centroids, self._half_norms)
+        residuals = flat - self.centroids.index_select(0, ids)
+        codes = (residuals.unsqueeze(-1) > self.cutoffs).sum(-1)  # (n, D) in [0, 2**bits)
+        pad = self.nbytes * self.per_byte - self.dim
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(len(codes), pad)], dim=1)
+        packed = (codes.view(-1, self.nbytes, self.per_byte) << self._shifts).sum(-1).to(torch.uint8)
+        return {"centroid": ids.to(self.id_dtype).view(lead), "codes": packed.view(*lead, self.nbytes)}
+
+    def decode(self, parts: dict) -> torch.Tensor:
+        ids = parts["centroid"]
+        lead = ids.shape
+        base = self.centroids.index_select(0, ids.reshape(-1).long())
+        packed = parts["codes"].reshape(-1, self.nbytes).long() + self._offsets
+        residual = self._table.index_select(0, packed.reshape(-1)).view(len(base), -1)[:, : self.dim]
+        return (base + residual).view(*lead, self.dim)
+
+    def state(self) -> dict:
+        return {"centroids": self.centroids, "cutoffs": self.cutoffs, "weights": self.weights}
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "bits": self.bits, "centroids": len(self.centroids), "dim": self.dim}
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor, half_norms: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """Nearest centroid (L2) of each row of `x`: argmax of `<x, c> - |c|^2 / 2`, in blocks of rows."""
+    out = torch.empty(len(x), dtype=torch.long)
+    for start in range(0, len(x), block):
+        scores = x[start : start + block] @ centroids.T - half_norms
+        out[start : start + block] = scores.argmax(dim=1)
+    return out
+
+
+def _kmeans(x: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
+    """Lloyd's k-means from k distinct random rows (seeded; an emptied cluster keeps its centroid)."""
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iterations):
+        ids = _nearest(x, centroids, 0.5 * (centroids**2).sum(-1))
+        sums = torch.zeros_like(centroids).index_add_(0, ids, x)
+        counts = torch.bincount(ids, minlength=k).float()
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
+    return centroids
+
+
+def make_codec(config: dict, state: dict | None = None):
+    """A codec from its [`config`] (and, for residual codes, its state tensors)."""
+    kind = config.get("kind")
+    if kind == "float":
+        return FloatCodec(config["dtype"])
+    if kind == "int8":
+        return Int8Codec(config.get("scale_dtype", "float16"))
+    if kind == "residual":
+        state = state or {}
+        missing = [k for k in ("centroids", "cutoffs", "weights") if k not in state]
+        if missing:
+            raise KeyError(f"residual codec state lacks {missing}")
+        return ResidualCodec(state["centroids"], state["cutoffs"], state["weights"], config["bits"])
+    raise ValueError(f"unknown codec kind {kind!r}")
+
+
+def default_codecs(dtype: str, fields: dict, token_sample: dict | None = None, seed: int = 0) -> dict:
+    """`{field: codec}` for the float fields `{name: example tensor (rows, ...)}` of an index of storage `dtype`.
+
+    float32 / float16: every float field as is. int8: every float field int8 with per-vector scales. res{1,2,4}:
+    token fields (`TOKEN_FIELDS`) as residual codes of that many bits, trained on `token_sample[field]` (vectors
+    `(n, D)`), the others int8.
+    """
+    dtype = check_index_dtype(dtype)
+    codecs = {}
+    for name, value in fields.items():
+        if not value.is_floating_point():
+            continue
+        if dtype in ("float32", "float16"):
+            codecs[name] = FloatCodec(dtype)
+        elif dtype == "int8" or name not in TOKEN_FIELDS:
+            codecs[name] = Int8Codec()
+        else:
+            if token_sample is None or name not in token_sample:
+                raise ValueError(f"a {dtype} index needs a token sample of {name} to train its residual codec")
+            codecs[name] = ResidualCodec.train(token_sample[name], int(dtype[3:]), seed=seed)
+    return codecs
+
+
+class StringColumn(Sequence):
+    """A read-only list of strings stored as one UTF-8 buffer and `N + 1` offsets (memory-mappable; a million qids
+    cost two arrays instead of a million Python objects). Compares equal to any sequence of the same strings."""
+
+    def __init__(self, data: torch.Tensor, offsets: torch.Tensor):
+        self.data = data  # (bytes,) uint8
+        self.offsets = offsets  # (N + 1,) int64
+        self._bytes = memoryview(data.numpy()) if data.numel() else memoryview(b"")
+        self._offsets = offsets.tolist() if len(offsets) < 4096 else offsets.numpy()
+
+    @classmethod
+    def from_list(cls, values) -> "StringColumn":
+        if isinstance(values, StringColumn):
+            return values
+        encoded = [str(v).encode("utf-8") for v in values]
+        offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+        if encoded:
+            offsets[1:] = torch.tensor([len(b) for b in encoded], dtype=torch.int64).cumsum(0)
+        data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if offsets[-1] else torch.zeros(0, dtype=torch.uint8)
+        return cls(data, offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"string column index {i} out of range for {n} strings")
+        return bytes(self._bytes[int(self._offsets[i]) : int(self._offsets[i + 1])]).decode("utf-8")
+
+    def __iter__(self):
+        data, offsets = bytes(self._bytes), self.offsets.tolist()
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            yield data[a:b].decode("utf-8")
+
+    def __eq__(self, other):
+        if isinstance(other, StringColumn):
+            return torch.equal(self.offsets, other.offsets) and torch.equal(self.data, other.data)
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"StringColumn({len(self)} strings)"
+
+    def tolist(self) -> list:
+        return list(self)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        h.update(_tensor_bytes(self.offsets))
+        h.update(bytes(self._bytes))
+        return h.hexdigest()
+
+
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class _Chunks:
+    """A tensor written as the concatenation (along axis 0) of chunks produced on demand (so a merged index is never
+    held in memory whole): `dtype`, `shape` and a function returning an iterator of CPU tensors."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple, chunks):
+        self.dtype, self.shape, self.chunks = dtype, tuple(shape), chunks
+
+
+def _write_safetensors(path: str, tensors: dict, metadata: dict | None = None):
+    """Writes a safetensors file (readable by `safetensors.safe_open`) tensor by tensor. Tensors are laid out by
+    decreasing element size, so each starts at a multiple of its element size (memory-mappable as is)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        size = t.dtype.itemsize * _numel(t.shape)
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in order:
+            t = tensors[name]
+            pieces = t.chunks() if isinstance(t, _Chunks) else [t]
+            written = 0
+            for piece in pieces:
+                piece = piece.detach().cpu().to(t.dtype).contiguous()
+                if piece.numel():
+                    f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+                written += piece.numel() * t.dtype.itemsize
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if written != expected:
+                raise RuntimeError(f"{path}: wrote {written} bytes of {name}, expected {expected}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _read_safetensors(path: str, mmap: bool = True) -> dict:
+    """`{name: tensor}` of a safetensors file; with `mmap`, tensors are copy-on-write views of the memory-mapped file
+    (pages are read when touched, and opening costs almost nothing). Raises [`IndexCorruptError`] naming the file on
+    any inconsistency."""
+    import numpy as np
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise IndexCorruptError(f"{path}: not a safetensors file (bad header length); {REBUILD}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IndexCorruptError(f"{path}: unreadable safetensors header ({err}); {REBUILD}") from err
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    raw = np.memmap(path, dtype=np.uint8, mode="c") if mmap else np.fromfile(path, dtype=np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = _ST_TORCH[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise IndexCorruptError(f"{path}: bad header entry for {name!r} ({err}); {REBUILD}") from err
+        if not 0 <= begin <= end <= data_size or end - begin != _numel(shape) * dtype.itemsize:
+            raise IndexCorruptError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; {REBUILD}")
+        if end == begin:
+            out[name] = torch.zeros(shape, dtype=dtype)
+            continue
+        piece = raw[8 + n + begin : 8 + n + end]
+        if (8 + n + begin) % dtype.itemsize:  # not aligned: a copy
+            piece = np.array(piece)
+        out[name] = torch.from_numpy(piece).view(dtype).view(shape)
+    return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entity index
 # ----------------------------------------------------------------------------------------------------------------
+
+# Reserved names in the tensors file (feature parts are named `field` or `field@part`, never starting with "@").
+_RETRIEVAL, _RETRIEVAL_SCALE, _ROW_HASHES = "@retrieval", "@retrieval_scale", "@row_hashes"
+_CODEC = "@codec/"  # @codec/<field>/<state name>
 
 
 class EntityIndex:
     """Entity-side features of every KB row, stored compactly for ranking.
 
     Attributes:
-        retrieval (`(N, R)` float32): the stage-1 entity vectors `[fused | text_global | visual_global]` (unit-norm
-            parts; `fused` absent when fusion is off). S_R(m, e) = <stage1 mention vector, retrieval[e]>.
-        tensors (`dict`): the other entity features stage 2 reads ([`~OTMELModel.entity_index_fields`]), floats in
-            `dtype` (float16 or float32; scoring is always float32), masks as bool, text fields cut to the KB's
-            longest real text.
-        qids, names (`list[str]`): KB row i is entity `qids[i]`.
+        retrieval (`(N, R)`): the stage-1 entity vectors `[fused | text_global | visual_global]` (unit-norm parts;
+            `fused` absent when fusion is off): float32, or int8 with `retrieval_scale (N,)` for the int8 / res*
+            dtypes (`vector = retrieval * retrieval_scale[:, None]`). S_R(m, e) = <stage1 mention vector, vector of e>;
+            use [`~EntityIndex.stage1_vectors`] / [`~EntityIndex.stage1_scores`] / [`~EntityIndex.stage1_topk`] rather
+            than `retrieval` directly.
+        tensors (`dict`): the stored parts of the other entity features stage 2 reads
+            ([`~OTMELModel.entity_index_fields`]): `field` or `field@part` (see `codecs`); masks as bool, text fields
+            cut to the KB's longest real text.
+        codecs (`dict`): how each float field is stored ([`FloatCodec`] float32 / float16, [`Int8Codec`] int8 with
+            per-vector scales, [`ResidualCodec`] centroid + residual codes); scoring always decodes to float32.
+        qids, names (`list[str]` or [`StringColumn`]): KB row i is entity `qids[i]`.
         meta (`dict`): fingerprints of the model, processor and KB, the layout of `retrieval`, the storage dtype;
             `meta["kb"]` is [`content_fingerprint`] of `row_hashes` (after [`~EntityIndex.add`] /
             [`~EntityIndex.remove`] it describes the edited rows, no longer the dataset the index was built from) and
             `meta["edits"]` counts the rows added, replaced and removed since [`encode_kb`].
         row_hashes (`(N, 16)` uint8, *optional*): [`kb_row_hashes`] of the KB rows (qid, name, attributes, image byte
             length), so [`~EntityIndex.check`] can compare a KB row by row.
+        ann ([`AnnIndex`], *optional*): an approximate stage-1 search structure ([`~EntityIndex.build_ann`]), kept
+            up to date by `add` / `remove` and saved with the index.
 
     `version` grows with every change of the rows ([`~EntityIndex.add`], [`~EntityIndex.remove`]); caches built from
-    the rows (`row_of`, device copies, `ranking_otmel`'s FAISS indexes) are keyed on it.
+    the rows (`row_of`, device copies, `ranking_otmel`'s FAISS indexes) are keyed on it. An index loaded with
+    `mmap=True` keeps its tensors in the memory-mapped file (pages read when touched); an edit copies the edited
+    tensors into memory.
     """
 
     def __init__(
-        self, retrieval: torch.Tensor, tensors: dict, qids: list, names: list, meta: dict, row_hashes=None
+        self,
+        retrieval: torch.Tensor,
+        tensors: dict,
+        qids,
+        names,
+        meta: dict,
+        row_hashes=None,
+        retrieval_scale: torch.Tensor | None = None,
+        codecs: dict | None = None,
+        ann=None,
     ):
         self.retrieval = retrieval
+        self.retrieval_scale = retrieval_scale
         self.tensors = tensors
-        self.qids = list(qids)
-        self.names = list(names)
+        self.qids = qids if isinstance(qids, StringColumn) else list(qids)
+        self.names = names if isinstance(names, StringColumn) else list(names)
         self.meta = meta
         self.row_hashes = row_hashes
+        if codecs is None:
+            codecs = {k: FloatCodec(v.dtype) for k, v in tensors.items() if PART not in k and v.is_floating_point()}
+        self.codecs = codecs
+        self.ann = ann
         self.version = 0
         self._row_of = None
         self._device_cache = {}
+        self._saved = None  # (directory, file names, checksums, version) of the files this index is stored in
 
     def __len__(self):
         return len(self.qids)
 
     def __repr__(self):
         dims = {k: tuple(v.shape) for k, v in self.tensors.items()}
-        return f"EntityIndex(n={len(self)}, retrieval={tuple(self.retrieval.shape)}, dtype={self.meta['dtype']}, {dims})"
+        ann = f", ann={self.ann.config['kind']}" if self.ann is not None else ""
+        return (f"EntityIndex(n={len(self)}, retrieval={tuple(self.retrieval.shape)} {_dtype_name(self.retrieval.dtype)}, "
+                f"dtype={self.meta['dtype']}{ann}, {dims})")  # fmt: skip
 
     @property
     def splits(self) -> dict:
         """Column ranges of `retrieval`: `{"fused": (a, b), "text_global": (b, c), "visual_global": (c, d)}`."""
         return {k: tuple(v) for k, v in self.meta["splits"].items()}
+
+    @property
+    def fields(self) -> list:
+        """The stage-2 features stored (each as one or more parts of `tensors`), in storage order."""
+        out = []
+        for key in self.tensors:
+            name = key.split(PART, 1)[0]
+            if name not in out:
+                out.append(name)
+        return out
+
+    def _parts(self, field: str) -> dict:
+        """`{part: tensors key}` of a field (`""` for the main part)."""
+        return {(k.split(PART, 1)[1] if PART in k else ""): k for k in self.tensors if k.split(PART, 1)[0] == field}
 
     def row_of(self, qid: str) -> int:
         """KB row of `qid`, or -1 when the qid is not in the KB (first row when a qid repeats)."""
@@ -298,19 +751,91 @@ class EntityIndex:
         return self._row_of.get(str(qid), -1)
 
     def nbytes(self) -> int:
-        return self.retrieval.nbytes + sum(t.nbytes for t in self.tensors.values())
+        """Bytes of the stored rows (stage-1 vectors, features, row hashes) plus the codecs' tables; without the
+        qid / name strings and the ANN structure."""
+        total = self.retrieval.nbytes + sum(t.nbytes for t in self.tensors.values())
+        total += self.retrieval_scale.nbytes if self.retrieval_scale is not None else 0
+        total += self.row_hashes.nbytes if self.row_hashes is not None else 0
+        return total + sum(t.nbytes for c in self.codecs.values() for t in c.state().values())
 
-    def retrieval_on(self, device) -> torch.Tensor:
-        """`retrieval`, on `device` (a copy kept for the last non-CPU device asked for)."""
+    # ---- stage 1 --------------------------------------------------------------------------------------------
+
+    def retrieval_on(self, device) -> tuple:
+        """`(retrieval, retrieval_scale)` on `device` (a copy kept for the last non-CPU device asked for)."""
         device = torch.device(device)
         if device.type == "cpu":
-            return self.retrieval
+            return self.retrieval, self.retrieval_scale
         if device not in self._device_cache:
-            self._device_cache = {device: self.retrieval.to(device)}
+            scale = self.retrieval_scale.to(device) if self.retrieval_scale is not None else None
+            self._device_cache = {device: (self.retrieval.to(device), scale)}
         return self._device_cache[device]
 
+    def stage1_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 stage-1 vectors `(M, R)` of the KB rows `rows (M,)` (dequantized when stored as int8)."""
+        rows = rows.cpu().reshape(-1)
+        out = self.retrieval.index_select(0, rows).float()
+        if self.retrieval_scale is not None:
+            out = out * self.retrieval_scale.index_select(0, rows).float().unsqueeze(1)
+        return out
+
+    def stage1_scores(self, queries: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Exact S_R `(B, end - start)` of stage-1 mention vectors `queries (B, R)` with KB rows `start:end` (all by
+        default), on the queries' device."""
+        end = len(self) if end is None else end
+        retrieval, scale = self.retrieval_on(queries.device)
+        block = retrieval[start:end]
+        out = queries @ (block if block.dtype == torch.float32 else block.float()).T
+        if scale is not None:
+            out = out * scale[start:end].float()
+        return out
+
+    def stage1_topk(self, queries: torch.Tensor, k: int, block_rows: int | None = None) -> tuple:
+        """Exact top-`k` S_R of each query over the whole KB: `(scores (B, k), rows (B, k))`, best first, computed
+        block by block (`block_rows` KB rows at a time; default: about 4M scores per block), so no `(B, N)` matrix is
+        held."""
+        n = len(self)
+        k = min(k, n)
+        block = block_rows or max(k, min(n, (1 << 22) // max(1, queries.shape[0])))
+        best_scores = best_rows = None
+        for start in range(0, n, block):
+            end = min(n, start + block)
+            scores, rows = self.stage1_scores(queries, start, end).topk(min(k, end - start), dim=1)
+            rows = rows + start
+            if best_scores is not None:
+                scores, pick = torch.cat([best_scores, scores], 1), torch.cat([best_rows, rows], 1)
+                scores, order = scores.topk(k, dim=1)
+                rows = pick.gather(1, order)
+            best_scores, best_rows = scores, rows
+        return best_scores, best_rows
+
+    def build_ann(self, **kwargs) -> "AnnIndex":
+        """Builds (replacing any) the approximate stage-1 structure `self.ann` ([`AnnIndex.build`] arguments)."""
+        self.ann = AnnIndex.build(self, **kwargs)
+        return self.ann
+
+    def ann_topk(self, queries: torch.Tensor, k: int, nprobe: int | None = None, refine: int | None = None) -> tuple:
+        """Approximate top-`k` S_R: the ANN structure proposes `refine` rows per query (default `max(4 k, 200)`),
+        whose exact S_R picks the `k` best: `(scores (B, k), rows (B, k))`, best first; rows -1 (score -inf) when
+        fewer than `k` were found. Builds `self.ann` first if there is none."""
+        if self.ann is None:
+            logger.info("building the approximate stage-1 index of %d entities", len(self))
+            self.build_ann()
+        n = len(self)
+        k = min(k, n)
+        width = min(n, max(refine or max(4 * k, 200), k))
+        rows = self.ann.search(queries.cpu().float(), width, nprobe=nprobe)  # (B, width), -1 for none
+        valid = rows >= 0
+        vectors = self.stage1_vectors(rows.clamp_min(0)).view(*rows.shape, -1).to(queries.device)
+        scores = (queries.unsqueeze(1) * vectors).sum(-1)
+        scores = scores.masked_fill(~valid.to(queries.device), float("-inf"))
+        top, order = scores.topk(k, dim=1)
+        return top, rows.to(queries.device).gather(1, order).masked_fill(top == float("-inf"), -1)
+
+    # ---- stage 2 --------------------------------------------------------------------------------------------
+
     def gather(self, rows: torch.Tensor, device=None, trim_text: bool = True) -> OTMELEntityFeatures:
-        """Float32 [`OTMELEntityFeatures`] of the KB rows `rows` (any shape S; features get shape `(*S, ...)`).
+        """Float32 [`OTMELEntityFeatures`] of the KB rows `rows` (any shape S; features get shape `(*S, ...)`),
+        decoded from their storage.
 
         With `trim_text`, text tensors are cut to the longest real text among the gathered rows (padding never takes
         part in any score, so this changes no score and saves work).
@@ -318,23 +843,39 @@ class EntityIndex:
         rows = rows.cpu()
         device = device or "cpu"
         shape, flat = tuple(rows.shape), rows.reshape(-1)
-
-        def take(t):  # index_select is several times faster than advanced indexing here
-            out = t.index_select(0, flat).view(*shape, *t.shape[1:])
-            return out.to(device, torch.float32) if out.is_floating_point() else out.to(device)
-
-        stage1 = take(self.retrieval)
+        stage1 = self.stage1_vectors(flat).view(*shape, -1).to(device)
         fields = {name: stage1[..., a:b] for name, (a, b) in self.splits.items()}
         length = None
         if trim_text and "text_mask" in self.tensors and flat.numel():
             length = real_text_length(self.tensors["text_mask"].index_select(0, flat))
-        for name, tensor in self.tensors.items():
-            if length is not None and name in OTMELEntityFeatures.TEXT_TOKEN_FIELDS:
-                tensor = tensor[:, :length]
-            fields[name] = take(tensor)
+        for field in self.fields:
+            parts = {}
+            for part, key in self._parts(field).items():
+                t = self.tensors[key]
+                if length is not None and field in OTMELEntityFeatures.TEXT_TOKEN_FIELDS:
+                    t = t[:, :length]
+                parts[part] = t.index_select(0, flat)  # index_select is several times faster than indexing here
+            codec = self.codecs.get(field)
+            value = codec.decode(parts) if codec is not None else parts[""]
+            value = value.view(*shape, *value.shape[1:])
+            fields[field] = value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
         return OTMELEntityFeatures(**fields)
 
     # ---- live updates ---------------------------------------------------------------------------------------
+
+    def _row_tensors(self) -> dict:
+        out = {_RETRIEVAL: self.retrieval, **self.tensors}
+        if self.retrieval_scale is not None:
+            out[_RETRIEVAL_SCALE] = self.retrieval_scale
+        if self.row_hashes is not None:
+            out[_ROW_HASHES] = self.row_hashes
+        return out
+
+    def _set_row_tensors(self, values: dict):
+        self.retrieval = values.pop(_RETRIEVAL)
+        self.retrieval_scale = values.pop(_RETRIEVAL_SCALE, None)
+        self.row_hashes = values.pop(_ROW_HASHES, None)
+        self.tensors = values
 
     def _changed(self, **edits):
         """Bookkeeping after the rows changed: version, caches, size, KB content fingerprint, edit counts."""
@@ -352,13 +893,39 @@ class EntityIndex:
         mask = self.tensors.get("text_mask")
         return mask.shape[1] if mask is not None else 0
 
+    def _rows_as_mine(self, other: "EntityIndex") -> dict:
+        """`other`'s row tensors in this index's storage (re-encoded where the codecs differ), text at `other`'s
+        length."""
+        out = {}
+        if self.retrieval_scale is None:
+            out[_RETRIEVAL] = other.stage1_vectors(torch.arange(len(other))) if other.retrieval_scale is not None else other.retrieval.float()
+        elif other.retrieval_scale is not None:
+            out[_RETRIEVAL], out[_RETRIEVAL_SCALE] = other.retrieval, other.retrieval_scale
+        else:
+            parts = Int8Codec(self.retrieval_scale.dtype).encode(other.retrieval)
+            out[_RETRIEVAL], out[_RETRIEVAL_SCALE] = parts[""], parts["scale"]
+        for field in self.fields:
+            mine, theirs = self.codecs.get(field), other.codecs.get(field)
+            same = mine is None or (theirs is not None and _same_codec(mine, theirs))
+            if same:
+                out.update({key: other.tensors[key] for key in other._parts(field).values()})
+                continue
+            other_parts = {part: other.tensors[key] for part, key in other._parts(field).items()}
+            value = theirs.decode(other_parts) if theirs is not None else other_parts[""].float()
+            for part, tensor in mine.encode(value).items():
+                out[field + (PART + part if part else "")] = tensor
+        if other.row_hashes is not None:
+            out[_ROW_HASHES] = other.row_hashes
+        return out
+
     def add(self, other: "EntityIndex") -> dict:
         """Adds the rows of `other` (an index of the same model and processor, e.g. `encode_kb` of a few new
         entities): a qid already here is replaced in place (every row holding it), new qids are appended in `other`'s
         order.
 
         Text fields are zero-padded to the longer of the two texts (padding takes part in no score); `other`'s
-        features are stored in this index's dtype.
+        features are stored in this index's storage (re-encoded with this index's codecs when they differ), and the
+        ANN structure, if any, is updated.
 
         Returns:
             `{"added": int, "replaced": int}`: qids appended and qids replaced.
@@ -379,13 +946,8 @@ class EntityIndex:
             problems += _diff("processor", self.meta.get("processor") or {}, other.meta.get("processor") or {})
         if self.splits != other.splits:
             problems.append(f"stage-1 layout differs (this index {self.splits}, added {other.splits})")
-        if set(self.tensors) != set(other.tensors):
-            problems.append(f"stored fields differ (this index {sorted(self.tensors)}, added {sorted(other.tensors)})")
-        else:
-            for name, t in self.tensors.items():
-                skip = 2 if name in OTMELEntityFeatures.TEXT_TOKEN_FIELDS else 1
-                if tuple(t.shape[skip:]) != tuple(other.tensors[name].shape[skip:]):
-                    problems.append(f"field {name} has shape {tuple(other.tensors[name].shape[1:])}, expected {tuple(t.shape[1:])}")
+        if set(self.fields) != set(other.fields):
+            problems.append(f"stored fields differ (this index {sorted(self.fields)}, added {sorted(other.fields)})")
         if problems:
             raise IndexMismatchError("cannot add an entity index built differently: " + "; ".join(problems) + ".")
         seen, repeated = set(), []
@@ -396,6 +958,17 @@ class EntityIndex:
         if repeated:
             raise ValueError(f"the added index holds qid(s) more than once: {sorted(set(repeated))[:20]}")
 
+        incoming = self._rows_as_mine(other)
+        current = self._row_tensors()
+        for key, t in current.items():
+            if key not in incoming:
+                raise IndexMismatchError(f"cannot add an entity index built differently: it lacks stored part {key}.")
+            skip = 2 if key.split(PART, 1)[0] in OTMELEntityFeatures.TEXT_TOKEN_FIELDS else 1
+            if tuple(t.shape[skip:]) != tuple(incoming[key].shape[skip:]):
+                raise IndexMismatchError(
+                    f"cannot add an entity index built differently: {key} has shape {tuple(incoming[key].shape[1:])}, "
+                    f"expected {tuple(t.shape[1:])}."
+                )
         source = {q: i for i, q in enumerate(other.qids)}
         replace_rows = [i for i, q in enumerate(self.qids) if q in source]
         replace_from = torch.tensor([source[self.qids[i]] for i in replace_rows], dtype=torch.long)
@@ -403,7 +976,7 @@ class EntityIndex:
         append_from = torch.tensor([i for i, q in enumerate(other.qids) if q not in present], dtype=torch.long)
         replace_rows = torch.tensor(replace_rows, dtype=torch.long)
         length = max(self._text_length(), other._text_length())
-        mine_t, theirs_t = _fit_text(self.tensors, length), _fit_text(other.tensors, length)
+        current, incoming = _fit_text(current, length), _fit_text(incoming, length)
 
         def merge(a, b):
             b = b.to(a.dtype)
@@ -412,23 +985,24 @@ class EntityIndex:
                 out[replace_rows] = b.index_select(0, replace_from)
             return out
 
-        retrieval = merge(self.retrieval, other.retrieval)
-        tensors = {name: merge(t, theirs_t[name]) for name, t in mine_t.items()}
-        row_hashes = None
-        if self.row_hashes is not None and other.row_hashes is not None:
-            row_hashes = merge(self.row_hashes, other.row_hashes)
+        merged = {key: merge(t, incoming[key]) for key, t in current.items()}
         names = list(self.names)
         for i, j in zip(replace_rows.tolist(), replace_from.tolist()):
             names[i] = other.names[j]
-        self.retrieval, self.tensors, self.row_hashes = retrieval, tensors, row_hashes
-        self.qids = self.qids + [other.qids[j] for j in append_from.tolist()]
+        old_n = len(self)
+        self._set_row_tensors(merged)
+        self.qids = list(self.qids) + [other.qids[j] for j in append_from.tolist()]
         self.names = names + [other.names[j] for j in append_from.tolist()]
+        if self.ann is not None:
+            changed = torch.cat([replace_rows, torch.arange(old_n, old_n + len(append_from))])
+            self.ann.set_rows(changed, self.stage1_vectors(changed))
         added, replaced = len(append_from), len(other) - len(append_from)
         self._changed(added=added, replaced=replaced)
         return {"added": added, "replaced": replaced}
 
     def remove(self, qids, missing_ok: bool = False) -> int:
-        """Removes every row holding one of `qids` (a qid or a list); the other rows keep their order.
+        """Removes every row holding one of `qids` (a qid or a list); the other rows keep their order (and the ANN
+        structure, if any, is updated).
 
         Args:
             qids (`str` or iterable of `str`).
@@ -453,14 +1027,37 @@ class EntityIndex:
         if not keep:
             raise ValueError(f"removing {removed} row(s) would leave the entity index empty; nothing removed")
         keep_t = torch.tensor(keep, dtype=torch.long)
-        self.retrieval = self.retrieval.index_select(0, keep_t)
-        self.tensors = {name: t.index_select(0, keep_t) for name, t in self.tensors.items()}
-        if self.row_hashes is not None:
-            self.row_hashes = self.row_hashes.index_select(0, keep_t)
+        gone = torch.tensor(sorted(set(range(len(self.qids))) - set(keep)), dtype=torch.long)
+        self._set_row_tensors({k: t.index_select(0, keep_t) for k, t in self._row_tensors().items()})
         self.qids = [self.qids[i] for i in keep]
         self.names = [self.names[i] for i in keep]
+        if self.ann is not None:
+            self.ann.remove_rows(gone)
         self._changed(removed=removed)
         return removed
+
+    @classmethod
+    def concatenate(cls, parts: list) -> "EntityIndex":
+        """The rows of several indexes of one model, processor and storage (e.g. shards), in order; texts padded to
+        the longest. Duplicate qids are kept (use [`~EntityIndex.add`] to replace)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        length = max(p._text_length() for p in parts)
+        rows = [_fit_text(first._rows_as_mine(p) if p is not first else first._row_tensors(), length) for p in parts]
+        for p in parts[1:]:
+            if p.meta["model"] != first.meta["model"] or p.splits != first.splits:
+                raise IndexMismatchError("cannot concatenate entity indexes of different models")
+        merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        hashes = merged.pop(_ROW_HASHES, None) if all(p.row_hashes is not None for p in parts) else None
+        merged.pop(_ROW_HASHES, None)
+        meta = dict(first.meta, size=sum(len(p) for p in parts))
+        meta["kb"] = content_fingerprint(hashes) if hashes is not None else None
+        index = cls(
+            merged.pop(_RETRIEVAL), merged, [q for p in parts for q in p.qids], [x for p in parts for x in p.names],
+            meta, row_hashes=hashes, retrieval_scale=merged.pop(_RETRIEVAL_SCALE, None), codecs=dict(first.codecs),
+        )  # fmt: skip
+        return index
 
     # ---- checks ---------------------------------------------------------------------------------------------
 
@@ -515,117 +1112,201 @@ class EntityIndex:
 
     # ---- persistence ----------------------------------------------------------------------------------------
 
+    def _file_tensors(self) -> tuple:
+        """`(tensors, qids column, names column)`: what the tensors file stores."""
+        qids, names = StringColumn.from_list(self.qids), StringColumn.from_list(self.names)
+        out = dict(self._row_tensors())
+        out.update({"@qids/data": qids.data, "@qids/offsets": qids.offsets})
+        out.update({"@names/data": names.data, "@names/offsets": names.offsets})
+        for field, codec in self.codecs.items():
+            for name, tensor in codec.state().items():
+                out[f"{_CODEC}{field}/{name}"] = tensor
+        return out, qids, names
+
+    def _file_meta(self) -> dict:
+        meta = dict(self.meta, format=INDEX_FORMAT, size=len(self))
+        meta["fields"] = self.fields
+        meta["codecs"] = {field: codec.config() for field, codec in self.codecs.items()}
+        meta["retrieval"] = {"dtype": _dtype_name(self.retrieval.dtype), "scaled": self.retrieval_scale is not None}
+        if self.ann is not None:
+            meta["ann"] = dict(self.ann.config)
+        else:
+            meta.pop("ann", None)
+        return meta
+
     def save(self, directory: str):
-        """Writes the index into `directory`, atomically: `entity_index-<id>.safetensors` (tensors) and
-        `entity_index.json` (fingerprints, qids, names, layout, the tensors file's name, and sha256 checksums of the
-        tensors file and of the qid and name lists, which [`~EntityIndex.load`] verifies).
+        """Writes the index into `directory`, atomically: `entity_index-<id>.safetensors` (every stored tensor, the
+        qids and names, the codecs' tables), `entity_index-<id>-ann.safetensors` (the ANN structure, if any) and
+        `entity_index.json` (fingerprints, layout, storage, the file names, and sha256 checksums of the files and of
+        the qid and name lists, which [`~EntityIndex.load`] verifies).
 
-        The tensors file is written under a temporary name, flushed to disk and renamed; then the JSON is written the
-        same way, and its rename is the commit: an interrupted save leaves the previous index (or none) loadable, never
-        a half-written one. The previous index's tensors file is deleted after the commit; other files in `directory`
-        are left alone. Two processes must not save into the same directory at once.
+        Each file is written under a temporary name, flushed to disk and renamed; the JSON comes last and its rename is
+        the commit: an interrupted save leaves the previous index (or none) loadable, never a half-written one. Files
+        of earlier saves are deleted after the commit; other files in `directory` are left alone. Saving an unchanged
+        index back where it was loaded from rewrites only what changed (e.g. a new ANN structure). Two processes must
+        not save into the same directory at once.
         """
-        from safetensors.torch import save_file
-
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         _remove_temporaries(directory)
-        tensors = {}
-        for name, (a, b) in self.splits.items():
-            tensors[name] = self.retrieval[:, a:b].to(storage_dtype(self.meta["dtype"])).contiguous()
-        tensors.update({k: v.contiguous() for k, v in self.tensors.items()})
-        if self.row_hashes is not None:
-            tensors[ROW_HASHES] = self.row_hashes.contiguous()
-        weights_name = f"{WEIGHTS_PREFIX}{os.urandom(6).hex()}{WEIGHTS_SUFFIX}"
-        weights_path = os.path.join(directory, weights_name)
-        committed = False
+        saved = self._saved if self._saved is not None and self._saved["directory"] == directory else None
+        reuse_weights = (
+            saved is not None
+            and saved["version"] == self.version
+            and os.path.isfile(os.path.join(directory, saved["files"]["weights"]))
+        )
+        reuse_ann = (
+            reuse_weights
+            and self.ann is not None
+            and saved["files"].get("ann") is not None
+            and saved.get("ann_version") == (id(self.ann), self.ann.version)
+            and os.path.isfile(os.path.join(directory, saved["files"]["ann"]))
+        )
+        files, checksums, new_files = {}, {}, []
         try:
-            with _AtomicFile(weights_path) as tmp:
-                save_file(tensors, tmp)
-            meta = dict(self.meta)
-            meta["files"] = {"weights": weights_name}
-            meta["checksums"] = {
-                "weights_sha256": _file_sha256(weights_path),
-                "weights_bytes": os.path.getsize(weights_path),
-                "qids_sha256": _list_sha256(self.qids),
-                "names_sha256": _list_sha256(self.names),
-            }
-            meta.update(qids=self.qids, names=self.names)
+            if reuse_weights:
+                files["weights"] = saved["files"]["weights"]
+                keep = ("weights_sha256", "weights_bytes", "qids_sha256", "names_sha256")
+                checksums.update({k: saved["checksums"][k] for k in keep})
+            else:
+                tensors, qids, names = self._file_tensors()
+                files["weights"] = _new_name(WEIGHTS_SUFFIX)
+                new_files.append(files["weights"])
+                checksums.update(_write_checked(os.path.join(directory, files["weights"]), tensors, "weights"))
+                checksums.update(qids_sha256=qids.sha256(), names_sha256=names.sha256())
+            if reuse_ann:
+                files["ann"] = saved["files"]["ann"]
+                checksums.update({k: saved["checksums"][k] for k in ("ann_sha256", "ann_bytes")})
+            elif self.ann is not None:
+                files["ann"] = _new_name(ANN_SUFFIX)
+                new_files.append(files["ann"])
+                checksums.update(_write_checked(os.path.join(directory, files["ann"]), self.ann.to_tensors(), "ann"))
+            meta = self._file_meta()
+            meta.update(files=files, checksums=checksums)
             with _AtomicFile(os.path.join(directory, INDEX_META)) as tmp:
                 with open(tmp, "w", encoding="utf-8") as f:
                     json.dump(meta, f, ensure_ascii=False)
-            committed = True
+            new_files.clear()  # committed
         finally:
-            if not committed and os.path.exists(weights_path):
-                os.remove(weights_path)
-        # The commit is done: the tensors files of earlier saves are no longer referenced.
-        for name in os.listdir(directory):
-            if name != weights_name and (
-                name == INDEX_WEIGHTS or (name.startswith(WEIGHTS_PREFIX) and name.endswith(WEIGHTS_SUFFIX))
-            ):
-                os.remove(os.path.join(directory, name))
-        _fsync_dir(directory)
+            for name in new_files:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, name))
+        _remove_unreferenced(directory, set(files.values()))
+        self._saved = {"directory": directory, "files": files, "checksums": checksums, "version": self.version}
+        if self.ann is not None:
+            self._saved["ann_version"] = (id(self.ann), self.ann.version)
 
     @classmethod
-    def load(cls, directory: str, model=None, processor=None, kb=None, verify: bool = True) -> "EntityIndex":
+    def load(
+        cls, directory: str, model=None, processor=None, kb=None, verify: bool = True, mmap: bool = True
+    ) -> "EntityIndex":
         """Reads an index written by [`~EntityIndex.save`].
 
         Args:
             directory (`str`): the index folder.
             model, processor, kb (*optional*): refuse ([`IndexMismatchError`]) an index built from anything else.
-            verify (`bool`): check the sha256 of the tensors file (reads it once; the size, the layout and the
-                checksums of the qid and name lists are always checked).
+            verify (`bool`): check the sha256 of the files (reads them once; file sizes, the layout and the checksums
+                of the qid and name lists are always checked).
+            mmap (`bool`): memory-map the tensors file (opening costs almost nothing and pages are read when touched,
+                so a serving process does not hold the whole index in memory); False reads it into memory.
 
         Raises:
             `FileNotFoundError`: no `entity_index.json` in `directory`.
             [`IndexCorruptError`]: a damaged or older-format index (the message names the file; rebuild the index).
             [`IndexMismatchError`]: another model / processor / KB.
         """
-        from safetensors.torch import load_file
-
+        directory = os.path.abspath(directory)
         meta_path = os.path.join(directory, INDEX_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no entity index in {directory} (missing {INDEX_META})")
         meta = _read_meta(meta_path)
-        weights_path = os.path.join(directory, meta["files"]["weights"])
-        checksums = meta.pop("checksums")
-        meta.pop("files")
-        qids, names = meta.pop("qids"), meta.pop("names")
-        if not os.path.isfile(weights_path):
-            raise IndexCorruptError(f"{weights_path} is missing (named by {meta_path}); {REBUILD}")
-        size = os.path.getsize(weights_path)
-        if size != checksums["weights_bytes"]:
-            raise IndexCorruptError(
-                f"{weights_path} has {size} bytes, {meta_path} says {checksums['weights_bytes']} (truncated or "
-                f"replaced); {REBUILD}"
-            )
-        if verify and _file_sha256(weights_path) != checksums["weights_sha256"]:
-            raise IndexCorruptError(f"{weights_path}: contents do not match the sha256 in {meta_path} (damaged); {REBUILD}")
+        files, checksums = meta.pop("files"), meta.pop("checksums")
+        weights_path = os.path.join(directory, files["weights"])
+        _check_file(weights_path, meta_path, checksums["weights_bytes"], checksums["weights_sha256"] if verify else None)
+        tensors = _read_safetensors(weights_path, mmap=mmap)
         try:
-            tensors = load_file(weights_path)
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types, without the file name
-            raise IndexCorruptError(f"{weights_path}: unreadable tensors file ({type(err).__name__}: {err}); {REBUILD}") from err
-        missing = [name for name in meta["splits"] if name not in tensors]
-        rows = {name: t.shape[0] for name, t in tensors.items() if t.dim()}
-        if missing or any(r != len(qids) for r in rows.values()):
+            retrieval = tensors.pop(_RETRIEVAL)
+            scale, hashes = tensors.pop(_RETRIEVAL_SCALE, None), tensors.pop(_ROW_HASHES, None)
+            qids = StringColumn(tensors.pop("@qids/data"), tensors.pop("@qids/offsets"))
+            names = StringColumn(tensors.pop("@names/data"), tensors.pop("@names/offsets"))
+        except KeyError as err:
+            raise IndexCorruptError(f"{weights_path}: lacks tensor {err}; {REBUILD}") from None
+        for key, column in (("qids", qids), ("names", names)):
+            if column.sha256() != checksums[f"{key}_sha256"]:
+                raise IndexCorruptError(
+                    f"{weights_path}: the {key} list does not match its checksum in {meta_path} (edited, reordered or "
+                    f"cut: every returned {key[:-1]} would be wrong); {REBUILD}"
+                )
+        states = {}
+        for key in [k for k in tensors if k.startswith(_CODEC)]:
+            field, name = key[len(_CODEC) :].rsplit("/", 1)
+            states.setdefault(field, {})[name] = tensors.pop(key)
+        n, width = len(qids), max((b for _, b in meta["splits"].values()), default=0)
+        rows = {k: t.shape[0] if t.dim() else None for k, t in tensors.items()}
+        bad = [k for k, r in rows.items() if r != n]
+        if len(names) != n or retrieval.shape != (n, width) or bad or (scale is not None and scale.shape != (n,)):
             raise IndexCorruptError(
-                f"{weights_path}: tensors {sorted(rows)} with rows {sorted(set(rows.values()))} do not fit the "
-                f"{len(qids)} qids of {meta_path}{f' (missing {missing})' if missing else ''}; {REBUILD}"
+                f"{weights_path}: tensors do not fit the {n} qids and the stage-1 width {width} of {meta_path}"
+                f"{f' ({bad})' if bad else ''}; {REBUILD}"
             )
-        parts = [tensors.pop(name).float() for name in meta["splits"]]
-        row_hashes = tensors.pop(ROW_HASHES, None)
-        index = cls(torch.cat(parts, dim=1), tensors, qids, names, meta, row_hashes=row_hashes)
+        try:
+            codecs = {field: make_codec(cfg, states.get(field)) for field, cfg in meta["codecs"].items()}
+        except (KeyError, ValueError) as err:
+            raise IndexCorruptError(f"{weights_path}: bad codec ({err}); {REBUILD}") from err
+        ann = None
+        if files.get("ann"):
+            ann_path = os.path.join(directory, files["ann"])
+            _check_file(ann_path, meta_path, checksums.get("ann_bytes"), checksums.get("ann_sha256") if verify else None)
+            ann = AnnIndex.from_tensors(_read_safetensors(ann_path, mmap=False), meta.get("ann") or {}, ann_path)
+        index = cls(retrieval, tensors, qids, names, meta, row_hashes=hashes, retrieval_scale=scale, codecs=codecs, ann=ann)
+        index._saved = {"directory": directory, "files": files, "checksums": checksums, "version": index.version}
+        if ann is not None:
+            index._saved["ann_version"] = (id(ann), ann.version)
         index.check(model=model, processor=processor, kb=kb)
         return index
 
 
-WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "entity_index-", ".safetensors"
+def _same_codec(a, b) -> bool:
+    if a.config() != b.config():
+        return False
+    sa, sb = a.state(), b.state()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+WEIGHTS_PREFIX, WEIGHTS_SUFFIX, ANN_SUFFIX = "entity_index-", ".safetensors", "-ann.safetensors"
 TEMPORARY_MARK = ".tmp-"
 REBUILD = "rebuild the index (e.g. `linking_otmel.py ... --rebuild_index`, or encode_kb + save)"
 
 
-def _list_sha256(values: list) -> str:
-    return hashlib.sha256(json.dumps(values, ensure_ascii=False).encode()).hexdigest()
+def _new_name(suffix: str) -> str:
+    return f"{WEIGHTS_PREFIX}{os.urandom(6).hex()}{suffix}"
+
+
+def _write_checked(path: str, tensors: dict, key: str) -> dict:
+    """Writes a tensors file atomically; `{key_sha256, key_bytes}` of it."""
+    with _AtomicFile(path) as tmp:
+        _write_safetensors(tmp, tensors)
+    return {f"{key}_sha256": _file_sha256(path), f"{key}_bytes": os.path.getsize(path)}
+
+
+def _check_file(path: str, meta_path: str, size, sha256):
+    if not os.path.isfile(path):
+        raise IndexCorruptError(f"{path} is missing (named by {meta_path}); {REBUILD}")
+    actual = os.path.getsize(path)
+    if actual != size:
+        raise IndexCorruptError(f"{path} has {actual} bytes, {meta_path} says {size} (truncated or replaced); {REBUILD}")
+    if sha256 is not None and _file_sha256(path) != sha256:
+        raise IndexCorruptError(f"{path}: contents do not match the sha256 in {meta_path} (damaged); {REBUILD}")
+
+
+def _remove_unreferenced(directory: str, keep: set):
+    """After a commit: deletes the index files of earlier saves (and a format <= 2 tensors file)."""
+    for name in os.listdir(directory):
+        ours = name == INDEX_WEIGHTS or (name.startswith(WEIGHTS_PREFIX) and name.endswith(WEIGHTS_SUFFIX))
+        if ours and name not in keep:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+    _fsync_dir(directory)
 
 
 def _file_sha256(path: str) -> str:
@@ -677,7 +1358,7 @@ class _AtomicFile:
 
 
 def _read_meta(meta_path: str) -> dict:
-    """The JSON of a saved index, checked: format, keys, qid / name lists against their checksums."""
+    """The JSON of a saved index, checked: format and keys."""
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -690,36 +1371,27 @@ def _read_meta(meta_path: str) -> dict:
             f"{meta_path}: entity index format {meta.get('format')!r}, this code reads format {INDEX_FORMAT} "
             f"(written by another version); {REBUILD}"
         )
-    missing = [k for k in ("qids", "names", "splits", "dtype", "model", "files", "checksums") if k not in meta]
-    checksums = meta.get("checksums")
+    missing = [k for k in ("splits", "dtype", "model", "files", "checksums", "codecs", "size") if k not in meta]
+    checksums, files = meta.get("checksums"), meta.get("files")
     if not missing and isinstance(checksums, dict):
-        missing = [
-            f"checksums.{k}" for k in ("weights_sha256", "weights_bytes", "qids_sha256", "names_sha256") if k not in checksums
-        ]
-    if missing or not isinstance(meta["files"], dict) or not isinstance(meta["files"].get("weights"), str):
+        needed = ("weights_sha256", "weights_bytes", "qids_sha256", "names_sha256")
+        if isinstance(files, dict) and files.get("ann"):
+            needed += ("ann_sha256", "ann_bytes")
+        missing = [f"checksums.{k}" for k in needed if k not in checksums]
+    if missing or not isinstance(files, dict) or not isinstance(files.get("weights"), str):
         raise IndexCorruptError(f"{meta_path}: lacks {missing or ['files.weights']}; {REBUILD}")
-    weights = meta["files"]["weights"]
-    if os.path.basename(weights) != weights or not weights.startswith(WEIGHTS_PREFIX):
-        raise IndexCorruptError(f"{meta_path}: bad tensors file name {weights!r}; {REBUILD}")
-    for key in ("qids", "names"):
-        values = meta[key]
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise IndexCorruptError(f"{meta_path}: {key} must be a list of strings; {REBUILD}")
-        if _list_sha256(values) != checksums[f"{key}_sha256"]:
-            raise IndexCorruptError(
-                f"{meta_path}: the {key} list does not match its checksum (edited, reordered or cut: every returned "
-                f"{key[:-1]} would be wrong); {REBUILD}"
-            )
-    if len(meta["qids"]) != len(meta["names"]):
-        raise IndexCorruptError(f"{meta_path}: {len(meta['qids'])} qids but {len(meta['names'])} names; {REBUILD}")
+    for key in ("weights", "ann"):
+        name = files.get(key)
+        if name is not None and (os.path.basename(name) != name or not name.startswith(WEIGHTS_PREFIX)):
+            raise IndexCorruptError(f"{meta_path}: bad file name {name!r}; {REBUILD}")
     return meta
 
 
 def _fit_text(tensors: dict, length: int) -> dict:
-    """Index fields with their text axis (axis 1 of `TEXT_TOKEN_FIELDS`) cut or zero-padded to `length`."""
+    """Index parts with a text axis (axis 1 of the parts of `TEXT_TOKEN_FIELDS`) cut or zero-padded to `length`."""
     out = {}
     for name, t in tensors.items():
-        if name in OTMELEntityFeatures.TEXT_TOKEN_FIELDS and t.shape[1] != length:
+        if name.split(PART, 1)[0] in OTMELEntityFeatures.TEXT_TOKEN_FIELDS and t.shape[1] != length:
             if t.shape[1] > length:
                 t = t[:, :length]
             else:
@@ -728,13 +1400,253 @@ def _fit_text(tensors: dict, length: int) -> dict:
     return out
 
 
-def storage_dtype(name) -> torch.dtype:
-    """`torch.float16` etc. from a name (`"float16"`, `"torch.float16"`) or a dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[str(name).replace("torch.", "")]
+# ----------------------------------------------------------------------------------------------------------------
+# Approximate stage 1
+# ----------------------------------------------------------------------------------------------------------------
+
+# Below this many entities `stage1="auto"` searches exactly (benchmarks/bench_scale.py: on 2 CPU cores the exact
+# chunked product is as fast as IVF search up to about this size, and has no recall loss).
+ANN_MIN_ROWS = 200_000
 
 
+class AnnIndex:
+    """Approximate stage-1 search: a FAISS IVF index (inner product) over the stage-1 vectors, with "flat",
+    "sq8" (8-bit scalar codes) or "pq<m>" (product codes, m bytes) vectors in its lists.
+
+    Its ids are slots: `slot_rows[s]` is the KB row of slot s (-1 once removed or replaced), so rows can be added,
+    replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining. Its scores are
+    approximate; [`EntityIndex.ann_topk`] re-scores its shortlist exactly.
+    """
+
+    def __init__(self, faiss_index, slot_rows: torch.Tensor, config: dict):
+        self.index = faiss_index
+        self.slot_rows = slot_rows.long()
+        self.config = dict(config)
+        self.version = 0
+
+    @classmethod
+    def build(
+        cls,
+        entity_index: "EntityIndex",
+        nlist: int | None = None,
+        code: str = "auto",
+        nprobe: int | None = None,
+        train_size: int | None = None,
+        seed: int = 0,
+        block: int = 65536,
+    ) -> "AnnIndex":
+        """Trains and fills an IVF index on the stage-1 vectors of `entity_index`.
+
+        Args:
+            nlist (`int`, *optional*): inverted lists (default: the power of two nearest `4 sqrt(N)`, at most N / 39).
+            code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` or `"auto"` (`"flat"` below 50,000 entities, else
+                `"pq<R/4>"` when R divides by 4: a quarter of a float per dimension, else `"sq8"`).
+            nprobe (`int`, *optional*): lists searched per query by default (default: `max(8, nlist / 32)`).
+            train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 64 nlist)`, at
+                least 10,000), a seeded random sample.
+        """
+        faiss = import_faiss()
+
+        n, dim = len(entity_index), entity_index.retrieval.shape[1]
+        if nlist is None:
+            nlist = 1 << max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+            nlist = max(1, min(nlist, n // 39 or 1, 65536))
+        if code == "auto":
+            code = "flat" if n < 50_000 else (f"pq{dim // 4}" if dim % 4 == 0 else "sq8")
+        train_size = min(n, train_size or max(10_000, 64 * nlist))
+        storage = {"flat": "Flat", "sq8": "SQ8"}.get(code)
+        if code.startswith("pq") and code[2:].isdigit() and dim % int(code[2:]) == 0:
+            bits = 8 if train_size >= 256 else max(1, train_size.bit_length() - 1)  # PQ training needs 2**bits rows
+            storage = f"PQ{int(code[2:])}" + ("" if bits == 8 else f"x{bits}")
+        if storage is None:
+            raise ValueError(f"ANN code must be 'flat', 'sq8', 'pq<m>' (m dividing {dim}) or 'auto', got {code!r}")
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.index_factory(dim, f"IVF{nlist},{storage}", faiss.METRIC_INNER_PRODUCT)
+        g = torch.Generator().manual_seed(seed)
+        sample = torch.randperm(n, generator=g)[:train_size].sort().values
+        index.cp.seed = seed
+        index.train(entity_index.stage1_vectors(sample).numpy())
+        for start in range(0, n, block):
+            rows = torch.arange(start, min(n, start + block))
+            index.add_with_ids(entity_index.stage1_vectors(rows).numpy(), rows.numpy())
+        config = {"kind": "ivf", "nlist": nlist, "code": code, "nprobe": nprobe or max(8, nlist // 32),
+                  "train_size": train_size}  # fmt: skip
+        return cls(index, torch.arange(n), config)
+
+    def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None) -> torch.Tensor:
+        """KB rows `(B, k)` of the approximate top-k of each query (-1 where fewer were found)."""
+        faiss = import_faiss()
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        self.index.nprobe = int(nprobe or self.config["nprobe"])
+        _, slots = self.index.search(queries.detach().cpu().float().contiguous().numpy(), k)
+        slots = torch.from_numpy(slots).long()
+        rows = self.slot_rows.index_select(0, slots.clamp_min(0).reshape(-1)).view(slots.shape)
+        return rows.masked_fill(slots < 0, -1)
+
+    def _drop_slots(self, slots: torch.Tensor):
+        faiss = import_faiss()
+
+        if slots.numel():
+            self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
+            self.slot_rows[slots] = -1
+
+    def set_rows(self, rows: torch.Tensor, vectors: torch.Tensor):
+        """Rows `rows (M,)` now hold the stage-1 vectors `vectors (M, R)` (replaced rows or new rows at the end)."""
+        rows = rows.long()
+        if not rows.numel():
+            return
+        alive = self.slot_rows >= 0
+        old = torch.isin(self.slot_rows, rows) & alive
+        self._drop_slots(old.nonzero().flatten())
+        slots = torch.arange(len(self.slot_rows), len(self.slot_rows) + len(rows))
+        self.index.add_with_ids(vectors.float().contiguous().numpy(), slots.numpy())
+        self.slot_rows = torch.cat([self.slot_rows, rows])
+        self.version += 1
+
+    def remove_rows(self, rows: torch.Tensor):
+        """Rows `rows` were deleted from the KB (the later rows moved up)."""
+        rows = rows.long().sort().values
+        if not rows.numel():
+            return
+        self._drop_slots((torch.isin(self.slot_rows, rows) & (self.slot_rows >= 0)).nonzero().flatten())
+        alive = self.slot_rows >= 0
+        shift = torch.searchsorted(rows, self.slot_rows[alive])
+        self.slot_rows[alive] = self.slot_rows[alive] - shift
+        self.version += 1
+
+    def to_tensors(self) -> dict:
+        faiss = import_faiss()
+
+        return {"faiss": torch.from_numpy(faiss.serialize_index(self.index)), "slot_rows": self.slot_rows}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, config: dict, path: str = "") -> "AnnIndex":
+        faiss = import_faiss()
+
+        try:
+            index = faiss.deserialize_index(tensors["faiss"].numpy())
+            slot_rows = tensors["slot_rows"]
+        except Exception as err:  # noqa: BLE001 - FAISS raises RuntimeError with its own text
+            raise IndexCorruptError(f"{path}: unreadable ANN structure ({type(err).__name__}: {err}); {REBUILD}") from err
+        return cls(index, slot_rows, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    """`(rank, world size)` under torch.distributed, `(0, 1)` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _longest_text(processor, view: "KBView", start: int = 0, end: int | None = None) -> int:
+    """Tokens of the longest entity text of rows `start:end` (in slices: token lists of a large KB are big)."""
+    end = len(view) if end is None else end
+    longest = 1
+    for a in range(start, end, 8192):
+        b = min(end, a + 8192)
+        texts = processor.entity_texts(view.names[a:b], view.attributes[a:b])
+        ids = processor.tokenizer(texts, truncation=True, max_length=processor.max_text_length)["input_ids"]
+        longest = max(longest, max(len(x) for x in ids))
+    return longest
+
+
+def train_codecs(model, processor, kb, dtype: str, sample: int = 2048, batch_size: int = 64, seed: int = 0) -> dict:
+    """The codecs of an index of storage `dtype` for `model`'s entity features; residual codecs (`res*`) are trained
+    on the real tokens of a seeded random sample of `sample` KB rows (encoded once more for this)."""
+    dtype = check_index_dtype(dtype)
+    view = kb if isinstance(kb, KBView) else KBView(kb)
+    n = len(view)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, sample)].sort().values.tolist()
+    tokens, example = {}, None
+    with inference_mode(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = processor.process_entities([view.names[i] for i in chunk], [view.attributes[i] for i in chunk],
+                                               view.image_rows(chunk))  # fmt: skip
+            feats = model.encode_entities(**{k: v.to(model.device) for k, v in batch.items()})
+            fields = {k: v.cpu() for k, v in feats.row_fields().items() if k in model.entity_index_fields()}
+            example = example or fields
+            for name in TOKEN_FIELDS:
+                mask = fields.get(name.replace("_queries", "_mask"))
+                if name in fields and mask is not None:
+                    tokens.setdefault(name, []).append(fields[name][mask.bool()].float())
+            if not dtype.startswith("res"):
+                break  # only the field shapes are needed
+    return default_codecs(dtype, example, {k: torch.cat(v) for k, v in tokens.items()}, seed=seed)
+
+
+def stage1_codec(dtype: str, stage1_dtype: str | None = None):
+    """The codec of the stage-1 vectors: `stage1_dtype` ("float32", "float16" or "int8"), by default float32 for the
+    float storages and int8 (one float32 scale per row) for the compressed ones."""
+    stage1_dtype = stage1_dtype or ("float32" if dtype in ("float32", "float16") else "int8")
+    if stage1_dtype == "int8":
+        return Int8Codec("float32")
+    if stage1_dtype in ("float32", "float16"):
+        return FloatCodec(stage1_dtype)
+    raise ValueError(f"stage1_dtype must be 'float32', 'float16' or 'int8', got {stage1_dtype!r}")
+
+
+def _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress,
+                 stage1_dtype=None) -> EntityIndex:  # fmt: skip
+    """[`EntityIndex`] of KB rows `start:end` (text fields padded to `max_len`, default: their longest)."""
+    from tqdm.auto import tqdm
+
+    n = end - start
+    max_len = max_len or _longest_text(processor, view, start, end)
+    device = model.device
+    fields = model.entity_index_fields()
+    retrieval_codec = stage1_codec(dtype, stage1_dtype)
+    stored, splits = None, {}
+    with inference_mode(model):
+        for a in tqdm(range(start, end, batch_size), desc="Encoding KB", unit="batch", disable=not progress):
+            b = min(end, a + batch_size)
+            batch = processor.process_entities(view.names[a:b], view.attributes[a:b], view.image_batch(a, b))
+            feats = model.encode_entities(**{k: v.to(device) for k, v in batch.items()})
+            stage1 = model.entity_stage1(feats).float().cpu()
+            rows = {k: v.cpu() for k, v in feats.with_text_length(max_len).row_fields().items() if k in fields}
+            if stored is None:
+                col = 0
+                for name in model.stage1_weights():
+                    width = getattr(feats, name).shape[-1]
+                    splits[name] = (col, col + width)
+                    col += width
+                if codecs is None:
+                    codecs = default_codecs(dtype, rows)
+                codecs = {k: c for k, c in codecs.items() if k in rows}
+            parts = {_RETRIEVAL + (PART + p if p else ""): t for p, t in retrieval_codec.encode(stage1).items()}
+            for name in fields:
+                value = rows[name]
+                if name in codecs:
+                    parts.update({name + (PART + p if p else ""): t for p, t in codecs[name].encode(value).items()})
+                else:
+                    parts[name] = value.bool() if name.endswith("_mask") else value
+            if stored is None:
+                stored = {k: torch.zeros(n, *t.shape[1:], dtype=t.dtype) for k, t in parts.items()}
+            for k, t in parts.items():
+                stored[k][a - start : b - start] = t
+    row_hashes = kb_row_hashes(view, start, end)
+    meta = {
+        "format": INDEX_FORMAT,
+        "dtype": dtype,
+        "splits": splits,
+        "model": model_fingerprint(model),
+        "processor": processor_fingerprint(processor),
+        "kb": content_fingerprint(row_hashes),
+        "size": n,
+        "edits": {"added": 0, "replaced": 0, "removed": 0},
+    }
+    retrieval = stored.pop(_RETRIEVAL)
+    scale = stored.pop(_RETRIEVAL + PART + "scale", None)
+    return EntityIndex(retrieval, stored, view.qids[start:end], view.names[start:end], meta, row_hashes=row_hashes,
+                       retrieval_scale=scale, codecs=codecs)  # fmt: skip
 
 
 def encode_kb(
@@ -744,8 +1656,12 @@ def encode_kb(
     batch_size: int = 64,
     progress: bool = True,
     dtype: str | torch.dtype = "float32",
+    codecs: dict | None = None,
+    distributed: bool = False,
+    seed: int = 0,
+    stage1_dtype: str | None = None,
 ) -> EntityIndex:
-    """Encodes every KB row into an [`EntityIndex`].
+    """Encodes every KB row into an [`EntityIndex`] (in memory; [`build_index`] writes large KBs shard by shard).
 
     Args:
         model ([`OTMELModel`]): run in eval mode without gradients (its training flag is restored afterwards).
@@ -754,74 +1670,275 @@ def encode_kb(
             of such dicts. Unreadable pictures count as "no image".
         batch_size (`int`): entities per forward pass.
         progress (`bool`): tqdm bar.
-        dtype (`"float32"` or `"float16"`): storage of the stage-2 features (float16 halves the memory of large KBs;
-            scores are always computed in float32). Stage-1 vectors are always float32.
+        dtype (`str`): storage (`INDEX_DTYPES`; scores are always computed in float32):
+            - `"float32"`: exact; `"float16"`: stage-2 features in float16 (stage-1 vectors float32);
+            - `"int8"`: every feature and the stage-1 vectors int8 with one scale per vector (about 1/2 of float16);
+            - `"res4"` / `"res2"` / `"res1"`: token features as centroid + residual codes of 4 / 2 / 1 bits per value
+              (ColBERTv2), the other features and the stage-1 vectors int8 (`res2`: about 1/5 of float16).
+        codecs (`dict`, *optional*): the codecs to store with (e.g. an existing index's `codecs`, so new rows need no
+            re-encoding when added to it); default: [`train_codecs`] (residual codecs trained on a sample of the KB).
+        distributed (`bool`): under torch.distributed, each process encodes a contiguous share of the rows and the
+            shares are gathered on every process (each entity is encoded once; the result equals one process's).
+        seed (`int`): seeds the codec training sample.
+        stage1_dtype (`str`, *optional*): storage of the stage-1 vectors ([`stage1_codec`]).
     """
-    from tqdm.auto import tqdm
-
-    dtype = storage_dtype(dtype)
-    view = KBView(kb)
+    dtype = check_index_dtype(dtype)
+    view = kb if isinstance(kb, KBView) else KBView(kb)
     n = len(view)
     if n == 0:
         raise ValueError("the KB is empty")
-    max_len = 1
-    for start in range(0, n, 8192):  # the longest tokenised text, in slices (token lists of a large KB are big)
-        texts = processor.entity_texts(view.names[start : start + 8192], view.attributes[start : start + 8192])
-        ids = processor.tokenizer(texts, truncation=True, max_length=processor.max_text_length)["input_ids"]
-        max_len = max(max_len, max(len(x) for x in ids))
-    device = model.device
-    fields = model.entity_index_fields()
-    retrieval, tensors, splits = None, {}, {}
-    with inference_mode(model):
-        for start in tqdm(range(0, n, batch_size), desc="Encoding KB", unit="batch", disable=not progress):
-            end = min(n, start + batch_size)
-            batch = processor.process_entities(view.names[start:end], view.attributes[start:end], view.image_batch(start, end))
-            feats = model.encode_entities(**{k: v.to(device) for k, v in batch.items()})
-            stage1 = model.entity_stage1(feats).float().cpu()
-            rows = feats.with_text_length(max_len).row_fields()
-            if retrieval is None:
-                col = 0
-                for name in model.stage1_weights():
-                    width = getattr(feats, name).shape[-1]
-                    splits[name] = (col, col + width)
-                    col += width
-                retrieval = torch.empty(n, col, dtype=torch.float32)
-                for name in fields:
-                    value = rows[name]
-                    keep = value.dtype if not value.is_floating_point() else dtype
-                    keep = torch.bool if name.endswith("_mask") else keep
-                    tensors[name] = torch.zeros(n, *value.shape[1:], dtype=keep)
-            retrieval[start:end] = stage1
-            for name in fields:
-                tensors[name][start:end] = rows[name].to("cpu", tensors[name].dtype)
-    row_hashes = kb_row_hashes(view)
-    meta = {
-        "format": INDEX_FORMAT,
-        "dtype": str(dtype).replace("torch.", ""),
-        "splits": splits,
-        "model": model_fingerprint(model),
-        "processor": processor_fingerprint(processor),
-        "kb": content_fingerprint(row_hashes),
-        "size": n,
-        "edits": {"added": 0, "replaced": 0, "removed": 0},
-    }
-    return EntityIndex(retrieval, tensors, view.qids, view.names, meta, row_hashes=row_hashes)
+    rank, world = _world() if distributed else (0, 1)
+    if codecs is None and dtype.startswith("res"):
+        codecs = train_codecs(model, processor, view, dtype, batch_size=batch_size, seed=seed) if rank == 0 else None
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [codecs]
+            dist.broadcast_object_list(box, src=0)
+            codecs = box[0]
+    if world == 1:
+        return _encode_rows(model, processor, view, 0, n, dtype, codecs, None, batch_size, progress, stage1_dtype)
+    import torch.distributed as dist
+
+    max_len = _longest_text(processor, view)
+    start, end = n * rank // world, n * (rank + 1) // world
+    part = _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress and rank == 0,
+                        stage1_dtype)
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    return EntityIndex.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Large KBs: sharded, resumable building
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARDS_DIR = "shards"
+_PLAN, _CODECS = "plan.json", "codecs.safetensors"
+
+
+@contextlib.contextmanager
+def _locked(directory: str):
+    """An exclusive lock on `directory/.lock` (processes building the same index take turns)."""
+    import fcntl
+
+    with open(os.path.join(directory, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _shard_dir(shards_dir: str, shard: int, num_shards: int) -> str:
+    return os.path.join(shards_dir, f"shard-{shard:05d}-of-{num_shards:05d}")
+
+
+def _shared_codecs(shards_dir, model, processor, view, dtype, batch_size, seed) -> dict | None:
+    """The codecs every shard uses: trained once and stored in `shards_dir` (residual dtypes only)."""
+    if not dtype.startswith("res"):
+        return None
+    path = os.path.join(shards_dir, _CODECS)
+    meta_path = path + ".json"
+    if not os.path.isfile(meta_path):
+        codecs = train_codecs(model, processor, view, dtype, batch_size=batch_size, seed=seed)
+        tensors = {f"{field}/{name}": t for field, c in codecs.items() for name, t in c.state().items()}
+        with _AtomicFile(path) as tmp:
+            _write_safetensors(tmp, tensors)
+        with _AtomicFile(meta_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump({field: c.config() for field, c in codecs.items()}, f)
+        return codecs
+    with open(meta_path, encoding="utf-8") as f:
+        configs = json.load(f)
+    tensors = _read_safetensors(path, mmap=False)
+    states = {}
+    for key, t in tensors.items():
+        field, name = key.rsplit("/", 1)
+        states.setdefault(field, {})[name] = t
+    return {field: make_codec(cfg, states.get(field)) for field, cfg in configs.items()}
+
+
+def build_index(
+    model,
+    processor,
+    kb,
+    out_dir: str,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    shard_size: int = 50_000,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    ann="auto",
+    progress: bool = True,
+    seed: int = 0,
+    keep_shards: bool = False,
+    stage1_dtype: str | None = None,
+) -> EntityIndex | None:
+    """Encodes a (large) KB shard by shard into `out_dir/shards/`, then merges the shards into the index saved in
+    `out_dir` and returns it (memory-mapped).
+
+    Resumable: a shard is written atomically once encoded, and a new call (same KB, model, processor, dtype and number
+    of shards) skips the shards already written, so a killed build loses at most the shards in progress.
+
+    Several processes: under `torchrun --nproc_per_node N` (torch.distributed initialised) process r encodes shards
+    r, r + N, ...; process 0 merges and the others then load the result. Without torch.distributed, `shard_index`
+    encodes that one shard only (run one process per shard, then [`merge_shards`]); the residual codecs are trained
+    once, by the first process to get the lock, and shared.
+
+    Args:
+        out_dir (`str`): the index folder (shards in `out_dir/shards/`, deleted after the merge unless `keep_shards`).
+        dtype (`str`): storage (see [`encode_kb`]).
+        shard_size (`int`): entities per shard when `num_shards` is not given.
+        num_shards (`int`, *optional*): shards to split the KB into.
+        shard_index (`int`, *optional*): encode only this shard and return None.
+        ann: build the approximate stage-1 structure after merging: `"auto"` (KBs of `ANN_MIN_ROWS` entities or
+            more), True, False, or a dict of [`AnnIndex.build`] arguments.
+        stage1_dtype (`str`, *optional*): storage of the stage-1 vectors ([`stage1_codec`]).
+    """
+    dtype = check_index_dtype(dtype)
+    view = kb if isinstance(kb, KBView) else KBView(kb)
+    n = len(view)
+    if n == 0:
+        raise ValueError("the KB is empty")
+    num_shards = int(num_shards or max(1, math.ceil(n / shard_size)))
+    if not 1 <= num_shards <= n:
+        raise ValueError(f"num_shards must be between 1 and the KB size {n}, got {num_shards}")
+    if shard_index is not None and not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    bounds = [n * i // num_shards for i in range(num_shards + 1)]
+    shards_dir = os.path.join(os.path.abspath(out_dir), SHARDS_DIR)
+    os.makedirs(shards_dir, exist_ok=True)
+    plan = {
+        "size": n, "num_shards": num_shards, "dtype": dtype, "stage1_dtype": stage1_dtype, "model": model_fingerprint(model),
+        "processor": processor_fingerprint(processor), "qids_sha256": StringColumn.from_list(view.qids).sha256(),
+    }  # fmt: skip
+    plan = json.loads(json.dumps(plan))  # as read back from JSON (tuples -> lists)
+    with _locked(shards_dir):
+        plan_path = os.path.join(shards_dir, _PLAN)
+        if os.path.isfile(plan_path):
+            with open(plan_path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old != plan:
+                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                raise IndexMismatchError(
+                    f"{shards_dir} holds shards of another build (differs in {', '.join(diff)}): delete it or build into "
+                    "another folder"
+                )
+        else:
+            with _AtomicFile(plan_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(plan, f)
+        codecs = _shared_codecs(shards_dir, model, processor, view, dtype, batch_size, seed)
+    rank, world = _world()
+    mine = [shard_index] if shard_index is not None else list(range(rank, num_shards, world))
+    for s in mine:
+        path, (a, b) = _shard_dir(shards_dir, s, num_shards), bounds[s : s + 2]
+        try:
+            done = EntityIndex.load(path, verify=False)
+            if list(done.qids) == view.qids[a:b]:
+                logger.info("shard %d of %d already written (%s); skipped", s, num_shards, path)
+                continue
+            logger.warning("shard %d in %s holds other rows; encoding it again", s, path)
+        except FileNotFoundError:
+            pass
+        except IndexMismatchError as err:
+            logger.warning("shard %d in %s is damaged (%s); encoding it again", s, path, err)
+        logger.info("encoding shard %d of %d (rows %d-%d)", s, num_shards, a, b - 1)
+        _encode_rows(model, processor, view, a, b, dtype, codecs, None, batch_size, progress, stage1_dtype).save(path)
+    if shard_index is not None:
+        return None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    index = merge_shards(out_dir, ann=ann, keep_shards=keep_shards) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+        index = index if rank == 0 else EntityIndex.load(out_dir, verify=False)
+    return index
+
+
+def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int = 16384) -> EntityIndex:
+    """Merges the shards [`build_index`] wrote in `out_dir/shards/` into the index saved in `out_dir` (streamed:
+    never more than `block` rows of a shard in memory) and returns it, memory-mapped; builds the ANN structure
+    (`ann`, see [`build_index`])."""
+    out_dir = os.path.abspath(out_dir)
+    shards_dir = os.path.join(out_dir, SHARDS_DIR)
+    with open(os.path.join(shards_dir, _PLAN), encoding="utf-8") as f:
+        plan = json.load(f)
+    parts = []
+    for s in range(plan["num_shards"]):
+        path = _shard_dir(shards_dir, s, plan["num_shards"])
+        if not os.path.isfile(os.path.join(path, INDEX_META)):
+            raise FileNotFoundError(f"shard {s} of {plan['num_shards']} is missing ({path}): run build_index again")
+        parts.append(EntityIndex.load(path))
+    first = parts[0]
+    for s, p in enumerate(parts[1:], start=1):
+        same = p.meta["model"] == first.meta["model"] and p.splits == first.splits and set(p.fields) == set(first.fields)
+        same = same and all(_same_codec(c, p.codecs[k]) for k, c in first.codecs.items())
+        if not same:
+            raise IndexMismatchError(f"shard {s} in {shards_dir} was built differently from shard 0; delete the shards")
+    n = sum(len(p) for p in parts)
+    length = max(p._text_length() for p in parts)
+    rows = [p._row_tensors() for p in parts]
+
+    def chunks(key):
+        for r in rows:
+            t = r[key]
+            for a in range(0, len(t), block):
+                yield _fit_text({key: t[a : a + block]}, length)[key]
+
+    lazy = {}
+    for key, t in rows[0].items():
+        shape = list(t.shape)
+        shape[0] = n
+        if key.split(PART, 1)[0] in OTMELEntityFeatures.TEXT_TOKEN_FIELDS:
+            shape[1] = length
+        lazy[key] = _Chunks(t.dtype, shape, (lambda key=key: chunks(key)))
+    hashes = lazy.pop(_ROW_HASHES, None)
+    hashes = torch.cat([r[_ROW_HASHES] for r in rows]) if hashes is not None else None
+    meta = dict(first.meta, size=n, kb=content_fingerprint(hashes) if hashes is not None else None)
+    merged = EntityIndex(lazy.pop(_RETRIEVAL), lazy, [q for p in parts for q in p.qids],
+                         [x for p in parts for x in p.names], meta, row_hashes=hashes,
+                         retrieval_scale=lazy.pop(_RETRIEVAL_SCALE, None), codecs=dict(first.codecs))  # fmt: skip
+    merged.save(out_dir)
+    del merged
+    index = EntityIndex.load(out_dir)
+    if ann is True or isinstance(ann, dict) or (ann == "auto" and len(index) >= ANN_MIN_ROWS):
+        index.build_ann(**(ann if isinstance(ann, dict) else {}))
+        index.save(out_dir)  # rewrites the JSON and the ANN file only
+    if not keep_shards:
+        import shutil
+
+        shutil.rmtree(shards_dir, ignore_errors=True)
+    return index
 
 
 __all__ = [
+    "ANN_MIN_ROWS",
+    "INDEX_DTYPES",
     "INDEX_FORMAT",
     "INDEX_META",
     "INDEX_WEIGHTS",
+    "AnnIndex",
     "EntityIndex",
+    "FloatCodec",
     "IndexCorruptError",
     "IndexMismatchError",
+    "Int8Codec",
     "KBView",
+    "ResidualCodec",
+    "StringColumn",
+    "build_index",
+    "check_index_dtype",
     "content_fingerprint",
     "encode_kb",
     "inference_mode",
     "kb_fingerprint",
     "kb_row_hashes",
+    "merge_shards",
     "model_fingerprint",
     "processor_fingerprint",
+    "stage1_codec",
     "storage_dtype",
+    "train_codecs",
 ]

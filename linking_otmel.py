@@ -14,7 +14,8 @@ The parts live in their own modules: `index_otmel` (the entity index and its per
 Command line:
 
     python linking_otmel.py --model DIR --kb DATASET_DIR_OR_INDEX --input mentions.jsonl --output results.jsonl \
-        [--index_dir DIR] [--rebuild_index] [--index_dtype float32|float16] [--top_k 5] \
+        [--index_dir DIR] [--rebuild_index] [--index_dtype float32|float16|int8|res2] [--stage1 auto|exact|ann] \
+        [--top_k 5] \
         [--strategy two_stage|exhaustive] [--candidates 50] [--assignment ot|attention] [--batch_size 64] [--threads N] \
         [--nil_threshold config|none|FLOAT]
 
@@ -51,13 +52,13 @@ import torch
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .configuration_otmel import PAPER_MODELS
-    from .index_otmel import INDEX_META, EntityIndex, IndexMismatchError, encode_kb
+    from .index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
     from .modeling_otmel import OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
     from .ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
 except ImportError:
     from configuration_otmel import PAPER_MODELS
-    from index_otmel import INDEX_META, EntityIndex, IndexMismatchError, encode_kb
+    from index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
     from modeling_otmel import OTMELModel
     from processing_otmel import OTMELProcessor, read_image
     from ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
@@ -165,7 +166,8 @@ class OTMELLinker:
         if not rows:
             return {"added": 0, "replaced": 0}
         dtype = self.index.meta["dtype"] if self.index is not None else "float32"
-        new = encode_kb(self.model, self.processor, rows, batch_size or self.batch_size, progress, dtype)
+        codecs = self.index.codecs if self.index is not None else None  # the index's codecs: no re-encoding on add
+        new = encode_kb(self.model, self.processor, rows, batch_size or self.batch_size, progress, dtype, codecs=codecs)
         if self.index is None:
             self.index = new
             return {"added": len(new), "replaced": 0}
@@ -194,6 +196,7 @@ class OTMELLinker:
         chunk_size: int = 512,
         progress: bool = False,
         nil_threshold: float | None | str = "config",
+        stage1: str = "auto",
     ) -> list[list[dict]]:
         """Links each mention (dict or `mentions` split row with `mention`, `sentence`, `image` = PIL image, path, bytes
         or None; an unreadable picture counts as none) to the KB.
@@ -211,6 +214,10 @@ class OTMELLinker:
         in all (so the list can be read either way: the answer is its first entry, the candidates stay visible).
         `nil_threshold="config"` (default) uses `model.config.nil_threshold` (chosen on validation data by `run_mel.py`;
         `None` when the checkpoint has none); a number overrides it; `None` turns NIL answers off.
+
+        `stage1`: the stage-1 search (`ranking_otmel.RankOptions.stage1`): `"auto"` (default: exact below
+        `index_otmel.ANN_MIN_ROWS` entities, approximate IVF search with exact re-scoring above, or whenever the index
+        has an ANN structure), `"exact"` / `"torch"`, `"faiss"` (exact) or `"ann"`.
         """
         index = self._require_index()
         for name, value in (("top_k", top_k), ("candidates", candidates), ("batch_size", self.batch_size)):
@@ -221,7 +228,7 @@ class OTMELLinker:
         surfaces, sentences, images = mention_columns(mentions)  # TypeError naming the first bad mention
         mentions = [{"mention": m, "sentence": s, "image": i} for m, s, i in zip(surfaces, sentences, images)]
         options = RankOptions(strategy=strategy, candidates=max(candidates, top_k), top_k=top_k, assignment=assignment,
-                              chunk_size=chunk_size)  # fmt: skip
+                              chunk_size=chunk_size, stage1="torch" if stage1 == "exact" else stage1)  # fmt: skip
         threshold = self.nil_threshold(nil_threshold)
         result = rank_mentions(self.model, self.processor, index, mentions, options, batch_size=self.batch_size,
                                progress=progress)  # fmt: skip
@@ -445,7 +452,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="results, one JSON object per linked mention")
     parser.add_argument("--index_dir", help="load the entity index from here if present, else build and save it here")
     parser.add_argument("--rebuild_index", action="store_true", help="overwrite an existing --index_dir")
-    parser.add_argument("--index_dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--index_dtype", default="float32", choices=INDEX_DTYPES,
+                        help="index storage: float32 (exact), float16, int8, res4 / res2 / res1 (residual codes)")
+    parser.add_argument("--stage1", default="auto", choices=("auto", "exact", "ann"),
+                        help="stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from "
+                        f"{ANN_MIN_ROWS:,} entities or when the index has an ANN structure)")  # fmt: skip
     parser.add_argument("--top_k", type=_positive_int, default=5)
     parser.add_argument("--strategy", default="two_stage", choices=("two_stage", "exhaustive"))
     parser.add_argument("--candidates", type=_positive_int, default=50)
@@ -532,7 +543,7 @@ def _run(args) -> int:
     no_image = linked = last_read = last_written = 0
     pending = []
     options = dict(top_k=args.top_k, strategy=args.strategy, candidates=args.candidates, assignment=args.assignment,
-                   nil_threshold=args.nil_threshold)  # fmt: skip
+                   nil_threshold=args.nil_threshold, stage1=args.stage1)  # fmt: skip
 
     def flush(out):
         """Links the pending mentions and writes them (flushed: a later crash keeps them). A batch that fails is

@@ -38,17 +38,17 @@ import torch
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
-    from .index_otmel import EntityIndex, inference_mode
+    from .index_otmel import ANN_MIN_ROWS, EntityIndex, inference_mode
     from .metrics_otmel import check_ties, gold_ranks_exhaustive, gold_ranks_two_stage, ranking_metrics, stage1_recall
     from .modeling_otmel import OTMELMentionFeatures
 except ImportError:
-    from index_otmel import EntityIndex, inference_mode
+    from index_otmel import ANN_MIN_ROWS, EntityIndex, inference_mode
     from metrics_otmel import check_ties, gold_ranks_exhaustive, gold_ranks_two_stage, ranking_metrics, stage1_recall
     from modeling_otmel import OTMELMentionFeatures
 
 
 STRATEGIES = ("two_stage", "exhaustive")
-STAGE1_SEARCH = ("torch", "faiss")
+STAGE1_SEARCH = ("torch", "faiss", "ann", "auto")
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,21 @@ class RankOptions:
             chunk_size x L_e x L_m floats per Sinkhorn buffer). 512 was fastest on CPU (256-8192 tried; larger chunks
             leave the cache).
         ties (`str`): `"pessimistic"` (default) or `"optimistic"` (`metrics_otmel`).
-        stage1 (`str`): `"torch"` (chunked matrix product + top-k; exact) or `"faiss"` (exact `IndexFlatIP`; only
-            without gold ranks, which need every S_R). On this project's CPU machine torch was 5-6x faster than FAISS
-            flat search at 30K and 100K entities (benchmarks/bench_linking.py), hence the default.
-        stage1_budget (`int`): most S_R (or S_O) scores held at once (mentions per chunk = budget // KB size).
+        stage1 (`str`): how the stage-1 shortlist is found:
+            - `"torch"`: exact, a matrix product over the KB block by block with a running top-k (int8 stage-1 vectors
+              are dequantized block by block);
+            - `"faiss"`: exact FAISS `IndexFlatIP` (a float32 copy of the stage-1 vectors; on this project's CPU
+              machine torch was 5-6x faster at 30K and 100K entities, benchmarks/bench_linking.py);
+            - `"ann"`: approximate, the index's IVF structure (`EntityIndex.build_ann`, built on first use if absent)
+              proposes `ann_refine` rows whose exact S_R picks the top `candidates`;
+            - `"auto"`: `"ann"` when the index has an ANN structure or at least `index_otmel.ANN_MIN_ROWS`
+              entities, else `"torch"`.
+            With gold ranks (evaluation) every S_R is computed exactly anyway; `"ann"` still picks the shortlist.
+        stage1_budget (`int`): most S_R (or S_O) scores held at once (mentions per chunk = budget // KB size when
+            every S_R is needed: gold ranks or exhaustive ranking).
+        ann_nprobe (`int`, *optional*): IVF lists searched per mention (default: the ANN structure's own).
+        ann_refine (`int`, *optional*): rows the ANN search proposes per mention before exact re-scoring (default:
+            `max(4 x candidates, 200)`).
     """
 
     strategy: str = "two_stage"
@@ -80,6 +91,8 @@ class RankOptions:
     ties: str = "pessimistic"
     stage1: str = "torch"
     stage1_budget: int = 1 << 23
+    ann_nprobe: int | None = None
+    ann_refine: int | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -89,13 +102,14 @@ class RankOptions:
         if self.assignment not in (None, "ot", "attention"):
             raise ValueError(f"assignment must be 'ot', 'attention' or None, got {self.assignment!r}")
         check_ties(self.ties)
-        for name in ("candidates", "chunk_size", "stage1_budget", "top_k"):
+        for name in ("candidates", "chunk_size", "stage1_budget", "top_k", "ann_nprobe", "ann_refine"):
             value = getattr(self, name)
-            if name == "top_k" and value is None:
+            optional = name in ("top_k", "ann_nprobe", "ann_refine")
+            if optional and value is None:
                 continue
             # bool is an int to Python but never a count here; numpy / torch integers are accepted as plain ints.
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                allowed = " or None" if name == "top_k" else ""
+                allowed = " or None" if optional else ""
                 raise ValueError(f"{name} must be a positive integer{allowed}, got {value!r}")
             object.__setattr__(self, name, int(value))
 
@@ -219,7 +233,8 @@ def faiss_stage1(index: EntityIndex, queries: torch.Tensor, k: int) -> tuple[tor
     cached = _faiss_cache.get(key)
     if cached is None or cached[0] is not index or cached[1] != index.version:
         flat = faiss.IndexFlatIP(index.retrieval.shape[1])
-        flat.add(index.retrieval.numpy())
+        for start in range(0, len(index), 65536):  # float32 vectors, dequantized block by block
+            flat.add(index.stage1_vectors(torch.arange(start, min(len(index), start + 65536))).numpy())
         _faiss_cache.clear()
         _faiss_cache[key] = cached = (index, index.version, flat)
     faiss.omp_set_num_threads(torch.get_num_threads())
@@ -245,30 +260,61 @@ def score_rows(model, mentions: OTMELMentionFeatures, index: EntityIndex, rows: 
     return torch.cat(out)
 
 
-def _order(rows: torch.Tensor, primary: torch.Tensor, retrieval: torch.Tensor | None) -> torch.Tensor:
-    """Permutation of each row of `rows (B, k)` sorting by `primary` descending, then S_R descending, then KB row."""
+def _order(rows: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor | None) -> torch.Tensor:
+    """Permutation of each row of `rows (B, k)` sorting by `primary` descending, then `secondary` (the S_R of those
+    rows, `(B, k)`) descending, then KB row."""
     order = rows.argsort(dim=1, stable=True)
-    if retrieval is not None:
-        secondary = retrieval.gather(1, rows.gather(1, order))
-        order = order.gather(1, secondary.argsort(dim=1, descending=True, stable=True))
+    if secondary is not None:
+        order = order.gather(1, secondary.gather(1, order).argsort(dim=1, descending=True, stable=True))
     return order.gather(1, primary.gather(1, order).argsort(dim=1, descending=True, stable=True))
 
 
+def stage1_search(options: RankOptions, index: EntityIndex) -> str:
+    """The stage-1 search `options.stage1` means for `index`: `"torch"`, `"faiss"` or `"ann"` (resolves `"auto"`)."""
+    if options.stage1 != "auto":
+        return options.stage1
+    if index.ann is not None or len(index) >= ANN_MIN_ROWS:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "ann"
+    return "torch"
+
+
+def _shortlist(index, queries, k, options, s_r) -> tuple:
+    """Stage 1 of two-stage ranking: `(S_R (b, k), rows (b, k))` of each query's shortlist."""
+    search = stage1_search(options, index)
+    if search == "ann":
+        scores, rows = index.ann_topk(queries, k, nprobe=options.ann_nprobe, refine=options.ann_refine)
+        short = (rows < 0).any(dim=1)  # the searched lists held fewer than k rows: exact search for those
+        if bool(short.any()):
+            exact = s_r[short].topk(k, dim=1) if s_r is not None else index.stage1_topk(queries[short], k)
+            scores[short], rows[short] = exact[0], exact[1]
+        return scores, rows
+    if s_r is not None:
+        return s_r.topk(k, dim=1)
+    if search == "faiss":
+        scores, rows = faiss_stage1(index, queries, k)
+        return scores.to(queries.device), rows.to(queries.device)
+    return index.stage1_topk(queries, k)
+
+
 def _rank_chunk(model, m, index, options, k, top_k, gold) -> RankResult:
-    """[`rank`] of a chunk of mentions whose S_R over the whole KB fits the budget."""
+    """[`rank`] of a chunk of mentions (whose S_R over the whole KB fits the budget when every S_R is needed)."""
     device = model.device
     n = len(index)
     queries = model.mention_stage1(m).float()
     s_r = None
-    if options.stage1 == "faiss" and gold is None and options.strategy == "two_stage":
-        cand = faiss_stage1(index, queries, k)[1].to(device)
-    else:
-        s_r = queries @ index.retrieval_on(device).T  # (b, N)
-        cand = s_r.topk(k, dim=1).indices if options.strategy == "two_stage" else None
+    if gold is not None or options.strategy == "exhaustive":
+        s_r = index.stage1_scores(queries)  # (b, N): gold ranks and exhaustive ranking need every S_R
     if options.strategy == "exhaustive":
         cand = torch.arange(n, device=device).expand(queries.shape[0], n)
+        cand_s_r = s_r
+    else:
+        cand_s_r, cand = _shortlist(index, queries, k, options, s_r)
     s_o = score_rows(model, m, index, cand, options)
-    order = _order(cand, s_o, s_r)  # best first; ties in S_O broken by S_R, then by KB row
+    order = _order(cand, s_o, cand_s_r)  # best first; ties in S_O broken by S_R, then by KB row
     gold_ranks = stage1_ranks = None
     if gold is not None:
         if options.strategy == "two_stage":
@@ -312,7 +358,8 @@ def rank(
         gold = torch.as_tensor(gold).long().flatten()
         if gold.numel() != b:
             raise ValueError(f"gold has {gold.numel()} entries for {b} mentions")
-    per_chunk = max(1, options.stage1_budget // n)
+    every_s_r = gold is not None or options.strategy == "exhaustive"
+    per_chunk = max(1, options.stage1_budget // (n if every_s_r else max(k, 1)))
     parts = []
     with inference_mode(model):
         for start in range(0, b, per_chunk):
@@ -410,4 +457,5 @@ __all__ = [
     "rank",
     "rank_mentions",
     "score_rows",
+    "stage1_search",
 ]

@@ -243,22 +243,27 @@ def _rewrite_meta(meta_path, meta):
         __import__("json").dump(meta, f)
 
 
-def test_reordered_or_removed_qids_are_refused(world, tmp_path):
+def test_reordered_qids_or_names_are_refused(world, tmp_path):
     path = _saved(world, tmp_path)
-    meta_path, _, meta = _files(path)
-    meta["qids"][0], meta["qids"][1] = meta["qids"][1], meta["qids"][0]
-    _rewrite_meta(meta_path, meta)
-    with pytest.raises(ix.IndexCorruptError, match=f"{meta_path}: the qids list does not match its checksum.*rebuild"):
+    meta_path, weights, meta = _files(path)
+    original = open(weights, "rb").read()
+    # The qids Q10, Q11 are stored one after the other: swapping them keeps the file size.
+    assert original.count(b"Q10Q11") == 1
+    open(weights, "wb").write(original.replace(b"Q10Q11", b"Q11Q10"))
+    with pytest.raises(ix.IndexCorruptError, match=f"{weights}: contents do not match the sha256.*rebuild"):
         ix.EntityIndex.load(path)
-    meta["qids"][0], meta["qids"][1] = meta["qids"][1], meta["qids"][0]
-    del meta["qids"][5]
-    _rewrite_meta(meta_path, meta)
-    with pytest.raises(ix.IndexCorruptError, match="qids list does not match"):
-        ix.EntityIndex.load(path)
-    meta["qids"].insert(5, "Q5")
-    meta["names"][3] = "someone else"
-    _rewrite_meta(meta_path, meta)
+    # Without the file checksum, the checksum of the qid list still catches it.
+    with pytest.raises(ix.IndexCorruptError, match=f"{weights}: the qids list does not match its checksum in {meta_path}"):
+        ix.EntityIndex.load(path, verify=False)
+    name_a, name_b = KB[0]["name"].encode(), KB[1]["name"].encode()
+    assert len(name_a) == len(name_b) and original.count(name_a + name_b) == 1
+    open(weights, "wb").write(original.replace(name_a + name_b, name_b + name_a))
     with pytest.raises(ix.IndexCorruptError, match="names list does not match"):
+        ix.EntityIndex.load(path, verify=False)
+    open(weights, "wb").write(original)
+    assert ix.EntityIndex.load(path).qids == [r["qid"] for r in KB]
+    _rewrite_meta(meta_path, {**meta, "checksums": {**meta["checksums"], "weights_bytes": 5}})
+    with pytest.raises(ix.IndexCorruptError, match=f"{weights} has {len(original)} bytes, {meta_path} says 5"):
         ix.EntityIndex.load(path)
 
 
@@ -303,19 +308,17 @@ def test_broken_json_and_old_format_name_the_file(world, tmp_path):
 
 
 def test_interrupted_save_keeps_the_previous_index(world, tmp_path, monkeypatch):
-    import safetensors.torch
-
     path = _saved(world, tmp_path)
     before = sorted(os.listdir(path))
-    real_save = safetensors.torch.save_file
+    real_save = ix._write_safetensors
 
-    def half_save(tensors, filename, *args, **kwargs):  # writes half a file, then dies
-        real_save(tensors, filename, *args, **kwargs)
+    def half_save(filename, tensors, *args, **kwargs):  # writes half a file, then dies
+        real_save(filename, tensors, *args, **kwargs)
         data = open(filename, "rb").read()
         open(filename, "wb").write(data[: len(data) // 2])
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_save)
+    monkeypatch.setattr(ix, "_write_safetensors", half_save)
     bigger = _encode(world, KB + NEW)
     with pytest.raises(KeyboardInterrupt):
         bigger.save(path)
@@ -346,3 +349,244 @@ def test_interrupted_save_keeps_the_previous_index(world, tmp_path, monkeypatch)
     bigger.save(path)
     assert len(ix.EntityIndex.load(path)) == len(KB) + len(NEW)
     assert len(os.listdir(path)) == 2  # the JSON and one tensors file
+
+
+# ---- compressed, memory-mapped storage; approximate stage 1; sharded building ----------------------------------
+
+
+DISTINCT = [_row(i, name=f"{NAMES[i % 12]} {JOBS[i // 12 % 6]} {i}", attributes=f"number {i} works as a {JOBS[i % 6]}.")
+            for i in range(60)]  # fmt: skip
+EXTRA = [{**r, "qid": f"Q{100 + i}"} for i, r in enumerate(NEW)]  # NEW under qids that DISTINCT does not hold
+
+
+def test_codecs_reconstruct_with_bounded_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 24, generator=g) * torch.rand(4000, 1, generator=g)
+    parts = ix.Int8Codec().encode(x)
+    assert parts[""].dtype == torch.int8 and parts["scale"].shape == (4000,)
+    error = (ix.Int8Codec().decode(parts) - x).abs()
+    assert bool((error <= parts["scale"].float().unsqueeze(1) * 0.5 + 1e-3 * x.abs() + 1e-7).all())
+    relative = {}
+    for bits in (4, 2, 1):
+        codec = ix.ResidualCodec.train(x, bits, num_centroids=32)
+        parts = codec.encode(x)
+        assert parts["codes"].shape == (4000, 24 * bits // 8) and parts["codes"].dtype == torch.uint8
+        assert parts["centroid"].dtype == torch.int16
+        relative[bits] = ((codec.decode(parts) - x).norm() / x.norm()).item()
+        # The stored state rebuilds the same codec.
+        again = ix.make_codec(codec.config(), codec.state())
+        assert torch.equal(again.decode(parts), codec.decode(parts))
+    assert relative[4] < relative[2] < relative[1] < 0.8
+    assert (ix.Int8Codec().decode(ix.Int8Codec().encode(x)) - x).norm() / x.norm() < relative[4]
+
+
+def test_compressed_indexes_link_like_float32(world, tmp_path):
+    model, processor = world["model"], world["processor"]
+    mentions = [_mention_of(r) for r in DISTINCT[:20]]
+    feats = rk.encode_mentions(model, processor, mentions)
+    exact = _encode(world, DISTINCT)
+    base = rk.rank(model, feats, exact, candidates=10)
+    sizes = {}
+    for dtype in ("float16", "int8", "res4", "res2", "res1"):
+        index = _encode(world, DISTINCT, dtype=dtype)
+        sizes[dtype] = index.nbytes()
+        if dtype != "float16":
+            assert index.retrieval.dtype == torch.int8 and index.retrieval_scale.shape == (len(DISTINCT),)
+        # Same pairs, scored from each storage: S_O moves by little.
+        so = rk.score_rows(model, feats, index, base.indices, rk.RankOptions())
+        so_exact = rk.score_rows(model, feats, exact, base.indices, rk.RankOptions())
+        assert (so - so_exact).abs().max() < (2e-3 if dtype == "float16" else 2e-2), dtype
+        # A mention identical to an entity has it first in stage 1 whatever the storage.
+        queries = model.mention_stage1(feats).float()
+        assert index.stage1_topk(queries, 1)[1].flatten().tolist() == list(range(20)), dtype
+        path = str(tmp_path / dtype)
+        index.save(path)
+        back = ix.EntityIndex.load(path, model=model, processor=processor)
+        assert torch.equal(rk.rank(model, feats, back, candidates=10).indices, rk.rank(model, feats, index, candidates=10).indices)
+    sizes["float32"] = exact.nbytes()
+    order = ["float32", "float16", "int8", "res4", "res2", "res1"]
+    assert [sizes[d] for d in order] == sorted(sizes.values(), reverse=True)
+    assert sizes["res2"] < sizes["float16"] / 2.5
+
+
+def _mapped_ranges(path):
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(path):
+                a, b = line.split()[0].split("-")
+                ranges.append((int(a, 16), int(b, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_load_memory_maps_the_tensors(world, tmp_path):
+    path = str(tmp_path / "index")
+    _encode(world, DISTINCT, dtype="res2").save(path)
+    index = ix.EntityIndex.load(path)
+    _, weights, _ = _files(path)
+    ranges = _mapped_ranges(os.path.realpath(weights))
+    assert ranges
+    for t in [index.retrieval, index.retrieval_scale, *index.tensors.values()]:
+        assert any(a <= t.data_ptr() < b for a, b in ranges), "tensor not in the mapped file"
+    copy = ix.EntityIndex.load(path, mmap=False)
+    assert not any(a <= copy.retrieval.data_ptr() < b for a, b in ranges)
+    assert copy.qids == index.qids == [r["qid"] for r in DISTINCT]
+    # Editing a mapped index copies what it edits; the file is untouched.
+    size = os.path.getsize(weights)
+    assert index.add(_encode(world, EXTRA, dtype="res2", codecs=index.codecs)) == {"added": 2, "replaced": 0}
+    index.remove(["Q0"])
+    assert len(index) == 61 and os.path.getsize(weights) == size
+    assert len(ix.EntityIndex.load(path)) == 60
+
+
+def test_ann_stage1_search_and_updates(world, tmp_path):
+    pytest.importorskip("faiss")
+    model, processor = world["model"], world["processor"]
+    index = _encode(world, DISTINCT, dtype="int8")
+    feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[:20]])
+    exact = rk.rank(model, feats, index, candidates=10)
+    assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "torch"  # small KB, no ANN structure
+    index.build_ann(nlist=4, code="flat")
+    assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "ann"
+    # Searching every list with a shortlist of the whole KB is exact.
+    full = rk.rank(model, feats, index, candidates=10, stage1="ann", ann_nprobe=4, ann_refine=60)
+    assert torch.equal(full.indices, exact.indices)
+    one = rk.rank(model, feats, index, candidates=10, stage1="ann", ann_nprobe=1, ann_refine=10)
+    assert one.indices.min() >= 0 and one.indices[:, 0].tolist() == exact.indices[:, 0].tolist()
+    for code in ("sq8", "pq8"):
+        other = _encode(world, DISTINCT, dtype="int8")
+        other.build_ann(nlist=2, code=code)
+        assert rk.rank(model, feats, other, candidates=5, stage1="ann", ann_nprobe=2).indices.min() >= 0
+    # Updates reach the ANN structure: removed rows never come back, added ones are found.
+    index.remove(["Q3", "Q7"])
+    assert index.add(_encode(world, EXTRA, dtype="int8", codecs=index.codecs)) == {"added": 2, "replaced": 0}
+    queries = model.mention_stage1(rk.encode_mentions(model, processor, [_mention_of(EXTRA[1]), _mention_of(DISTINCT[3])]))
+    rows = index.ann_topk(queries.float(), 60, nprobe=4, refine=62)[1]
+    assert index.qids[rows[0, 0]] == "Q101"
+    assert not {"Q3", "Q7"} & {index.qids[r] for r in rows.flatten().tolist()}
+    assert sorted(rows[0].tolist()) == list(range(len(index)))  # every row exactly once
+    path = str(tmp_path / "ann")
+    index.save(path)
+    back = ix.EntityIndex.load(path)
+    assert back.ann is not None and back.ann.config["code"] == "flat"
+    assert torch.equal(back.ann_topk(queries.float(), 5, nprobe=4)[1], index.ann_topk(queries.float(), 5, nprobe=4)[1])
+    # Saving back where it came from rewrites only the ANN file when only the ANN changed.
+    files = {n: os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)}
+    back.build_ann(nlist=2, code="flat")
+    back.save(path)
+    weights = [n for n in os.listdir(path) if n.endswith(".safetensors") and not n.endswith("-ann.safetensors")]
+    assert len(weights) == 1 and weights[0] in files and os.path.getmtime(os.path.join(path, weights[0])) == files[weights[0]]
+    assert ix.EntityIndex.load(path).ann.config["nlist"] == 2
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+import index_otmel as ix
+import test_index as T
+from modeling_otmel import OTMELModel
+from processing_otmel import OTMELProcessor
+
+model = OTMELModel.from_pretrained({model!r}).eval()
+processor = OTMELProcessor.from_pretrained({model!r})
+real_save, saved = ix.EntityIndex.save, []
+
+def save_then_die(self, directory):
+    real_save(self, directory)
+    saved.append(directory)
+    if len(saved) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed right after the second shard is on disk
+
+ix.EntityIndex.save = save_then_die
+ix.build_index(model, processor, T.DISTINCT, {out!r}, dtype="res2", shard_size=12, batch_size=5, progress=False)
+"""
+
+
+def test_sharded_build_resumes_after_a_kill(world, tmp_path, monkeypatch):
+    import subprocess
+
+    model_dir, out = str(tmp_path / "model"), str(tmp_path / "index")
+    world["model"].save_pretrained(model_dir)
+    world["processor"].save_pretrained(model_dir)
+    script = KILL_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"), model=model_dir, out=out)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    shards = sorted(n for n in os.listdir(os.path.join(out, "shards")) if n.startswith("shard-"))
+    assert shards == ["shard-00000-of-00005", "shard-00001-of-00005"] and not os.path.exists(os.path.join(out, ix.INDEX_META))
+
+    model = OTMELModel.from_pretrained(model_dir).eval()
+    processor = OTMELProcessor.from_pretrained(model_dir)
+    encoded = []
+    real_encode = model.encode_entities
+
+    def counting(*args, **kwargs):
+        out = real_encode(*args, **kwargs)
+        encoded.append(out.text_global.shape[0])
+        return out
+
+    monkeypatch.setattr(model, "encode_entities", counting)
+    monkeypatch.setattr(ix, "train_codecs", lambda *a, **k: pytest.fail("the codecs were trained again"))
+    index = ix.build_index(model, processor, DISTINCT, out, dtype="res2", shard_size=12, batch_size=5, progress=False)
+    assert sum(encoded) == 36  # shards 2, 3 and 4 only
+    assert index.qids == [r["qid"] for r in DISTINCT] and not os.path.exists(os.path.join(out, "shards"))
+    assert index.meta["kb"] == ix.kb_fingerprint(DISTINCT)
+    again = ix.EntityIndex.load(out, model=model, processor=processor, kb=DISTINCT)
+    single = ix.encode_kb(model, processor, DISTINCT, batch_size=12, progress=False, dtype="res2", codecs=again.codecs)
+    feats = rk.encode_mentions(model, processor, MENTIONS)
+    a, b = rk.rank(model, feats, again, candidates=10), rk.rank(model, feats, single, candidates=10)
+    assert torch.equal(a.indices, b.indices) and torch.allclose(a.scores, b.scores, atol=1e-4)
+    # Another KB in the same folder's shards is refused; one shard at a time, then a merge, works.
+    os.makedirs(os.path.join(out, "shards"))
+    ix.build_index(model, processor, DISTINCT, out, dtype="int8", num_shards=2, shard_index=1, progress=False)
+    with pytest.raises(ix.IndexMismatchError, match="shards of another build"):
+        ix.build_index(model, processor, DISTINCT[:30], out, dtype="int8", num_shards=2, shard_index=0)
+    with pytest.raises(FileNotFoundError, match="shard 0 of 2 is missing"):
+        ix.merge_shards(out)
+    ix.build_index(model, processor, DISTINCT, out, dtype="int8", num_shards=2, shard_index=0, progress=False)
+    merged = ix.merge_shards(out, ann=True)
+    assert merged.qids == [r["qid"] for r in DISTINCT] and merged.ann is not None and merged.meta["dtype"] == "int8"
+
+
+def _distributed_encode(rank, world_size, port, model_dir, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = OTMELModel.from_pretrained(model_dir).eval()
+        processor = OTMELProcessor.from_pretrained(model_dir)
+        encoded = []
+        real_encode = model.encode_entities
+        model.encode_entities = lambda *a, **k: encoded.append(k["input_ids"].shape[0]) or real_encode(*a, **k)
+        index = ix.encode_kb(model, processor, DISTINCT, batch_size=8, progress=False, dtype="res2", distributed=True)
+        torch.save({"encoded": sum(encoded), "qids": list(index.qids),
+                    "vectors": index.stage1_vectors(torch.arange(len(index))),
+                    "centroids": index.codecs["text_queries"].centroids}, os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_encoding_encodes_each_entity_once(world, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model_dir = str(tmp_path / "model")
+    world["model"].save_pretrained(model_dir)
+    world["processor"].save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_encode, args=(2, port, model_dir, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(str(tmp_path / f"rank{r}.pt")) for r in (0, 1))
+    # Rank 0 also encodes the codec-training sample (2048 rows at most: all 60 here); the KB rows once in all.
+    assert r0["encoded"] - len(DISTINCT) + r1["encoded"] == len(DISTINCT) and r1["encoded"] == len(DISTINCT) // 2
+    assert r0["qids"] == r1["qids"] == [r["qid"] for r in DISTINCT]
+    assert torch.equal(r0["vectors"], r1["vectors"]) and torch.equal(r0["centroids"], r1["centroids"])
+    single = _encode(world, DISTINCT, dtype="res2")
+    assert torch.allclose(r0["vectors"], single.stage1_vectors(torch.arange(len(single))), atol=1e-2)
