@@ -35,8 +35,10 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
 import io
+import itertools
 import logging
 import os
 import signal
@@ -243,16 +245,17 @@ def _picture_bytes(image_base64, image_path, settings: ServerSettings) -> bytes 
 
 
 def prepare_mention(m: MentionIn, settings: ServerSettings) -> dict:
-    """The `OTMELLinker.link` input of one mention (`mention`, `sentence`, `image` = RGB picture or None); raises
-    `ValueError` naming what is wrong with it."""
+    """The `OTMELLinker.link` input of one mention (`mention`, `sentence`, `image` = encoded picture bytes, checked to
+    decode within the pixel limit, or None); raises `ValueError` naming what is wrong with it."""
     if not m.mention.strip():
         raise ValueError("empty mention")
     for name in ("mention", "sentence"):
         if len(getattr(m, name)) > MAX_TEXT_CHARS:
             raise ValueError(f"{name} is {len(getattr(m, name)):,} characters, over the limit of {MAX_TEXT_CHARS:,}")
     data = _picture_bytes(m.image_base64, m.image_path, settings)
-    image = decode_picture(data, settings.max_image_pixels) if data is not None else None
-    return {"mention": m.mention, "sentence": m.sentence, "image": image}
+    if data is not None:
+        decode_picture(data, settings.max_image_pixels)  # refused here, with its reason, if it cannot be read
+    return {"mention": m.mention, "sentence": m.sentence, "image": data}
 
 
 def prepare_entity(e: EntityIn, settings: ServerSettings) -> dict:
@@ -309,6 +312,333 @@ def copy_for_write(index: EntityIndex) -> EntityIndex:
     return new
 
 
+class ModelCore:
+    """The model side of the server, synchronous: links groups of mentions against one KB snapshot, builds new
+    indexes (copy-on-write), saves them and swaps them in. Runs on one model thread ([`ThreadWorker`]) or in the main
+    thread of a worker process ([`ProcessWorker`]); `commit` may run on another thread meanwhile."""
+
+    def __init__(self, linker: OTMELLinker, index_dir: str | None = None):
+        if linker.index is None:
+            raise ValueError("the linker has no entity index: load or build one first")
+        self.linker, self.index_dir = linker, index_dir
+        self._snapshot = IndexSnapshot(linker.index, 0, index_fingerprint(linker.index))
+        self._lock = threading.Lock()
+
+    @property
+    def snapshot(self) -> IndexSnapshot:
+        """The current KB state; a batch reads it once and ranks all its mentions against it."""
+        with self._lock:
+            return self._snapshot
+
+    @staticmethod
+    def state(snapshot: IndexSnapshot) -> dict:
+        return {"index_size": len(snapshot.index), "index_version": snapshot.version,
+                "index_fingerprint": snapshot.fingerprint}  # fmt: skip
+
+    def info(self) -> dict:
+        """The model and index facts of `GET /info`."""
+        snapshot = self.snapshot
+        model = self.linker.model
+        return {
+            "model_weights_sha256": snapshot.index.meta.get("model", {}).get("weights"),
+            "device": str(model.device),
+            "torch_threads": torch.get_num_threads(),
+            "inference_assignment": getattr(model.config, "inference_assignment", None),
+            "index_dtype": snapshot.index.meta.get("dtype"),
+            **self.state(snapshot),
+        }
+
+    def link_groups(self, groups: list) -> tuple:
+        """Links `[((top_k, candidates, assignment), mentions), ...]` against one snapshot.
+
+        Returns `(state, outcomes, seconds, cpu_seconds)`: per group the `OTMELLinker.link` results or an error
+        message."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        snapshot = self.snapshot
+        outcomes = []
+        for (top_k, candidates, assignment), mentions in groups:
+            try:
+                self.linker.index = snapshot.index
+                outcomes.append(self.linker.link(mentions, top_k=top_k, candidates=candidates, assignment=assignment))
+            except Exception as err:  # noqa: BLE001 - reported to each request of the group
+                logger.exception("linking %d mentions failed", len(mentions))
+                outcomes.append(f"linking failed ({type(err).__name__}: {err})")
+        return self.state(snapshot), outcomes, time.perf_counter() - start, time.thread_time() - cpu_start
+
+    def build_added(self, rows: list) -> tuple:
+        """A new index: the current one plus the encoded `rows` (same qids replaced); `(new index, replaced qids)`."""
+        base = self.snapshot.index
+        replaced = sorted({r["qid"] for r in rows if base.row_of(r["qid"]) >= 0})
+        new = copy_for_write(base)
+        self.linker.index = new
+        try:
+            self.linker.add_entities(rows)
+        finally:
+            self.linker.index = base
+        return new, replaced
+
+    def build_removed(self, qid: str) -> EntityIndex:
+        """A new index without `qid`; `ServiceError` 404 when it is not in the KB, 409 when it is the last entity."""
+        base = self.snapshot.index
+        if base.row_of(qid) < 0:
+            raise ServiceError(404, f"qid {qid!r} is not in the KB")
+        if len(base) == 1:
+            raise ServiceError(409, f"qid {qid!r} is the last entity of the KB; an empty KB cannot link")
+        new = copy_for_write(base)
+        self.linker.index = new
+        try:
+            self.linker.remove_entities([qid])
+        finally:
+            self.linker.index = base
+        return new
+
+    def commit(self, new_index: EntityIndex) -> dict:
+        """Saves `new_index` to the index folder (atomically), then makes it the current snapshot; its state."""
+        try:
+            new_index.save(self.index_dir)
+        except OSError as err:
+            raise ServiceError(507, f"could not save the entity index to {self.index_dir} ({err}); the KB is unchanged") from err
+        with self._lock:
+            self._snapshot = IndexSnapshot(new_index, self._snapshot.version + 1, index_fingerprint(new_index))
+            return self.state(self._snapshot)
+
+
+def _error_tuple(err: Exception) -> tuple:
+    if isinstance(err, ServiceError):
+        return err.status, err.message
+    return 500, f"{type(err).__name__}: {err}"
+
+
+class ThreadWorker:
+    """The model on one thread of the server process (simple; the HTTP event loop shares the GIL with it)."""
+
+    def __init__(self, linker: OTMELLinker, index_dir: str | None = None):
+        self.core = ModelCore(linker, index_dir)
+        self._executor = None
+
+    def launch(self) -> dict:
+        return self.core.info()
+
+    async def start(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otmel-model")
+
+    async def stop(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def state(self) -> dict:
+        return self.core.state(self.core.snapshot)
+
+    def info(self) -> dict:
+        return self.core.info()
+
+    async def link(self, groups: list) -> tuple:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.core.link_groups, groups)
+
+    async def add(self, rows: list) -> dict:
+        loop = asyncio.get_running_loop()
+        new, replaced = await loop.run_in_executor(self._executor, self.core.build_added, rows)
+        state = await asyncio.to_thread(self.core.commit, new)  # links go on meanwhile, against the old snapshot
+        return {"added": len(rows) - len(replaced), "replaced": replaced, **state}
+
+    async def remove(self, qid: str) -> dict:
+        new = await asyncio.get_running_loop().run_in_executor(self._executor, self.core.build_removed, qid)
+        return {"removed": qid, **(await asyncio.to_thread(self.core.commit, new))}
+
+
+def _worker_main(conn, spec: dict):
+    """The worker process of [`ProcessWorker`]: loads the linker, then answers requests from the pipe in order; an
+    index save runs on a thread while links go on against the old snapshot."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop (a "stop" message or EOF)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=spec.get("log_level", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")  # fmt: skip
+    try:
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        linker = load_linker(spec["model"], spec.get("index"), spec.get("kb"), spec.get("device"), spec.get("batch_size", 64))
+        core = ModelCore(linker, spec.get("index"))
+    except Exception as err:  # noqa: BLE001 - reported to the server process, which exits with it
+        conn.send(("failed", str(err) or type(err).__name__))
+        return
+    conn.send(("ready", core.info()))
+    saving = None  # (request id, thread, outcome dict, extra answer fields)
+
+    def finish_save():
+        nonlocal saving
+        rid, thread, outcome, extra = saving
+        thread.join()
+        saving = None
+        if "error" in outcome:
+            conn.send((rid, False, outcome["error"]))
+        else:
+            conn.send((rid, True, {**extra, **outcome["state"]}))
+
+    while True:
+        if saving is not None and not saving[1].is_alive():
+            finish_save()
+        if not conn.poll(0.005 if saving is not None else None):
+            continue
+        try:
+            rid, kind, payload = conn.recv()
+        except (EOFError, OSError):
+            break
+        if kind == "stop":
+            if saving is not None:
+                finish_save()
+            conn.send((rid, True, None))
+            break
+        try:
+            if kind == "link":
+                conn.send((rid, True, core.link_groups(payload)))
+                continue
+            if kind == "add":
+                new, replaced = core.build_added(payload)
+                extra = {"added": len(payload) - len(replaced), "replaced": replaced}
+            elif kind == "remove":
+                new, extra = core.build_removed(payload), {"removed": payload}
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except Exception as err:  # noqa: BLE001 - answered, the worker goes on
+            if not isinstance(err, ServiceError):
+                logger.exception("%s failed", kind)
+            conn.send((rid, False, _error_tuple(err)))
+            continue
+        outcome = {}
+
+        def commit(new=new, outcome=outcome):
+            try:
+                outcome["state"] = core.commit(new)
+            except Exception as err:  # noqa: BLE001
+                logger.exception("saving the index failed")
+                outcome["error"] = _error_tuple(err)
+
+        thread = threading.Thread(target=commit, name="otmel-save")
+        thread.start()
+        saving = (rid, thread, outcome, extra)
+    conn.close()
+
+
+class ProcessWorker:
+    """The model in a worker process (spawned): the model never waits for the GIL of the HTTP event loop.
+
+    Requests go over a pipe and are answered in order; a reader thread hands the answers to the event loop. Mentions
+    travel with their pictures as encoded bytes (decoded again by `OTMELLinker.link` there, as in-process)."""
+
+    def __init__(self, model: str, index: str | None = None, kb: str | None = None, device=None, threads=None,
+                 batch_size: int = 64, log_level: str = "warning", start_timeout: float = 900):  # fmt: skip
+        self.spec = {"model": model, "index": index, "kb": kb, "device": device, "threads": threads,
+                     "batch_size": batch_size, "log_level": log_level}  # fmt: skip
+        self.start_timeout = start_timeout
+        self._proc = self._conn = self._reader = self._loop = None
+        self._pending, self._ids, self._dead = {}, itertools.count(), None
+        self._info, self._state = {}, {}
+
+    def launch(self) -> dict:
+        """Starts the worker process and waits until it has loaded the model and index (blocking); its info.
+        Raises `ValueError` with the worker's message when loading failed."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker_main, args=(child, self.spec), name="otmel-model-worker", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            if not self._conn.poll(self.start_timeout):
+                raise RuntimeError(f"the model worker did not start within {self.start_timeout:.0f} s")
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(10)
+            raise RuntimeError(f"the model worker exited while starting (exit code {self._proc.exitcode})") from None
+        except BaseException:
+            self._proc.kill()
+            raise
+        if kind == "failed":
+            self._proc.join(30)
+            raise ValueError(payload)
+        self._info = payload
+        self._state = {k: payload[k] for k in ("index_size", "index_version", "index_fingerprint")}
+        return payload
+
+    async def start(self):
+        if self._proc is None:
+            await asyncio.to_thread(self.launch)
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read, name="otmel-worker-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                rid, ok, payload = self._conn.recv()
+            except (EOFError, OSError):
+                self._loop.call_soon_threadsafe(self._fail_all)
+                return
+            self._loop.call_soon_threadsafe(self._resolve, rid, ok, payload)
+
+    def _resolve(self, rid, ok, payload):
+        future = self._pending.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result((ok, payload))
+
+    def _fail_all(self):
+        self._dead = f"the model worker process stopped (exit code {self._proc.exitcode})"
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result((False, (503, self._dead)))
+        self._pending.clear()
+
+    async def _call(self, kind: str, payload=None):
+        if self._dead:
+            raise ServiceError(503, self._dead)
+        rid = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[rid] = future
+        self._conn.send((rid, kind, payload))
+        ok, result = await future
+        if not ok:
+            raise ServiceError(*result)
+        return result
+
+    async def stop(self):
+        if self._proc is None:
+            return
+        if not self._dead and self._proc.is_alive():
+            with contextlib.suppress(ServiceError):
+                await self._call("stop")
+        await asyncio.to_thread(self._proc.join, 60)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc = None
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def info(self) -> dict:
+        return {**self._info, **self._state, "worker_pid": self._proc.pid if self._proc is not None else None}
+
+    def _keep_state(self, state: dict):
+        if state["index_version"] >= self._state.get("index_version", -1):
+            self._state = {k: state[k] for k in ("index_size", "index_version", "index_fingerprint")}
+
+    async def link(self, groups: list) -> tuple:
+        result = await self._call("link", groups)
+        self._keep_state(result[0])
+        return result
+
+    async def add(self, rows: list) -> dict:
+        answer = await self._call("add", rows)
+        self._keep_state(answer)
+        return answer
+
+    async def remove(self, qid: str) -> dict:
+        answer = await self._call("remove", qid)
+        self._keep_state(answer)
+        return answer
+
+
 @dataclass
 class _Job:
     mentions: list
@@ -317,31 +647,23 @@ class _Job:
 
 
 class LinkingService:
-    """Links mentions with an [`OTMELLinker`] from asyncio code: dynamic batching on one model thread, entity changes
-    by copy-on-write.
+    """The server's core, for asyncio code: requests wait in a queue, a batcher links them in batches on a model
+    worker ([`ProcessWorker`] or [`ThreadWorker`]), entity changes are applied one at a time (copy-on-write).
 
     ```python
-    service = LinkingService(linker, ServerSettings(index_dir="index/"))
+    service = LinkingService(ThreadWorker(linker, index_dir="index/"), ServerSettings(index_dir="index/"))
     await service.start()
-    results, snapshot = await service.link([{"mention": "Ada", "sentence": "...", "image": None}])
+    results, state = await service.link([{"mention": "Ada", "sentence": "...", "image": None}])
     await service.add_entities([{"qid": "Q1", "name": "Ada", "attributes": "", "image": None}])
     await service.stop()
     ```
     """
 
-    def __init__(self, linker: OTMELLinker, settings: ServerSettings | None = None, model_name: str | None = None):
-        if linker.index is None:
-            raise ValueError("the linker has no entity index: load or build one first")
-        self.linker = linker
+    def __init__(self, worker, settings: ServerSettings | None = None, model_name: str | None = None):
+        self.worker = worker
         self.settings = settings or ServerSettings()
         self.model_name = model_name
-        self._snapshot = IndexSnapshot(linker.index, 0, index_fingerprint(linker.index))
-        self._swap_lock = threading.Lock()
-        self._executor = None
-        self._queue = None
-        self._batcher = None
-        self._write_lock = None
-        self._carry = None
+        self._queue = self._batcher = self._write_lock = self._carry = None
         self.queued_mentions = 0
         self.stats = {"requests": 0, "mentions": 0, "batches": 0, "batched_mentions": 0, "largest_batch": 0,
                       "model_seconds": 0.0, "model_cpu_seconds": 0.0, "entity_changes": 0}  # fmt: skip
@@ -349,30 +671,28 @@ class LinkingService:
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
     async def start(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otmel-model")
+        await self.worker.start()
         self._queue = asyncio.Queue()
         self._write_lock = asyncio.Lock()
         self._batcher = asyncio.get_running_loop().create_task(self._batch_loop())
 
     async def stop(self):
-        """Links what is queued, then stops the batcher and the model thread."""
-        if self._batcher is None:
-            return
-        await self._queue.put(None)
-        await self._batcher
-        self._batcher = None
-        self._executor.shutdown(wait=True)
+        """Links what is queued, then stops the batcher and the model worker."""
+        if self._batcher is not None:
+            await self._queue.put(None)
+            await self._batcher
+            self._batcher = None
+        await self.worker.stop()
 
-    @property
-    def snapshot(self) -> IndexSnapshot:
-        """The current KB state; a batch reads it once and ranks all its mentions against it."""
-        with self._swap_lock:
-            return self._snapshot
+    def state(self) -> dict:
+        """`index_size`, `index_version`, `index_fingerprint` of the current KB."""
+        return self.worker.state()
 
     # ---- linking ----------------------------------------------------------------------------------------------
 
     async def link(self, mentions: list, top_k: int = 5, candidates: int = 50, assignment: str | None = None):
-        """Links prepared mentions (dicts for `OTMELLinker.link`) in the next batch: `(results, IndexSnapshot)`."""
+        """Links prepared mentions (dicts for `OTMELLinker.link`) in the next batch: `(results, state)`, the state of
+        the KB they were ranked against."""
         if self._batcher is None:
             raise ServiceError(503, "the server is not running (starting or shutting down)")
         limit = self.settings.max_queue_mentions
@@ -402,13 +722,13 @@ class LinkingService:
         loop = asyncio.get_running_loop()
         wait = self.settings.max_wait_ms / 1000
         stopping = False
-        while not stopping:
-            job = await self._next_job(None)
+        while not (stopping and self._carry is None):
+            job = await self._next_job(None)  # the job carried over from the last batch first
             if job is None:
                 break
             jobs, count = [job], len(job.mentions)
             deadline = loop.time() + wait
-            while count < self.settings.max_batch_mentions:
+            while count < self.settings.max_batch_mentions and not stopping:
                 try:
                     job = await self._next_job(deadline - loop.time())
                 except asyncio.TimeoutError:
@@ -422,63 +742,41 @@ class LinkingService:
                 jobs.append(job)
                 count += len(job.mentions)
             self.queued_mentions -= count
-            jobs = [j for j in jobs if not j.future.done()]  # a client that went away
-            if not jobs:
-                continue
-            started = time.perf_counter()
-            try:
-                snapshot, outcomes = await loop.run_in_executor(self._executor, self._run_batch, jobs)
-            except Exception as err:  # noqa: BLE001 - never leave a request waiting
-                logger.exception("batch failed")
-                outcomes, snapshot = [(j, None, err) for j in jobs], None
-            size = sum(len(j.mentions) for j in jobs)
-            self.stats["model_seconds"] += time.perf_counter() - started
-            self.stats["batches"] += 1
-            self.stats["batched_mentions"] += size
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
-            for job, results, error in outcomes:
-                if job.future.done():
-                    continue
-                if error is not None:
-                    job.future.set_exception(error)
-                else:
-                    job.future.set_result((results, snapshot))
-        if self._carry is not None:  # a shutdown right after a full batch: link what was carried over
-            job, self._carry = self._carry, None
-            self.queued_mentions -= len(job.mentions)
-            snapshot, outcomes = await loop.run_in_executor(self._executor, self._run_batch, [job])
-            for job, results, error in outcomes:
-                if not job.future.done():
-                    job.future.set_exception(error) if error is not None else job.future.set_result((results, snapshot))
+            await self._run_batch([j for j in jobs if not j.future.done()])  # skips clients that went away
 
-    def _run_batch(self, jobs: list) -> tuple:
-        """On the model thread: one snapshot for the whole batch, one `link` call per group of equal settings."""
-        cpu_start = time.thread_time()
-        try:
-            return self._link_batch(jobs)
-        finally:
-            self.stats["model_cpu_seconds"] += time.thread_time() - cpu_start
-
-    def _link_batch(self, jobs: list) -> tuple:
-        snapshot = self.snapshot
+    async def _run_batch(self, jobs: list):
+        """Links a batch, one group per setting, and answers each job."""
+        if not jobs:
+            return
         groups = {}
         for job in jobs:
             groups.setdefault(job.key, []).append(job)
-        outcomes = []
-        for (top_k, candidates, assignment), group in groups.items():
-            mentions = [m for job in group for m in job.mentions]
-            try:
-                self.linker.index = snapshot.index
-                results = self.linker.link(mentions, top_k=top_k, candidates=candidates, assignment=assignment)
-            except Exception as err:  # noqa: BLE001 - reported to each request of the group
-                logger.exception("linking %d mentions failed", len(mentions))
-                outcomes += [(job, None, err) for job in group]
-                continue
+        payload = [(key, [m for job in group for m in job.mentions]) for key, group in groups.items()]
+        try:
+            state, outcomes, seconds, cpu_seconds = await self.worker.link(payload)
+        except Exception as err:  # noqa: BLE001 - never leave a request waiting
+            if not isinstance(err, ServiceError):
+                logger.exception("batch failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        size = sum(len(j.mentions) for j in jobs)
+        self.stats["model_seconds"] += seconds
+        self.stats["model_cpu_seconds"] += cpu_seconds
+        self.stats["batches"] += 1
+        self.stats["batched_mentions"] += size
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], size)
+        for group, outcome in zip(groups.values(), outcomes):
             start = 0
             for job in group:
-                outcomes.append((job, results[start : start + len(job.mentions)], None))
+                if job.future.done():
+                    pass
+                elif isinstance(outcome, str):
+                    job.future.set_exception(ServiceError(500, outcome))
+                else:
+                    job.future.set_result((outcome[start : start + len(job.mentions)], state))
                 start += len(job.mentions)
-        return snapshot, outcomes
 
     # ---- entity changes ---------------------------------------------------------------------------------------
 
@@ -489,85 +787,31 @@ class LinkingService:
             )
 
     async def add_entities(self, rows: list) -> dict:
-        """Adds KB rows (`qid`, `name`, `attributes`, `image`), replacing the entities with the same qids; returns a
-        summary with the new version. Only these rows are encoded (on the model thread)."""
+        """Adds KB rows (`qid`, `name`, `attributes`, `image`), replacing the entities with the same qids; answers
+        once the new index is saved and serving: `added`, `replaced` and the new state."""
         self._require_index_dir()
-        loop = asyncio.get_running_loop()
         async with self._write_lock:
-            base = self.snapshot
-            replaced = sorted({r["qid"] for r in rows if base.index.row_of(r["qid"]) >= 0})
-            new_index = await loop.run_in_executor(self._executor, self._with_rows, base.index, rows)
-            snapshot = await self._save_and_swap(base, new_index)
-        return {"added": len(rows) - len(replaced), "replaced": replaced, **self._state(snapshot)}
+            answer = await self.worker.add(rows)
+        self.stats["entity_changes"] += 1
+        return answer
 
     async def remove_entity(self, qid: str) -> dict:
-        """Removes one entity; 404 when the qid is not in the KB, 409 when it is the last one."""
+        """Removes one entity (404 when the qid is not in the KB, 409 when it is the last one)."""
         self._require_index_dir()
-        loop = asyncio.get_running_loop()
         async with self._write_lock:
-            base = self.snapshot
-            if base.index.row_of(qid) < 0:
-                raise ServiceError(404, f"qid {qid!r} is not in the KB")
-            if len(base.index) == 1:
-                raise ServiceError(409, f"qid {qid!r} is the last entity of the KB; an empty KB cannot link")
-            new_index = await loop.run_in_executor(self._executor, self._without, base.index, [qid])
-            snapshot = await self._save_and_swap(base, new_index)
-        return {"removed": qid, **self._state(snapshot)}
-
-    def _with_rows(self, index: EntityIndex, rows: list) -> EntityIndex:
-        """On the model thread: a new index, `index` plus the encoded rows (same qids replaced); `index` is untouched."""
-        new = copy_for_write(index)
-        self.linker.index = new
-        try:
-            self.linker.add_entities(rows)
-        finally:
-            self.linker.index = index
-        return new
-
-    def _without(self, index: EntityIndex, qids: list) -> EntityIndex:
-        new = copy_for_write(index)
-        self.linker.index = new
-        try:
-            self.linker.remove_entities(qids)
-        finally:
-            self.linker.index = index
-        return new
-
-    async def _save_and_swap(self, base: IndexSnapshot, new_index: EntityIndex) -> IndexSnapshot:
-        directory = self.settings.index_dir
-        try:
-            await asyncio.to_thread(new_index.save, directory)
-        except OSError as err:
-            raise ServiceError(507, f"could not save the entity index to {directory} ({err}); the KB is unchanged") from err
-        snapshot = IndexSnapshot(new_index, base.version + 1, index_fingerprint(new_index))
-        with self._swap_lock:
-            self._snapshot = snapshot
+            answer = await self.worker.remove(qid)
         self.stats["entity_changes"] += 1
-        return snapshot
-
-    @staticmethod
-    def _state(snapshot: IndexSnapshot) -> dict:
-        return {
-            "index_size": len(snapshot.index),
-            "index_version": snapshot.version,
-            "index_fingerprint": snapshot.fingerprint,
-        }
+        return answer
 
     def info(self) -> dict:
-        snapshot = self.snapshot
-        index = snapshot.index
-        model = self.linker.model
+        worker = self.worker.info()
+        index_keys = ("index_size", "index_version", "index_fingerprint")
         return {
             "model": self.model_name,
-            "model_weights_sha256": index.meta.get("model", {}).get("weights"),
-            "device": str(model.device),
-            "torch_threads": torch.get_num_threads(),
-            "inference_assignment": getattr(model.config, "inference_assignment", None),
-            "index": {
-                **self._state(snapshot),
-                "dtype": index.meta.get("dtype"),
-                "directory": self.settings.index_dir,
-            },
+            "worker": "process" if isinstance(self.worker, ProcessWorker) else "thread",
+            **{k: v for k, v in worker.items() if k not in index_keys and k != "index_dtype"},
+            "index": {**{k: worker[k] for k in index_keys}, "dtype": worker.get("index_dtype"),
+                      "directory": self.settings.index_dir},  # fmt: skip
             "settings": asdict(self.settings),
             "stats": dict(self.stats, queued_mentions=self.queued_mentions),
         }
@@ -674,8 +918,8 @@ def create_app(service: LinkingService) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        snapshot = service.snapshot
-        return {"status": "ok", "index_version": snapshot.version, "index_size": len(snapshot.index)}
+        state = service.state()
+        return {"status": "ok", "index_version": state["index_version"], "index_size": state["index_size"]}
 
     @app.get("/info")
     async def info():
@@ -705,10 +949,10 @@ def create_app(service: LinkingService) -> FastAPI:
                                results=errors)  # fmt: skip
         service.stats["requests"] += 1
         service.stats["mentions"] += len(ok)
-        results, snapshot = await service.link(ok, top_k, candidates, body.assignment)
+        results, state = await service.link(ok, top_k, candidates, body.assignment)
         linked = iter(results)
         merged = [error if error is not None else next(linked) for error in errors]
-        return JSONResponse({"results": merged, **service._state(snapshot)})  # plain JSON: no jsonable_encoder walk
+        return JSONResponse({"results": merged, **state})  # plain JSON: no jsonable_encoder walk
 
     @app.post("/entities")
     async def add_entities(body: EntitiesRequest):
@@ -754,9 +998,18 @@ def _prepare_all(mentions, settings) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_sources(index: str | None, kb: str | None):
+    """Raises `ValueError` / `FileNotFoundError` when `--index` / `--kb` cannot give an index (before any loading)."""
+    if not index and not kb:
+        raise ValueError("give --index INDEX_DIR or --kb KB")
+    if index and not kb and not os.path.isfile(os.path.join(index, INDEX_META)):
+        raise FileNotFoundError(f"--index {index}: no entity index there ({INDEX_META} missing); give --kb to build it")
+
+
 def load_linker(model: str, index: str | None, kb: str | None, device=None, batch_size: int = 64) -> OTMELLinker:
     """The linker of `otmel-serve`: the model, and the index in `index` if there is one there, else one built from
     `kb` (a dataset folder with a 'kb' config, or an index folder) and saved to `index` when given."""
+    check_sources(index, kb)
     linker = OTMELLinker.from_pretrained(model, device=device)
     linker.batch_size = batch_size
     if index and os.path.isfile(os.path.join(index, INDEX_META)):
@@ -767,14 +1020,10 @@ def load_linker(model: str, index: str | None, kb: str | None, device=None, batc
         linker.load_index(kb)
         if index:
             linker.save_index(index)
-    elif kb:
+    else:
         linker.build_index(_load_kb_dataset(kb))
         if index:
             linker.save_index(index)
-    elif index:
-        raise FileNotFoundError(f"--index {index}: no entity index there ({INDEX_META} missing); give --kb to build it")
-    else:
-        raise ValueError("give --index INDEX_DIR or --kb KB")
     return linker
 
 
@@ -812,6 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch_size", type=int, default=64, help="mentions per forward pass inside a batch")
+    p.add_argument("--worker", default="process", choices=("process", "thread"),
+                   help="run the model in a worker process (default: it never waits for the HTTP loop's GIL) or on a "
+                   "thread of the server process")  # fmt: skip
     for name in ("max_batch_mentions", "max_queue_mentions", "max_request_bytes", "max_mentions_per_request",
                  "max_entities_per_request", "max_image_pixels", "max_top_k", "max_candidates"):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
@@ -840,17 +1092,24 @@ def main(argv=None) -> int:
         index_dir=args.index,
     )
     try:
-        linker = load_linker(args.model, args.index, args.kb, args.device, args.batch_size)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    service = LinkingService(linker, settings, model_name=args.model)
-    app = create_app(service)
-    try:
         sock = bind_socket(args.host, args.port)
     except OSError as err:
         print(f"error: cannot listen on {args.host}:{args.port} ({err})", file=sys.stderr)
         return 2
+    try:
+        check_sources(args.index, args.kb)
+        if args.worker == "process":
+            worker = ProcessWorker(args.model, args.index, args.kb, args.device, args.threads, args.batch_size,
+                                   args.log_level)  # fmt: skip
+        else:
+            worker = ThreadWorker(load_linker(args.model, args.index, args.kb, args.device, args.batch_size), args.index)
+        state = worker.launch()
+    except (ValueError, FileNotFoundError) as err:
+        sock.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    service = LinkingService(worker, settings, model_name=args.model)
+    app = create_app(service)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=args.graceful_timeout)  # fmt: skip
@@ -859,7 +1118,7 @@ def main(argv=None) -> int:
     signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda number, frame: signals.append(signal.Signals(number).name))
-    print(f"otmel-serve: {len(linker.index)} entities; listening on http://{args.host}:{port}", flush=True)
+    print(f"otmel-serve: {state['index_size']} entities; listening on http://{args.host}:{port}", flush=True)
     started = time.time()
     uvicorn.Server(config).run(sockets=[sock])
     reason = f" on {signals[0]}" if signals else ""
@@ -874,11 +1133,15 @@ __all__ = [
     "LinkRequest",
     "LinkingService",
     "MentionIn",
+    "ModelCore",
+    "ProcessWorker",
     "ServerSettings",
     "ServiceError",
+    "ThreadWorker",
     "BodyLimitMiddleware",
     "bind_socket",
     "build_parser",
+    "check_sources",
     "copy_for_write",
     "create_app",
     "decode_base64",

@@ -134,10 +134,13 @@ class ServerThread:
         assert not self.thread.is_alive(), "the test server did not stop"
 
 
-def _start(world, index_dir=None, **settings):
-    linker = sv.load_linker(world["model_dir"], index_dir or world["index_dir"], None)
+def _start(world, index_dir=None, worker="thread", **settings):
+    if worker == "thread":
+        worker = sv.ThreadWorker(sv.load_linker(world["model_dir"], index_dir or world["index_dir"], None), index_dir)
+    else:
+        worker = sv.ProcessWorker(world["model_dir"], index_dir or world["index_dir"], threads=1)
     settings = sv.ServerSettings(image_root=world["image_root"], index_dir=index_dir, **settings)
-    service = sv.LinkingService(linker, settings, model_name=world["model_dir"])
+    service = sv.LinkingService(worker, settings, model_name=world["model_dir"])
     return ServerThread(sv.create_app(service)), service
 
 
@@ -224,6 +227,32 @@ def test_link_matches_in_process_link(server, world, assignment):
     # The picture counts: the same text with another picture scores differently.
     assert body["results"][5] != server.client.post("/link", json={"mentions": [_mention(6)], "top_k": 4,
                                                               "candidates": 8, "assignment": assignment}).json()["results"][0]  # fmt: skip
+
+
+def test_process_worker(world, tmp_path):
+    """The model in a worker process (otmel-serve's default): the same answers, entity changes consistent."""
+    index_dir = str(tmp_path / "index")
+    shutil.copytree(world["index_dir"], index_dir)
+    srv, service = _start(world, index_dir=index_dir, worker="process", max_wait_ms=2)
+    try:
+        mentions = [_mention(i) for i in range(3)] + [_mention(6, _png(6)), {**_mention(4), "image_path": "sub/face.png"}]
+        r = httpx.post(f"{srv.url}/link", json={"mentions": mentions, "top_k": 4, "candidates": 8}, timeout=60)
+        assert r.status_code == 200, r.text
+        local = [{"mention": m["mention"], "sentence": m["sentence"], "image": None} for m in mentions]
+        local[3]["image"], local[4]["image"] = _png(6), (world["root"] / "pictures" / "sub" / "face.png").read_bytes()
+        for served, expected in zip(r.json()["results"], world["reference"].link(local, top_k=4, candidates=8)):
+            _assert_same(served, expected)
+        info = httpx.get(f"{srv.url}/info", timeout=60).json()
+        assert info["worker"] == "process" and info["worker_pid"] != os.getpid() and info["torch_threads"] == 1
+        assert info["index"]["index_size"] == len(NAMES) and info["stats"]["batches"] == 1
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            srv.client, srv.service, srv.index_dir = client, service, index_dir
+            _check_links_during_entity_changes(srv)
+            r = client.delete("/entities/nobody")
+            assert r.status_code == 404 and "not in the KB" in r.json()["detail"]
+    finally:
+        srv.stop()
+    assert service.worker._proc is None  # the worker process was stopped and joined
 
 
 def test_bad_mentions_get_their_own_error_entry(server, world):
@@ -341,8 +370,10 @@ def test_concurrent_requests_are_batched(server, world):
 def test_entities_added_replaced_removed_and_saved(writable, world):
     client, n = writable.client, len(NAMES)
     everything = {"top_k": 50, "candidates": 50}
-    served_before = writable.service.snapshot.index
-    retrieval_before, qids_before = served_before.retrieval.clone(), list(served_before.qids)
+    thread = isinstance(writable.service.worker, sv.ThreadWorker)
+    served_before = writable.service.worker.core.snapshot.index if thread else None
+    qids_before = list(world["reference"].index.qids)
+    retrieval_before = served_before.retrieval.clone() if thread else None
     new = {"qid": "Q900", "name": "zed quux", "attributes": "works as a sailor. lives in lima.",
            "image_base64": _b64(_png(42))}  # fmt: skip
     r = client.post("/entities", json={"entities": [new]})
@@ -350,8 +381,8 @@ def test_entities_added_replaced_removed_and_saved(writable, world):
     state = r.json()
     assert state["added"] == 1 and state["replaced"] == [] and state["index_size"] == n + 1
     assert state["index_version"] == 1 and state["index_fingerprint"] != world["reference"].index.meta["kb"]
-    # The index that served before is untouched (copy-on-write).
-    assert served_before.qids == qids_before and torch.equal(served_before.retrieval, retrieval_before)
+    if thread:  # the index that served before is untouched (copy-on-write)
+        assert list(served_before.qids) == qids_before and torch.equal(served_before.retrieval, retrieval_before)
 
     query = {"mentions": [{"mention": "zed quux", "sentence": "a sailor in lima"}], **everything}
     r = client.post("/link", json=query).json()
@@ -365,7 +396,7 @@ def test_entities_added_replaced_removed_and_saved(writable, world):
     expected = fresh.link([{**query["mentions"][0], "image": None}], top_k=50)[0]
     _assert_same(r["results"][0], expected, atol=1e-4)
     saved = ix.EntityIndex.load(writable.index_dir, model=fresh.model, processor=fresh.processor)
-    assert saved.qids == qids_before + ["Q900"] and saved.meta["kb"] == state["index_fingerprint"]
+    assert list(saved.qids) == qids_before + ["Q900"] and saved.meta["kb"] == state["index_fingerprint"]
 
     # Replace: same qid, new name; the KB keeps its size.
     r = client.post("/entities", json={"entities": [{"qid": "Q900", "name": "zed quux junior"}]})
@@ -443,6 +474,10 @@ def json_copy(obj):
 def test_links_during_entity_changes_see_one_whole_kb(writable):
     """Links run while entities come and go: each answer lists exactly the KB of the version it reports, and no
     request sent after a removal was answered sees the removed entity."""
+    _check_links_during_entity_changes(writable)
+
+
+def _check_links_during_entity_changes(writable):
     client = writable.client
     kb = {0: {f"Q{100 + i}" for i in range(len(NAMES))}}
     removed_at = {}  # qid -> version of its removal
@@ -508,8 +543,22 @@ def test_graceful_shutdown_finishes_running_requests(world):
         httpx.get(f"{srv.url}/health", timeout=5)
 
 
-def test_command_line(world, tmp_path):
+def test_command_line(world, tmp_path, capsys):
     assert sv.main(["--model", world["model_dir"], "--index", str(tmp_path / "none")]) == 2
+    assert "no entity index there" in capsys.readouterr().err
+    # A failure while the worker loads (here: no model) is its first message, which the server process reports
+    # (run in this process here, to save spawning one).
+    import multiprocessing
+
+    ours, theirs = multiprocessing.Pipe()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sv._worker_main(theirs, {"model": str(tmp_path / "no-model"), "index": world["index_dir"]})
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    kind, message = ours.recv()
+    assert kind == "failed" and "no-model" in message
     assert sv.main(["--model", world["model_dir"], "--index", world["index_dir"], "--image_root", str(tmp_path / "x")]) == 2
     cmd = [sys.executable, os.path.join(REPO, "serving_otmel.py"), "--model", world["model_dir"], "--index",
            world["index_dir"], "--port", "0", "--threads", "1", "--no_access_log", "--log_level", "warning"]  # fmt: skip
