@@ -939,6 +939,45 @@ def start_run(training_args, settings: dict) -> None:
     os.replace(tmp, os.path.join(out, RUN_SETTINGS_NAME))
 
 
+def reuse_finished_run(trainer, checkpoint: str | None):
+    """When `checkpoint` (the resume point) is the last one of a complete run and `--output_dir` holds that run's final
+    model and results: loads them into `trainer` and returns a `TrainOutput` like `trainer.train`'s, without training.
+    Otherwise None (train, resuming from `checkpoint`).
+
+    A complete run has no step left, yet transformers 5.23 trains one more when it resumes a run that stopped at
+    `max_steps` within an epoch: a step past the end of the schedule, which would change the finished model."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is None:
+        return None
+    out = trainer.args.output_dir
+    try:
+        last = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        final = TrainerState.load_from_json(os.path.join(out, "trainer_state.json"))
+        with open(os.path.join(out, "train_results.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not last.max_steps or last.global_step < last.max_steps:
+        return None
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        from safetensors.torch import load_model
+
+        load_model(trainer.model, os.path.join(out, "model.safetensors"))
+    elif os.path.isfile(os.path.join(out, "model.safetensors.index.json")):
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(trainer.model, out)
+    else:
+        return None
+    trainer.state = final
+    metrics.pop("train_samples", None)
+    logger.warning("The run in %s is complete (step %d of %d): no step is trained; its final model is used", out,
+                   last.global_step, last.max_steps)  # fmt: skip
+    return TrainOutput(final.global_step, metrics.get("train_loss", float("nan")), metrics)
+
+
 def fit_batch_to_data(training_args, n_train: int) -> None:
     """Shrinks `per_device_train_batch_size` (with a warning) when the training split holds less than one batch: with
     `dataloader_drop_last` the incomplete batch is dropped and no step would run. Refuses fewer than 2 mentions."""
@@ -1156,7 +1195,7 @@ def main(argv=None):
     all_metrics, training = {}, None
     if training_args.do_train:
         start_run(training_args, settings)
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        train_result = reuse_finished_run(trainer, last_checkpoint) or trainer.train(resume_from_checkpoint=last_checkpoint)
         # The NIL threshold of the trained model, chosen on validation and saved with it (config.nil_threshold).
         nil_split = eval_dataset
         if nil_split is None and len(mentions.get("validation", [])):

@@ -347,6 +347,12 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
         in_process(argv, cache)
     resumed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Resuming" in r.getMessage()]
     assert resumed and f"from {out / 'checkpoint-2'} (step 2 of 2; that run is complete" in resumed[0]
+    # Nothing trained: transformers alone would train a third step past the schedule (and save checkpoint-3).
+    assert any("is complete (step 2 of 2): no step is trained" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
