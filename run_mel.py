@@ -939,19 +939,21 @@ def start_run(training_args, settings: dict) -> None:
     os.replace(tmp, os.path.join(out, RUN_SETTINGS_NAME))
 
 
-def reuse_finished_run(trainer, checkpoint: str | None):
-    """When `checkpoint` (the resume point) is the last one of a complete run and `--output_dir` holds that run's final
-    model and results: loads them into `trainer` and returns a `TrainOutput` like `trainer.train`'s, without training.
-    Otherwise None (train, resuming from `checkpoint`).
+def reuse_finished_run(trainer, checkpoint: str | None, settings: dict):
+    """When `checkpoint` (the resume point found in `--output_dir`, not one given by `--resume_from_checkpoint`) is the
+    last one of a complete run with these `settings`, and `--output_dir` holds that run's final model and results:
+    loads them into `trainer` and returns a `TrainOutput` like `trainer.train`'s, without training. Otherwise None
+    (train, resuming from `checkpoint`).
 
     A complete run has no step left, yet transformers 5.23 trains one more when it resumes a run that stopped at
     `max_steps` within an epoch: a step past the end of the schedule, which would change the finished model."""
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
 
-    if checkpoint is None:
-        return None
     out = trainer.args.output_dir
+    if (checkpoint is None or trainer.args.resume_from_checkpoint or _read_run_settings(out) != settings
+            or os.path.dirname(os.path.abspath(checkpoint)) != os.path.abspath(out)):  # fmt: skip
+        return None
     try:
         last = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         final = TrainerState.load_from_json(os.path.join(out, "trainer_state.json"))
@@ -1194,8 +1196,9 @@ def main(argv=None):
 
     all_metrics, training = {}, None
     if training_args.do_train:
+        train_result = reuse_finished_run(trainer, last_checkpoint, settings)
         start_run(training_args, settings)
-        train_result = reuse_finished_run(trainer, last_checkpoint) or trainer.train(resume_from_checkpoint=last_checkpoint)
+        train_result = train_result or trainer.train(resume_from_checkpoint=last_checkpoint)
         # The NIL threshold of the trained model, chosen on validation and saved with it (config.nil_threshold).
         nil_split = eval_dataset
         if nil_split is None and len(mentions.get("validation", [])):
