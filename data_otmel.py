@@ -548,24 +548,45 @@ def load_mention_files(files: dict, columns=None, require_answer: bool = True, c
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def load_dataset_config(path: str, config: str | None = None, **kwargs):
+    """`datasets.load_dataset(path, config)`, with a cache of its own for a local folder.
+
+    datasets 5.2 keys the cache of a local dataset folder by the folder's name and config only: a second folder of the
+    same name, or a folder rewritten in place, would load the first one's data silently. A local folder is therefore
+    read through a cache directory keyed by its real path and the name, size and modification time of its files.
+    """
+    from datasets import load_dataset
+
+    if os.path.isdir(path) and "cache_dir" not in kwargs:
+        digest = hashlib.sha256(os.path.realpath(path).encode())
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                digest.update(f"{os.path.relpath(full, path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        kwargs["cache_dir"] = os.path.join(datasets.config.HF_DATASETS_CACHE, "otmel-folders", digest.hexdigest()[:16])
+    return load_dataset(path, config, **kwargs)
+
+
 def _is_saved_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_info.json")) and os.path.isfile(os.path.join(path, "state.json"))
 
 
 def _load_kb_config(path: str, where: str):
     """The `kb` config of a dataset folder or Hub id, else its only config; a `save_to_disk` folder as it is."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     if os.path.isdir(path) and (_is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json"))):
         kb = load_from_disk(path)
     else:
         try:
-            kb = load_dataset(path, "kb")
+            kb = load_dataset_config(path, "kb")
         except ValueError as err:
             if "kb" not in str(err):
                 raise DataFormatError(f"{where} {path}: cannot be loaded as a dataset ({err})") from err
             try:
-                kb = load_dataset(path)  # a dataset that is only a KB
+                kb = load_dataset_config(path)  # a dataset that is only a KB
             except Exception as inner:  # noqa: BLE001 - reported with the first error
                 raise DataFormatError(
                     f"{where} {path}: no 'kb' config ({err}) and no loadable default config ({inner})"
@@ -651,6 +672,7 @@ def load_kb(source: str, columns=None, cache_dir: str | None = None, where: str 
 
 
 __all__ = [
+    "load_dataset_config",
     "DataFormatError",
     "KB_COLUMNS",
     "KB_FEATURES",

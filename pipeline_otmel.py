@@ -32,9 +32,11 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
+    from .data_otmel import load_kb
     from .index_otmel import INDEX_META, EntityIndex
     from .linking_otmel import OTMELLinker
 except ImportError:
+    from data_otmel import load_kb
     from index_otmel import INDEX_META, EntityIndex
     from linking_otmel import OTMELLinker
 
@@ -93,7 +95,7 @@ class OTMELPipeline(Pipeline):
             path = os.fspath(index)
             if os.path.isfile(os.path.join(path, INDEX_META)):
                 return self.linker.load_index(path)
-            index = load_kb(path)
+            index = load_kb(path, where="index")
         if hasattr(index, "keys") and hasattr(index, "values") and not isinstance(index, Mapping):  # a DatasetDict
             splits = list(index.values())
             if len(splits) != 1:
@@ -153,29 +155,6 @@ class OTMELPipeline(Pipeline):
         return model_outputs["results"][0]
 
 
-def load_kb(path: str):
-    """The KB `datasets.Dataset` of a dataset folder or Hub dataset id with a `kb` config (one split), or of a folder
-    written by `Dataset.save_to_disk`."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    try:
-        kb = load_dataset(path, "kb")
-    except Exception as err:  # noqa: BLE001 - fall back to a saved Dataset
-        if not os.path.isdir(path):
-            raise ValueError(f"index={path!r}: no entity index, dataset folder or Hub dataset with a 'kb' config ({err})") from err
-        try:
-            kb = load_from_disk(path)
-        except Exception:  # noqa: BLE001
-            raise ValueError(f"index={path!r}: neither an entity index nor a dataset with a 'kb' config ({err})") from err
-    if isinstance(kb, DatasetDict):
-        if len(kb) != 1:
-            raise ValueError(f"index={path!r}: expected one split in the 'kb' config, found {list(kb)}")
-        kb = next(iter(kb.values()))
-    if not isinstance(kb, Dataset):
-        raise ValueError(f"index={path!r}: not a dataset")
-    return kb
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Registration and saving
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +212,6 @@ register_pipeline()
 __all__ = [
     "PIPELINE_TASK",
     "OTMELPipeline",
-    "load_kb",
     "pipeline_config",
     "register_pipeline",
     "save_pipeline_files",

@@ -27,7 +27,6 @@ import datasets
 import torch
 import transformers
 from datasets import Image as ImageFeature
-from datasets import load_dataset
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -190,7 +189,7 @@ def load_mel_dataset(
     column names. `path` is the dataset's folder or Hub id (the conversion's folder for a raw folder), or the first
     mention file. Raises `data_otmel.DataFormatError` (a `ValueError`) naming the argument, file and line of a problem.
     """
-    from data_otmel import DataFormatError, kb_from_dataset, load_kb, load_mention_files
+    from data_otmel import DataFormatError, kb_from_dataset, load_dataset_config, load_kb, load_mention_files
 
     files = {"train": train_file, "validation": validation_file, "test": test_file}
     if not name and not any(files.values()):
@@ -210,13 +209,13 @@ def load_mel_dataset(
         mentions = load_mention_files(files, columns=mention_columns)
         path = name and path or next(p for p in files.values() if p)
     else:
-        mentions = load_dataset(path, "mentions")
+        mentions = load_dataset_config(path, "mentions")
         if mention_columns:
             raise DataFormatError("--mention_columns applies to --train_file / --validation_file / --test_file only")
     if kb:
         kb_dataset = load_kb(kb, columns=kb_columns, cache_dir=cache_dir)
     else:
-        kb_dataset = load_dataset(path, "kb")["train"]
+        kb_dataset = load_dataset_config(path, "kb")["train"]
         if kb_columns:
             kb_dataset = kb_from_dataset(kb_dataset, kb_columns, where=f"--dataset_name {name}")
     return mentions, kb_dataset, path

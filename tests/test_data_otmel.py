@@ -397,3 +397,26 @@ def test_train_on_own_files(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert run_mel.console_main(["--train_file", train, "--output_dir", str(tmp_path / "x"), "--do_train"]) == 2
     assert "need --kb" in capsys.readouterr().err
+
+
+def test_dataset_folders_of_the_same_name_are_not_mixed_up(tmp_path):
+    """datasets keys a local folder's cache by its name and config: two folders called `same`, or a folder rewritten in
+    place, must still load their own rows."""
+    from datasets import Dataset
+
+    card = "---\nconfigs:\n- config_name: kb\n  data_files:\n  - split: train\n    path: data/train-*\n---\n"
+
+    def write(folder, n):
+        os.makedirs(folder / "data", exist_ok=True)
+        rows = {"qid": [f"Q{i}" for i in range(n)], "name": [f"e{i}" for i in range(n)]}
+        Dataset.from_dict(rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+        (folder / "README.md").write_text(card)
+
+    first, second = tmp_path / "a" / "same", tmp_path / "b" / "same"
+    write(first, 3)
+    write(second, 7)
+    assert len(dx.load_dataset_config(str(first), "kb")["train"]) == 3
+    assert len(dx.load_dataset_config(str(second), "kb")["train"]) == 7
+    write(first, 5)  # rewritten in place
+    assert len(dx.load_dataset_config(str(first), "kb")["train"]) == 5
+    assert len(dx.load_kb(str(second))) == 7
