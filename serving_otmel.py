@@ -22,7 +22,8 @@ Dynamic batching: requests wait in an asyncio queue; one batcher takes up to `--
 (waiting at most `--max_wait_ms` for more once the queue is empty), groups them by their settings (`top_k`,
 `candidates`, `assignment`) and links each group with one [`~linking_otmel.OTMELLinker.link`] call on the single
 model thread, which also encodes new entities. Under load the queue fills while the model works, so batches grow by
-themselves.
+themselves. With `--worker process` the model runs in a worker process instead of a thread ([`ProcessWorker`]): the
+same batches over a pipe, and the model never shares a GIL with the HTTP event loop.
 
 Limits, each answered with a 4xx and a message (`{"detail": ...}`), never a 500: request body size (413), mentions or
 entities per request (413), queued mentions (429, with Retry-After), picture pixels (a decompression bomb is refused
@@ -1061,9 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch_size", type=int, default=64, help="mentions per forward pass inside a batch")
-    p.add_argument("--worker", default="process", choices=("process", "thread"),
-                   help="run the model in a worker process (default: it never waits for the HTTP loop's GIL) or on a "
-                   "thread of the server process")  # fmt: skip
+    p.add_argument("--worker", default="thread", choices=("thread", "process"),
+                   help="run the model on one thread of the server process (default) or in a worker process (the "
+                   "model then never shares a GIL with the HTTP loop; startup is slower)")  # fmt: skip
     for name in ("max_batch_mentions", "max_queue_mentions", "max_request_bytes", "max_mentions_per_request",
                  "max_entities_per_request", "max_image_pixels", "max_top_k", "max_candidates"):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))

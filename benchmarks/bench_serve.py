@@ -178,11 +178,12 @@ def server_stats(url) -> dict:
     return httpx.get(f"{url}/info", timeout=60).json()["stats"]
 
 
-def run_level(url, bodies, per_request, concurrency, max_seconds, expected, server_pid) -> dict:
+def run_level(url, bodies, per_request, concurrency, max_seconds, expected, server_pids) -> dict:
+    """One load level; `server_pids`: the server's processes (front end, model worker), whose CPU time is counted."""
     before = server_stats(url)
-    cpu_before = cpu_seconds(server_pid), cpu_seconds()
+    cpu_before = sum(cpu_seconds(p) for p in server_pids), cpu_seconds()
     out = asyncio.run(drive(url, bodies, concurrency, max_seconds))
-    cpu_after = cpu_seconds(server_pid), cpu_seconds()
+    cpu_after = sum(cpu_seconds(p) for p in server_pids), cpu_seconds()
     after = server_stats(url)
     batches = after["batches"] - before["batches"]
     done = [i for i, a in enumerate(out["answers"]) if a is not None]
@@ -334,6 +335,7 @@ def main():
                    help="torch threads, in-process and in the server (1 leaves the other core to HTTP and the client)")
     p.add_argument("--max_wait_ms", type=float, default=2.0, help="the server's --max_wait_ms")
     p.add_argument("--max_batch_mentions", type=int, default=64, help="the server's --max_batch_mentions")
+    p.add_argument("--worker", default="thread", choices=("thread", "process"), help="the server's --worker")
     p.add_argument("--reps", type=int, default=2, help="rounds of in-process and server runs (best of each kept)")
     p.add_argument("--max_seconds", type=float, default=120, help="time bound of each load level")
     p.add_argument("--changes", type=int, default=20, help="entity changes of the mixed run (0: no mixed run)")
@@ -342,6 +344,7 @@ def main():
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()
 
+    import httpx
     from bench_linking import build_tiny_model, world_dir
 
     os.makedirs(args.work_dir, exist_ok=True)
@@ -374,10 +377,13 @@ def main():
     os.makedirs(serve_dir)
     shutil.copytree(index_dir, os.path.join(serve_dir, "index"))
     server = ServerProcess(model, os.path.join(serve_dir, "index"), args.threads,
-                           ["--max_wait_ms", str(args.max_wait_ms), "--max_batch_mentions", str(args.max_batch_mentions)])  # fmt: skip
+                           ["--max_wait_ms", str(args.max_wait_ms), "--max_batch_mentions", str(args.max_batch_mentions),
+                            "--worker", args.worker])  # fmt: skip
     levels, mixed_result = [], None
     try:
         asyncio.run(drive(server.url, bodies[:8], 4, args.max_seconds))  # warm-up
+        worker_pid = httpx.get(f"{server.url}/info", timeout=60).json().get("worker_pid")
+        server_pids = [server.proc.pid] + ([worker_pid] if worker_pid else [])
         # In-process and server runs alternate, `--reps` rounds, best of each kept: load from other processes on the
         # machine then hits both alike (the server is idle while link() runs in this process, and the reverse).
         local_rates, best = [], {}
@@ -386,7 +392,7 @@ def main():
                 print(f"round {rep + 1}/{args.reps}: in-process, then the server at concurrency {c} ...", flush=True)
                 rate, _, cpu_ms = time_in_process(linker, mentions, args.top_k, args.candidates)
                 local_rates.append((rate, cpu_ms))
-                r = run_level(server.url, bodies, per, c, args.max_seconds, expected, server.proc.pid)
+                r = run_level(server.url, bodies, per, c, args.max_seconds, expected, server_pids)
                 if c not in best or r["mentions_per_s"] > best[c]["mentions_per_s"]:
                     best[c] = r
                 best[c]["errors_all_rounds"] = best[c].get("errors_all_rounds", 0) + r["errors"]
@@ -414,7 +420,7 @@ def main():
     load = os.getloadavg()
     print(f"\n## Serving: {model_desc}, {args.entities:,} entities, {args.threads} torch threads, top_k {args.top_k}, "
           f"candidates {args.candidates}, {per} mentions per request (about half with a picture), server "
-          f"--max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
+          f"--worker {args.worker} --max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
           f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
     print("| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
           "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy (running) "

@@ -230,7 +230,7 @@ def test_link_matches_in_process_link(server, world, assignment):
 
 
 def test_process_worker(world, tmp_path):
-    """The model in a worker process (otmel-serve's default): the same answers, entity changes consistent."""
+    """The model in a worker process (otmel-serve --worker process): the same answers, entity changes consistent."""
     index_dir = str(tmp_path / "index")
     shutil.copytree(world["index_dir"], index_dir)
     srv, service = _start(world, index_dir=index_dir, worker="process", max_wait_ms=2)
