@@ -7,10 +7,10 @@ comparison table of docs/benchmarks.md.
 
 A world is `default` (`make_synthetic.py`, the demo's world), `hard` (`make_synthetic.py --preset hard`) or a folder
 made by `make_synthetic.py`; named worlds are generated once (3,000 entities, 6,000 mentions, seed 0) under
-`data/`. Each run is `run_mel.py --mode MODE --seed S --do_train --do_eval --do_predict` with the tiny offline model and
-run_mel.py's default schedule (or `--epochs`); finished runs are read back, not re-run. The tables give the mean and
-standard deviation over seeds of the test metrics (whole-KB ranking), the share of the text + image ceiling, and per
-slice (from the world's `synth_truth.json`, joined on the mention id that `predictions_test.jsonl` keeps): full or
+`data/`. Each run is `run_mel.py --mode MODE --seed S --do_train --do_eval --do_predict` with the tiny offline model
+and run_mel.py's default schedule (or `--epochs`); finished runs are read back, not re-run. The tables give the mean
+and standard deviation over seeds of the test metrics (whole-KB ranking), the share of the text + image ceiling, and
+per slice (from the world's `synth_truth.json`, joined on the mention id that `predictions_test.jsonl` keeps): full or
 partial (first or last) name; with or without a mention picture; "picture needed" (the perfect text reader's set is
 larger than the text + image reader's, so only the picture can single the entity out); gold entity seen in training
 or not. Each slice shows H@1 against that slice's own text + image ceiling (mean of 1 / |set|).
@@ -124,7 +124,8 @@ def report(name: str, world: str, results: dict, seeds: list) -> None:
     present = [s for s in SLICES if any(s in r["slices"] for runs in results.values() for r in runs)]
     first = next(iter(results.values()))[0]["slices"]
     print("\nH@1 per slice, mean over seeds (%); the slice's text + image ceiling and size in the header")
-    print("| mode | " + " | ".join(f"{s} (ceil {100 * first[s]['ceiling_h1']:.1f}, n={first[s]['n']})" for s in present) + " |")
+    header = [f"{s} (ceil {100 * first[s]['ceiling_h1']:.1f}, n={first[s]['n']})" for s in present]
+    print("| mode | " + " | ".join(header) + " |")
     print("|---|" + "---|" * len(present))
     for mode, runs in results.items():
         cells = []

@@ -37,9 +37,8 @@ def kb():
 
 @pytest.fixture
 def collator(tiny_clip_dir, kb):
-    processor = OTMELProcessor(
-        AutoImageProcessor.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir), max_text_length=16
-    )
+    image_processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+    processor = OTMELProcessor(image_processor, AutoTokenizer.from_pretrained(tiny_clip_dir), max_text_length=16)
     return lambda n: MELCollator(processor, kb, {q: i for i, q in enumerate(kb["qid"])}, kb_negatives=n)
 
 
