@@ -47,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -193,11 +192,12 @@ def decode_base64(text: str) -> bytes:
 
 def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB picture from encoded bytes; the pixel count is checked from the header before any pixel is decoded.
-    Raises `ValueError` with the reason."""
+    Raises `ValueError` with the reason.
+
+    No warnings filter is touched (they are process-wide and the model thread reads pictures meanwhile): a header over
+    PIL's own limit (`Image.MAX_IMAGE_PIXELS`, above ours by default) raises or warns in PIL, and is refused here."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies below
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise ValueError(f"picture refused: {err}") from None
     except Exception as err:  # noqa: BLE001 - any failure to identify the bytes is the client's
@@ -205,9 +205,7 @@ def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise ValueError(f"picture of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        rgb, reason = read_image(image)
+    rgb, reason = read_image(image)
     if rgb is None:
         raise ValueError(reason or "unreadable picture")
     return rgb
@@ -246,17 +244,17 @@ def _picture_bytes(image_base64, image_path, settings: ServerSettings) -> bytes 
 
 
 def prepare_mention(m: MentionIn, settings: ServerSettings) -> dict:
-    """The `OTMELLinker.link` input of one mention (`mention`, `sentence`, `image` = encoded picture bytes, checked to
-    decode within the pixel limit, or None); raises `ValueError` naming what is wrong with it."""
+    """The `OTMELLinker.link` input of one mention: `mention`, `sentence`, `image` (the decoded RGB picture, within the
+    pixel limit, or None) and `image_bytes` (its encoded bytes, what a worker process is sent); raises `ValueError`
+    naming what is wrong with it. Decoding here, on the event loop's side, spares the model thread that work."""
     if not m.mention.strip():
         raise ValueError("empty mention")
     for name in ("mention", "sentence"):
         if len(getattr(m, name)) > MAX_TEXT_CHARS:
             raise ValueError(f"{name} is {len(getattr(m, name)):,} characters, over the limit of {MAX_TEXT_CHARS:,}")
     data = _picture_bytes(m.image_base64, m.image_path, settings)
-    if data is not None:
-        decode_picture(data, settings.max_image_pixels)  # refused here, with its reason, if it cannot be read
-    return {"mention": m.mention, "sentence": m.sentence, "image": data}
+    image = decode_picture(data, settings.max_image_pixels) if data is not None else None  # refused here if unreadable
+    return {"mention": m.mention, "sentence": m.sentence, "image": image, "image_bytes": data}
 
 
 def prepare_entity(e: EntityIn, settings: ServerSettings) -> dict:
@@ -625,6 +623,9 @@ class ProcessWorker:
             self._state = {k: state[k] for k in ("index_size", "index_version", "index_fingerprint")}
 
     async def link(self, groups: list) -> tuple:
+        # Pictures travel encoded (a few kB) rather than decoded; link() decodes them again there.
+        groups = [(key, [{"mention": m["mention"], "sentence": m.get("sentence", ""), "image": m.get("image_bytes", m.get("image"))}
+                         for m in mentions]) for key, mentions in groups]  # fmt: skip
         result = await self._call("link", groups)
         self._keep_state(result[0])
         return result
