@@ -18,7 +18,10 @@ _CHOICES = {
 # ablations of Table 2 (applied on top of OT-MEL). Name -> (settings, the paper's label).
 PAPER_MODELS = {
     "ot": ({}, "OT-MEL (OT)"),
-    "att": ({"fusion_assignment": "attention", "unimodal_assignment": "attention"}, "ATT (attention everywhere, no OT)"),
+    "att": (
+        {"fusion_assignment": "attention", "unimodal_assignment": "attention"},
+        "ATT (attention everywhere, no OT)",
+    ),
     "kd": ({"distillation": "kl", "inference_assignment": "attention"}, "OT-MEL (KD): OT distilled into attention"),
     "clip": ({"fusion_assignment": "off", "unimodal_assignment": "off"}, "CLIP baseline (global features only)"),
 }
@@ -56,7 +59,8 @@ def paper_variant(config) -> str:
     notes = [
         text
         for settings, text in PAPER_ABLATIONS.values()
-        if applies(settings) and any(own.get(key, getattr(OTMELConfig, key)) != value for key, value in settings.items())
+        if applies(settings)
+        and any(own.get(key, getattr(OTMELConfig, key)) != value for key, value in settings.items())
     ]
     return label + (f" [{'; '.join(notes)}]" if notes else "")
 
@@ -172,7 +176,9 @@ class OTMELConfig(PreTrainedConfig):
         if not self.ot_epsilon > 0:
             raise ValueError(f"OTMELConfig.ot_epsilon must be > 0, got {self.ot_epsilon!r}.")
         if self.pairwise_negatives < 0:
-            raise ValueError(f"OTMELConfig.pairwise_negatives must be >= 0 (0: all in-batch entities), got {self.pairwise_negatives!r}.")
+            raise ValueError(
+                f"OTMELConfig.pairwise_negatives must be >= 0 (0: all in-batch entities), got {self.pairwise_negatives!r}."
+            )
         if self.sinkhorn_tolerance < 0 or self.kd_weight < 0 or self.retrieval_loss_weight < 0:
             raise ValueError("OTMELConfig.sinkhorn_tolerance, kd_weight and retrieval_loss_weight must be >= 0.")
         if self.nil_threshold is not None and (

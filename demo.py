@@ -78,10 +78,16 @@ def main():
     _, _, dataset_path = load_mel_dataset(args.world_dir)
     lexical = tfidf_baseline(dataset_path)
 
-    rows = [("OT-MEL (tiny CLIP, trained here)", [results[f"test_{k}"] for k in ("hits@1", "hits@3", "hits@5", "mrr")])]
+    rows = [
+        ("OT-MEL (tiny CLIP, trained here)", [results[f"test_{k}"] for k in ("hits@1", "hits@3", "hits@5", "mrr")])
+    ]
     rows.append(("TF-IDF lexical baseline", [lexical[k] for k in ("hits@1", "hits@3", "hits@5", "mrr")]))
-    for key, label in (("name_only", "ceiling: surface name only"), ("text_only", "ceiling: text only"),
-                       ("image_only", "ceiling: surface + image only"), ("both", "ceiling: text + image")):
+    for key, label in (
+        ("name_only", "ceiling: surface name only"),
+        ("text_only", "ceiling: text only"),
+        ("image_only", "ceiling: surface + image only"),
+        ("both", "ceiling: text + image"),
+    ):
         c = ceilings[key]
         rows.append((label, [c["h1"], None, None, c["mrr"]]))
     print(f"\nTest split ({results['test_n']} mentions) ranked against the whole KB ({args.entities} entities)")

@@ -167,7 +167,9 @@ class OTMELLinker:
             return {"added": 0, "replaced": 0}
         dtype = self.index.meta["dtype"] if self.index is not None else "float32"
         codecs = self.index.codecs if self.index is not None else None  # the index's codecs: no re-encoding on add
-        new = encode_kb(self.model, self.processor, rows, batch_size or self.batch_size, progress, dtype, codecs=codecs)
+        new = encode_kb(
+            self.model, self.processor, rows, batch_size or self.batch_size, progress, dtype, codecs=codecs
+        )
         if self.index is None:
             self.index = new
             return {"added": len(new), "replaced": 0}
@@ -452,8 +454,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="results, one JSON object per linked mention")
     parser.add_argument("--index_dir", help="load the entity index from here if present, else build and save it here")
     parser.add_argument("--rebuild_index", action="store_true", help="overwrite an existing --index_dir")
-    parser.add_argument("--index_dtype", default="float32", choices=INDEX_DTYPES,
-                        help="index storage: float32 (exact), float16, int8, res4 / res2 / res1 (residual codes)")
+    parser.add_argument(
+        "--index_dtype",
+        default="float32",
+        choices=INDEX_DTYPES,
+        help="index storage: float32 (exact), float16, int8, res4 / res2 / res1 (residual codes)",
+    )
     parser.add_argument("--stage1", default="auto", choices=("auto", "exact", "ann"),
                         help="stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from "
                         f"{ANN_MIN_ROWS:,} entities or when the index has an ANN structure)")  # fmt: skip
@@ -463,8 +469,12 @@ def main(argv=None) -> int:
     parser.add_argument("--assignment", default=None, choices=("ot", "attention"))
     parser.add_argument("--batch_size", type=_positive_int, default=64)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)",
+    )
     parser.add_argument("--nil_threshold", type=_nil_threshold_arg, default="config",
                         help="answer NIL (not in the KB) below this best score: a number, 'config' (the model's saved "
                         "threshold, the default) or 'none' (never NIL)")  # fmt: skip

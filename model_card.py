@@ -171,6 +171,7 @@ def config_markdown(config) -> str:
         "attention": "attention softmax",
         "off": "off",
     }
+
     def mode(name):
         value = _get(config, name)
         return describe.get(value, value)
@@ -360,7 +361,7 @@ def nil_markdown(config, metrics: dict | None) -> str:
     else:
         text = (
             f"- **NIL (entity not in the KB):** a mention whose best score S_O is below {threshold:.4f} (chosen on the "
-            "validation split to maximise NIL-aware accuracy) is answered NIL: `{\"qid\": null, \"nil\": true}` first "
+            'validation split to maximise NIL-aware accuracy) is answered NIL: `{"qid": null, "nil": true}` first '
             "in its list. The threshold belongs to this checkpoint and its validation data; re-choose it for another "
             "KB or domain (`choose_nil_threshold` in `metrics_otmel.py`), or pass `nil_threshold=None` to turn it off."
         )

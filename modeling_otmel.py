@@ -93,7 +93,7 @@ def kd_divergence(plan: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, 
     """
     plan = plan.detach()
     terms = []
-    for dim in ((-1, -2) if mode != "row_kl" else (-1,)):
+    for dim in (-1, -2) if mode != "row_kl" else (-1,):
         target = plan / plan.sum(dim, keepdim=True).clamp_min(1e-30)
         has = mask.any(dim, keepdim=True)
         if mode == "mse":
@@ -330,7 +330,14 @@ class OTMELEntityFeatures(OTMELSideFeatures):
 
     TEXT_TOKEN_FIELDS = ("text_mask", "text_queries")
     # What the pairwise unimodal matching reads from an entity.
-    PAIRWISE_FIELDS = ("text_queries", "text_mask", "visual_queries", "visual_mask", "text_global_small", "visual_global_small")
+    PAIRWISE_FIELDS = (
+        "text_queries",
+        "text_mask",
+        "visual_queries",
+        "visual_mask",
+        "text_global_small",
+        "visual_global_small",
+    )
 
 
 @dataclass
@@ -503,7 +510,9 @@ class OTMELModel(OTMELPreTrainedModel):
         model = cls(config)
         missing, unexpected = model.clip.load_state_dict(clip.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(f"CLIP checkpoint {name_or_path} does not match: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"CLIP checkpoint {name_or_path} does not match: missing {missing}, unexpected {unexpected}"
+            )
         return model
 
     # ---- encoders -------------------------------------------------------------------------------------------
@@ -656,7 +665,9 @@ class OTMELModel(OTMELPreTrainedModel):
         """L_KD of one fusion direction (mean over the batch), or None when it ran no OT."""
         if maps["plan"] is None or maps["logits"] is None:
             return None
-        own, other = (tokens.text_mask, tokens.visual_mask) if direction == "v2t" else (tokens.visual_mask, tokens.text_mask)
+        own, other = (
+            (tokens.text_mask, tokens.visual_mask) if direction == "v2t" else (tokens.visual_mask, tokens.text_mask)
+        )
         pair_mask = own.unsqueeze(-1).bool() & other.unsqueeze(-2).bool()
         return kd_divergence(maps["plan"], maps["logits"], pair_mask, self.config.distillation).mean()
 

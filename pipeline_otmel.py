@@ -175,7 +175,9 @@ def pipeline_config() -> dict:
 def register_pipeline():
     """Registers the task in this process (done on import), so that `pipeline("multimodal-entity-linking",
     model=<OTMELModel>, processor=<OTMELProcessor>, index=...)` works with objects already loaded."""
-    PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=OTMELPipeline, pt_model=AutoModel, type="multimodal")
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=OTMELPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 
 def save_pipeline_files(save_directory, config=None) -> list[str]:

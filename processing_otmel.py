@@ -112,7 +112,9 @@ class OTMELProcessor(ProcessorMixin):
             one distinct from its end token, else `" : "` (CLIP pools at the first end token, so it cannot be used).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, max_text_length: int = 40, separator: str | None = None, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, max_text_length: int = 40, separator: str | None = None, **kwargs
+    ):
         self.max_text_length = max_text_length
         self.separator = separator
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -175,7 +177,9 @@ class OTMELProcessor(ProcessorMixin):
         sep = self.text_separator()
         return [f"{unquote(n or '')}{sep}{a or ''}" for n, a in zip(names, attributes)]
 
-    def process_mentions(self, mentions: list[str], sentences: list[str], images=None, padding="longest") -> BatchFeature:
+    def process_mentions(
+        self, mentions: list[str], sentences: list[str], images=None, padding="longest"
+    ) -> BatchFeature:
         """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`.
 
         `padding="max_length"` pads every batch to `max_text_length` (equal shapes across processes)."""
@@ -185,7 +189,9 @@ class OTMELProcessor(ProcessorMixin):
         data.update(self._images(images, len(mentions)))
         return BatchFeature(data)
 
-    def process_entities(self, names: list[str], attributes: list[str], images=None, padding="longest") -> BatchFeature:
+    def process_entities(
+        self, names: list[str], attributes: list[str], images=None, padding="longest"
+    ) -> BatchFeature:
         """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
         if len(names) != len(attributes):
             raise ValueError(f"got {len(names)} names and {len(attributes)} attribute texts")
@@ -197,7 +203,9 @@ class OTMELProcessor(ProcessorMixin):
         """`processor(mentions=..., sentences=..., images=...)` for mentions, `processor(names=..., attributes=...)`
         for entities."""
         if mentions is not None:
-            return self.process_mentions(mentions, sentences if sentences is not None else [""] * len(mentions), images)
+            return self.process_mentions(
+                mentions, sentences if sentences is not None else [""] * len(mentions), images
+            )
         if names is not None:
             return self.process_entities(names, attributes if attributes is not None else [""] * len(names), images)
         raise ValueError("pass mentions= (with sentences=) or names= (with attributes=)")

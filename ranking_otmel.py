@@ -227,7 +227,9 @@ def faiss_stage1(index: EntityIndex, queries: torch.Tensor, k: int) -> tuple[tor
     try:  # optional: inside try, so that transformers does not require it of remote-code users
         import faiss
     except ImportError as err:
-        raise ImportError("stage1='faiss' needs the faiss package (pip install faiss-cpu); stage1='torch' does not") from err
+        raise ImportError(
+            "stage1='faiss' needs the faiss package (pip install faiss-cpu); stage1='torch' does not"
+        ) from err
 
     key = id(index)
     cached = _faiss_cache.get(key)

@@ -291,9 +291,7 @@ def _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, shift, valid, check_eve
     a2, b2 = a.reshape(-1, n), b.reshape(-1, m)
     valid3 = valid.reshape(-1, n, m) if valid is not None else None
     if torch.is_grad_enabled() and cost.requires_grad:
-        plan = SinkhornKernelFunction.apply(
-            cost3, shift2, a2, b2, valid3, epsilon, max_iter, tol, check_every, safe
-        )
+        plan = SinkhornKernelFunction.apply(cost3, shift2, a2, b2, valid3, epsilon, max_iter, tol, check_every, safe)
         return plan.reshape(cost.shape)
     with torch.no_grad():
         plan = cost3.new_empty(cost3.shape)  # contiguous
@@ -341,4 +339,11 @@ def _sinkhorn_log(cost, epsilon, max_iter, tol, a, b, valid, check_every):
     return torch.exp(log_kernel + f.unsqueeze(-1) + g.unsqueeze(-2))
 
 
-__all__ = ["CHUNK_ENTRIES", "KERNEL_DOMAIN_MAX_RATIO", "SinkhornKernelFunction", "chunk_slices", "sinkhorn", "solver_form"]
+__all__ = [
+    "CHUNK_ENTRIES",
+    "KERNEL_DOMAIN_MAX_RATIO",
+    "SinkhornKernelFunction",
+    "chunk_slices",
+    "sinkhorn",
+    "solver_form",
+]

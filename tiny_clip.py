@@ -25,9 +25,13 @@ def build_tokenizer(texts, vocab_size: int = 4000) -> PreTrainedTokenizerFast:
     """A BPE tokenizer trained on `texts` (an iterable of strings)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.decoder = decoders.BPEDecoder()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
@@ -65,7 +69,12 @@ def build_tiny_clip(
         raise ValueError("build_tiny_clip needs some text to train its tokenizer on")
     tokenizer = build_tokenizer(texts, vocab_size)
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<pad>", "<|startoftext|>", "<|endoftext|>")}
-    layer = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    layer = dict(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
     config = CLIPConfig(
         # Explicit special ids: CLIP pools the text at the first end token, and its default id (49407) is absent here.
         text_config=dict(
@@ -90,7 +99,9 @@ def build_tiny_clip(
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir")
-    parser.add_argument("--texts", required=True, help="text file, one training text per line (KB and training text only)")
+    parser.add_argument(
+        "--texts", required=True, help="text file, one training text per line (KB and training text only)"
+    )
     parser.add_argument("--vocab_size", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -161,7 +161,11 @@ def _choose_token(tokens: list[str], token) -> int:
             raise ValueError(f"token index {index} is out of range: the text has {len(tokens)} tokens: {tokens}")
         return index % len(tokens)
     wanted = str(token).strip().lower()
-    tests = (lambda t: t.lower() == wanted, lambda t: wanted in t.lower(), lambda t: t.lower() in wanted and len(t) > 1)
+    tests = (
+        lambda t: t.lower() == wanted,
+        lambda t: wanted in t.lower(),
+        lambda t: t.lower() in wanted and len(t) > 1,
+    )
     for test in tests:
         for i, t in enumerate(tokens):
             if test(t):
@@ -178,8 +182,17 @@ def _mark_uniform(bar, uniform):
     low, high = bar.mappable.get_clim()
     if uniform is not None and low <= uniform <= high:
         bar.ax.axhline(uniform, color="red", linewidth=1.2)
-        bar.ax.text(-0.3, uniform, "uniform", color="red", fontsize=7, rotation=90, ha="right", va="center",
-                    transform=bar.ax.get_yaxis_transform())
+        bar.ax.text(
+            -0.3,
+            uniform,
+            "uniform",
+            color="red",
+            fontsize=7,
+            rotation=90,
+            ha="right",
+            va="center",
+            transform=bar.ax.get_yaxis_transform(),
+        )
 
 
 def _matrix_panel(fig, ax, matrix, tokens, title, colour_label, chosen, uniform=None, cmap="viridis"):
@@ -304,12 +317,14 @@ def plot_correlation_maps(
         if v2t:
             title = f'{name}: token {chosen} "{word}" over the patches\n({row[0]:.1%} of its mass on CLS, not drawn)'
         else:
-            title = f'{name}: share of each patch given to token {chosen} "{word}"\n(CLS gives {row[0]:.1%}, not drawn)'
+            title = (
+                f'{name}: share of each patch given to token {chosen} "{word}"\n(CLS gives {row[0]:.1%}, not drawn)'
+            )
         _overlay_panel(fig, fig.add_subplot(bottom[position]), maps["picture"], patches, grid, title, uniform)
 
     text = maps["text"] if len(maps["text"]) <= 90 else maps["text"][:87] + "..."
     fig.suptitle(
-        f"OT-MEL token-to-patch correlation ({maps['direction']}, fusion layer) for the {maps['side']}: \"{text}\"\n"
+        f'OT-MEL token-to-patch correlation ({maps["direction"]}, fusion layer) for the {maps["side"]}: "{text}"\n'
         f"both maps from the same projections W_q, W_k; at inference this model uses "
         f"{'OT' if maps['model_mode'] == 'ot' else 'attention'} in this layer; "
         "red line on a colour bar: uniform assignment",
@@ -482,7 +497,9 @@ def main(argv=None):
     maps.add_argument("--entity_name", help="entity name (side entity)")
     maps.add_argument("--entity_attributes", default="", help="entity attribute sentences (side entity)")
     maps.add_argument("--entity_image", help="the entity's picture (side entity)")
-    maps.add_argument("--token", default=None, help="token to show on the picture: index or word (default: first word)")
+    maps.add_argument(
+        "--token", default=None, help="token to show on the picture: index or word (default: first word)"
+    )
     maps.add_argument("--direction", choices=("v2t", "t2v"), default="v2t", help="v2t: G^{v->t} (tokens assign mass)")
     maps.add_argument("--out", required=True, help="PNG file to write")
 

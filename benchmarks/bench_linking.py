@@ -110,7 +110,9 @@ def child_build(args) -> dict:
     index = linker.build_index(kb, batch_size=128, dtype=args.index_dtype, progress=False)
     seconds = time.perf_counter() - start
     linker.save_index(args.index_dir)
-    fp32 = index.retrieval.nbytes + sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in index.tensors.values())
+    fp32 = index.retrieval.nbytes + sum(
+        t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in index.tensors.values()
+    )
     return {
         "n": len(index), "encode_kb_s": seconds, "entities_per_s": len(index) / seconds,
         "index_mb": index.nbytes() / 2**20, "index_fp32_mb": fp32 / 2**20, "text_len": index.tensors["text_mask"].shape[1],
@@ -150,7 +152,12 @@ def child_serve(args) -> dict:
     gold = torch.tensor([index.row_of(a) for a in mentions["answer"]])
     rk.encode_mentions(model, processor, mentions.select(range(min(16, len(mentions)))))  # warm-up
     enc_s, feats = _best_time(lambda: rk.encode_mentions(model, processor, mentions, batch_size=64), args.reps)
-    out = {"mentions": len(mentions), "encode_mentions_per_s": len(mentions) / enc_s, "rss_loaded_mb": rss_loaded, "runs": []}
+    out = {
+        "mentions": len(mentions),
+        "encode_mentions_per_s": len(mentions) / enc_s,
+        "rss_loaded_mb": rss_loaded,
+        "runs": [],
+    }
     n_ex = min(args.exhaustive_mentions, len(mentions))
     paths = ("ot", "attention")
     for k in args.ks:
@@ -160,7 +167,10 @@ def child_serve(args) -> dict:
         )
         with ix.inference_mode(model):
             stage2_s = _best_times(
-                {a: (lambda a=a: rk.score_rows(model, feats, index, shortlist, rk.RankOptions(assignment=a))) for a in paths},
+                {
+                    a: (lambda a=a: rk.score_rows(model, feats, index, shortlist, rk.RankOptions(assignment=a)))
+                    for a in paths
+                },
                 args.reps,
             )
         for assignment in paths:
@@ -196,7 +206,9 @@ def child_serve(args) -> dict:
             step = max(1, (1 << 23) // len(index))  # the chunking of rk.rank
 
             def fn():
-                return [(queries[i : i + step] @ index.retrieval.T).topk(50, dim=1) for i in range(0, len(queries), step)]
+                return [
+                    (queries[i : i + step] @ index.retrieval.T).topk(50, dim=1) for i in range(0, len(queries), step)
+                ]
 
         else:
             rk.faiss_stage1(index, queries[:2], 50)  # builds the FAISS index outside the timing
@@ -222,9 +234,11 @@ def report(results: dict, args):
     load = os.getloadavg()
     print(f"\n## Whole-KB linking: {args.threads} threads, index {args.index_dtype}, model {args.model_desc}; "
           f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
-    print("| KB | strategy | k | assignment | mentions/s (rank) | mentions/s (stage 2) | mentions/s (end-to-end) "
-          "| KD / OT speed (rank, stage 2) | speed-up vs exhaustive | stage-1 recall@k | H@1 | MRR "
-          "| H@1 - exhaustive (same mentions) |")
+    print(
+        "| KB | strategy | k | assignment | mentions/s (rank) | mentions/s (stage 2) | mentions/s (end-to-end) "
+        "| KD / OT speed (rank, stage 2) | speed-up vs exhaustive | stage-1 recall@k | H@1 | MRR "
+        "| H@1 - exhaustive (same mentions) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, r in results.items():
         serve = r["serve"]
@@ -250,8 +264,10 @@ def report(results: dict, args):
             print(f"| {n:,} | {x['strategy']} | {k} | {x['assignment']} | {x['mentions_per_s']:.1f} | {stage2} "
                   f"| {e2e:.1f} | {kd_speed} | {speed} | {recall} | {100 * x['h1']:.1f} (n={n_m}) | {100 * x['mrr']:.1f} "
                   f"| {diff} |")  # fmt: skip
-    print("\n| KB | KD H@1 - OT H@1 (k=50) | stage 1 torch / FAISS (mentions/s, top-50) | mention encoding /s "
-          "| KB encoding entities/s | index MB (fp32 MB) | text tokens | peak RSS build MB | peak RSS serve MB |")
+    print(
+        "\n| KB | KD H@1 - OT H@1 (k=50) | stage 1 torch / FAISS (mentions/s, top-50) | mention encoding /s "
+        "| KB encoding entities/s | index MB (fp32 MB) | text tokens | peak RSS build MB | peak RSS serve MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n, r in results.items():
         serve, build = r["serve"], r["build"]
@@ -269,8 +285,13 @@ def main():
     p.add_argument("--model", help="OT-MEL folder (model + processor); default: a tiny random one built offline")
     p.add_argument("--sizes", type=int, nargs="+", default=[3000, 30000, 100000])
     p.add_argument("--mentions", type=int, default=300, help="mentions linked per KB (validation + test pool)")
-    p.add_argument("--exhaustive_mentions", type=int, nargs="+", default=[200, 50, 20],
-                   help="mentions ranked exhaustively, per size (the last value repeats)")
+    p.add_argument(
+        "--exhaustive_mentions",
+        type=int,
+        nargs="+",
+        default=[200, 50, 20],
+        help="mentions ranked exhaustively, per size (the last value repeats)",
+    )
     p.add_argument("--exhaustive_assignments", nargs="+", default=["ot", "attention"], choices=["ot", "attention"])
     p.add_argument("--ks", type=int, nargs="+", default=[20, 50, 100])
     p.add_argument("--index_dtype", default="float16", choices=["float16", "float32"])

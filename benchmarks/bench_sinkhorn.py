@@ -195,7 +195,9 @@ def bench_training(batch, reps, profile):
         f"\n## Training step (forward + backward + AdamW): tiny CLIP (defaults), hidden_size={HIDDEN_SIZE}, batch {batch}, "
         f"text length 24, {torch.get_num_threads()} threads, median of {reps} steps"
     )
-    header = f"| {'mode':>9} | {'step s':>7} | {'min s':>7} | {'x baseline':>10} | {'CPU s':>7} | {'CPU x baseline':>14} |"
+    header = (
+        f"| {'mode':>9} | {'step s':>7} | {'min s':>7} | {'x baseline':>10} | {'CPU s':>7} | {'CPU x baseline':>14} |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     times, cpu_times, models = {}, {}, {}

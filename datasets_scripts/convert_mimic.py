@@ -61,23 +61,33 @@ logger = logging.getLogger(__name__)
 # Bump when the output changes, so caches keyed by fingerprint_raw_dir() are rebuilt.
 CONVERTER_VERSION = 2  # 2: NIL mentions are kept (answer "nil") instead of skipped
 
-MENTION_FEATURES = Features({
-    "id": Value("string"),
-    "mention": Value("string"),
-    "sentence": Value("string"),
-    "image": Image(),
-    "answer": Value("string"),
-})
-KB_FEATURES = Features({
-    "qid": Value("string"),
-    "name": Value("string"),
-    "attributes": Value("string"),
-    "image": Image(),
-    "image_names": List(Value("string")),
-})
+MENTION_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "mention": Value("string"),
+        "sentence": Value("string"),
+        "image": Image(),
+        "answer": Value("string"),
+    }
+)
+KB_FEATURES = Features(
+    {
+        "qid": Value("string"),
+        "name": Value("string"),
+        "attributes": Value("string"),
+        "image": Image(),
+        "image_names": List(Value("string")),
+    }
+)
 
-SPLIT_SUFFIXES = [("train", "train"), ("dev", "validation"), ("val", "validation"),
-                  ("valid", "validation"), ("validation", "validation"), ("test", "test")]
+SPLIT_SUFFIXES = [
+    ("train", "train"),
+    ("dev", "validation"),
+    ("val", "validation"),
+    ("valid", "validation"),
+    ("validation", "validation"),
+    ("test", "test"),
+]
 SPLIT_ORDER = ("train", "validation", "test")
 MENTION_IMAGE_DIRS = ("mention_image", "mention_images")  # the second is one release's spelling
 KB_IMAGE_DIR = "kb_image"
@@ -124,8 +134,7 @@ def detect_name(raw_dir) -> str:
 
 def is_mimic_layout(path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / "kb_entity.json").is_file() and any(
-        q.is_file() for q in p.glob("*_train.json"))
+    return p.is_dir() and (p / "kb_entity.json").is_file() and any(q.is_file() for q in p.glob("*_train.json"))
 
 
 def fingerprint_raw_dir(raw_dir) -> str:
@@ -302,7 +311,7 @@ def _probe(task):
                 outcome = "unreadable"
                 continue
             outcomes.append("found")
-            outcomes.extend("not checked" for _ in entries[k + 1:])
+            outcomes.extend("not checked" for _ in entries[k + 1 :])
             stored_name = os.path.splitext(os.path.basename(cand))[0] + suffix
             return {"bytes": data, "path": stored_name}, outcomes, reencoded
         outcomes.append(outcome)
@@ -328,8 +337,11 @@ class _Prober:
         self._pool = None
 
     def map(self, tasks: list):
-        n = self.num_proc if self.num_proc is not None else (
-            (os.cpu_count() or 1) if len(tasks) >= PARALLEL_MIN_TASKS else 1)
+        n = (
+            self.num_proc
+            if self.num_proc is not None
+            else ((os.cpu_count() or 1) if len(tasks) >= PARALLEL_MIN_TASKS else 1)
+        )
         if n <= 1 or len(tasks) < 2:
             return map(_probe, tasks)
         if self._pool is None:
@@ -418,12 +430,16 @@ def _convert_kb(raw_dir: Path, roots: tuple[str, ...], writer: _ShardWriter, pro
         raise MalformedDataError(f"{path}: missing (every MIMIC-layout folder has kb_entity.json)")
     raw = _load_json_list(path)
     kb_dir = raw_dir / KB_IMAGE_DIR
-    stats = {"source": path.name, "input_rows": len(raw), "rows": 0,
-             "skipped": {r: 0 for r in KB_SKIP_REASONS},
-             "images": {o: 0 for o in KB_IMAGE_OUTCOMES},
-             "files": {"listed": 0, "used": 0, "missing": 0, "unreadable": 0, "unsafe path": 0,
-                       "not checked": 0},
-             "reencoded": 0, "text_repaired": 0}
+    stats = {
+        "source": path.name,
+        "input_rows": len(raw),
+        "rows": 0,
+        "skipped": {r: 0 for r in KB_SKIP_REASONS},
+        "images": {o: 0 for o in KB_IMAGE_OUTCOMES},
+        "files": {"listed": 0, "used": 0, "missing": 0, "unreadable": 0, "unsafe path": 0, "not checked": 0},
+        "reencoded": 0,
+        "text_repaired": 0,
+    }
     rows, tasks, qids = [], [], set()
     for i, r in enumerate(raw):
         qid = _text(path, i, "qid", _field(path, i, r, "qid"))
@@ -451,8 +467,7 @@ def _convert_kb(raw_dir: Path, roots: tuple[str, ...], writer: _ShardWriter, pro
             stats["text_repaired"] += fixed
             texts.append(s2)
         rows.append({"qid": texts[0], "name": texts[1], "attributes": texts[2], "image_names": texts[3:]})
-        tasks.append((roots, [(n, _is_traversal(n), [str(c) for c in _kb_candidates(n, kb_dir)])
-                                  for n in image_list]))
+        tasks.append((roots, [(n, _is_traversal(n), [str(c) for c in _kb_candidates(n, kb_dir)]) for n in image_list]))
     for row, (image, outcomes, reencoded) in _progress(zip(rows, prober.map(tasks)), len(rows), "kb", verbose):
         row["image"] = image
         stats["images"][_row_outcome(outcomes, "no image listed")] += 1
@@ -465,20 +480,35 @@ def _convert_kb(raw_dir: Path, roots: tuple[str, ...], writer: _ShardWriter, pro
     return stats, qids
 
 
-def _convert_mentions(path: Path, split: str, mention_dirs: list[Path], roots: tuple[str, ...], kb_qids: set[str],
-                      writer: _ShardWriter, prober: _Prober, verbose: bool):
+def _convert_mentions(
+    path: Path,
+    split: str,
+    mention_dirs: list[Path],
+    roots: tuple[str, ...],
+    kb_qids: set[str],
+    writer: _ShardWriter,
+    prober: _Prober,
+    verbose: bool,
+):
     raw = _load_json_list(path)
-    stats = {"source": path.name, "input_rows": len(raw), "rows": 0,
-             "skipped": {r: 0 for r in MENTION_SKIP_REASONS}, "nil": 0,
-             "images": {o: 0 for o in MENTION_IMAGE_OUTCOMES},
-             "reencoded": 0, "text_repaired": 0}
+    stats = {
+        "source": path.name,
+        "input_rows": len(raw),
+        "rows": 0,
+        "skipped": {r: 0 for r in MENTION_SKIP_REASONS},
+        "nil": 0,
+        "images": {o: 0 for o in MENTION_IMAGE_OUTCOMES},
+        "reencoded": 0,
+        "text_repaired": 0,
+    }
     rows, tasks = [], []
     for i, r in enumerate(raw):
         surface = _text(path, i, "mentions", _field(path, i, r, "mentions"))
         sentence = _text(path, i, "sentence", _field(path, i, r, "sentence"), allow_none=True)
         answer = _text(path, i, "answer", _field(path, i, r, "answer"), allow_none=True)
-        img_path = _text(path, i, "imgPath", _field(path, i, r, "imgPath", required=False, default=""),
-                         allow_none=True)
+        img_path = _text(
+            path, i, "imgPath", _field(path, i, r, "imgPath", required=False, default=""), allow_none=True
+        )
         mid = _text(path, i, "id", _field(path, i, r, "id", required=False, default=str(i)), allow_none=True)
         answer = answer.strip()
         if answer not in kb_qids and (answer == "" or answer.lower() == NIL_ANSWER):
@@ -496,8 +526,18 @@ def _convert_mentions(path: Path, split: str, mention_dirs: list[Path], roots: t
         if img_path.strip() == "":
             tasks.append((roots, []))
         else:
-            tasks.append((roots, [(img_path, _is_traversal(img_path),
-                                       [str(c) for c in _mention_candidates(img_path, mention_dirs)])]))
+            tasks.append(
+                (
+                    roots,
+                    [
+                        (
+                            img_path,
+                            _is_traversal(img_path),
+                            [str(c) for c in _mention_candidates(img_path, mention_dirs)],
+                        )
+                    ],
+                )
+            )
     for row, (image, outcomes, reencoded) in _progress(zip(rows, prober.map(tasks)), len(rows), split, verbose):
         row["image"] = image
         stats["images"][_row_outcome(outcomes, "no image")] += 1
@@ -521,17 +561,41 @@ def _warn(config: str, split: str, s: dict) -> None:
     skipped = {k: v for k, v in s["skipped"].items() if v}
     bad = {k: v for k, v in s["images"].items() if k in ("missing", "unreadable", "unsafe path") and v}
     if skipped:
-        logger.warning("%s/%s (%s): skipped %d of %d rows: %s", config, split, s["source"],
-                       sum(skipped.values()), s["input_rows"], ", ".join(f"{k} {v}" for k, v in skipped.items()))
+        logger.warning(
+            "%s/%s (%s): skipped %d of %d rows: %s",
+            config,
+            split,
+            s["source"],
+            sum(skipped.values()),
+            s["input_rows"],
+            ", ".join(f"{k} {v}" for k, v in skipped.items()),
+        )
     if s.get("nil"):
-        logger.info("%s/%s (%s): %d of %d rows have the answer nil (entity not in the KB), kept", config, split,
-                    s["source"], s["nil"], s["input_rows"])
+        logger.info(
+            "%s/%s (%s): %d of %d rows have the answer nil (entity not in the KB), kept",
+            config,
+            split,
+            s["source"],
+            s["nil"],
+            s["input_rows"],
+        )
     if bad:
-        logger.warning("%s/%s (%s): %d rows without their picture: %s", config, split, s["source"],
-                       sum(bad.values()), ", ".join(f"{k} {v}" for k, v in bad.items()))
+        logger.warning(
+            "%s/%s (%s): %d rows without their picture: %s",
+            config,
+            split,
+            s["source"],
+            sum(bad.values()),
+            ", ".join(f"{k} {v}" for k, v in bad.items()),
+        )
     if s["text_repaired"]:
-        logger.warning("%s/%s (%s): repaired %d strings with invalid unicode (lone surrogates)",
-                       config, split, s["source"], s["text_repaired"])
+        logger.warning(
+            "%s/%s (%s): repaired %d strings with invalid unicode (lone surrogates)",
+            config,
+            split,
+            s["source"],
+            s["text_repaired"],
+        )
 
 
 def _safe_to_replace(out_dir: Path) -> bool:
@@ -551,8 +615,16 @@ def _fsync_tree(folder: Path):
             os.close(fd)
 
 
-def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None = None,
-            overwrite: bool = False, license: str | None = None, verbose: bool = True) -> dict:
+def convert(
+    raw_dir,
+    out_dir,
+    *,
+    name: str | None = None,
+    num_proc: int | None = None,
+    overwrite: bool = False,
+    license: str | None = None,
+    verbose: bool = True,
+) -> dict:
     """Convert ``raw_dir`` (MIMIC layout) into ``out_dir``; return the summary dict.
 
     The output is built in a temporary sibling folder and moved into place at the end, so an
@@ -573,8 +645,11 @@ def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None =
     split_files = _split_files(raw_dir, name)
     if "train" not in split_files:
         raise MalformedDataError(f"{raw_dir}: no {name}_train.json")
-    roots = tuple(os.path.realpath(p) for p in
-                  [raw_dir, raw_dir / KB_IMAGE_DIR, *(raw_dir / d for d in MENTION_IMAGE_DIRS)] if p.exists())
+    roots = tuple(
+        os.path.realpath(p)
+        for p in [raw_dir, raw_dir / KB_IMAGE_DIR, *(raw_dir / d for d in MENTION_IMAGE_DIRS)]
+        if p.exists()
+    )
     mention_dirs = [raw_dir / d for d in MENTION_IMAGE_DIRS if (raw_dir / d).is_dir()]
     if not mention_dirs:
         logger.warning("%s: no mention_image/ folder; every mention picture will count as missing", raw_dir)
@@ -596,11 +671,16 @@ def convert(raw_dir, out_dir, *, name: str | None = None, num_proc: int | None =
     tmp.mkdir(parents=True)
     prober = _Prober(num_proc)
     summary = {
-        "dataset": name, "raw_dir": str(raw_dir), "out_dir": str(out_dir),
-        "fingerprint": fingerprint_raw_dir(raw_dir), "converter_version": CONVERTER_VERSION,
-        "license": license, "mention_image_dirs": [d.name for d in mention_dirs],
+        "dataset": name,
+        "raw_dir": str(raw_dir),
+        "out_dir": str(out_dir),
+        "fingerprint": fingerprint_raw_dir(raw_dir),
+        "converter_version": CONVERTER_VERSION,
+        "license": license,
+        "mention_image_dirs": [d.name for d in mention_dirs],
         "split_files": {s: p.name for s, p in split_files.items()},
-        "configs": {"mentions": {}, "kb": {}}, "data_files": {"mentions": {}, "kb": {}},
+        "configs": {"mentions": {}, "kb": {}},
+        "data_files": {"mentions": {}, "kb": {}},
         "ceilings_copied": ceilings is not None,
     }
     try:
@@ -672,33 +752,73 @@ def _table_rows(summary: dict) -> list[list[str]]:
             im = s["images"]
             none = im.get("no image", im.get("no image listed", 0))
             reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items() if v) or "-"
-            rows.append([config, split, str(s["input_rows"]), str(s["rows"]), str(s.get("nil", "-")),
-                         str(im["found"]), str(none), str(im["missing"]), str(im["unreadable"]), str(im["unsafe path"]),
-                         str(s["reencoded"]), str(sum(s["skipped"].values())), reasons])
+            rows.append(
+                [
+                    config,
+                    split,
+                    str(s["input_rows"]),
+                    str(s["rows"]),
+                    str(s.get("nil", "-")),
+                    str(im["found"]),
+                    str(none),
+                    str(im["missing"]),
+                    str(im["unreadable"]),
+                    str(im["unsafe path"]),
+                    str(s["reencoded"]),
+                    str(sum(s["skipped"].values())),
+                    reasons,
+                ]
+            )
     return rows
 
 
-TABLE_HEADER = ["config", "split", "input", "rows", "nil", "img found", "no img", "missing", "unreadable",
-                "unsafe", "re-encoded", "skipped", "skip reasons"]
+TABLE_HEADER = [
+    "config",
+    "split",
+    "input",
+    "rows",
+    "nil",
+    "img found",
+    "no img",
+    "missing",
+    "unreadable",
+    "unsafe",
+    "re-encoded",
+    "skipped",
+    "skip reasons",
+]
 
 
 def format_summary(summary: dict) -> str:
     rows = [TABLE_HEADER] + _table_rows(summary)
     widths = [max(len(r[k]) for r in rows) for k in range(len(TABLE_HEADER))]
-    lines = ["  ".join(c.ljust(w) if k in (0, 1, len(widths) - 1) else c.rjust(w)
-                       for k, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if k in (0, 1, len(widths) - 1) else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     kb = summary["configs"]["kb"]["train"]["files"]
-    lines.append(f"kb picture files: listed {kb['listed']}, used {kb['used']}, missing {kb['missing']}, "
-                 f"unreadable {kb['unreadable']}, unsafe {kb['unsafe path']}, not checked {kb['not checked']} "
-                 "(only the first usable picture of an entity is embedded)")
+    lines.append(
+        f"kb picture files: listed {kb['listed']}, used {kb['used']}, missing {kb['missing']}, "
+        f"unreadable {kb['unreadable']}, unsafe {kb['unsafe path']}, not checked {kb['not checked']} "
+        "(only the first usable picture of an entity is embedded)"
+    )
     return "\n".join(lines)
 
 
 def dataset_card(summary: dict, ceilings: dict | None = None) -> str:
     name = summary["dataset"]
-    yaml = ["---", f"license: {summary['license']}", f"pretty_name: {name} (MIMIC layout, converted)",
-            "tags:", "- multimodal-entity-linking", "- mimic-layout", "configs:"]
+    yaml = [
+        "---",
+        f"license: {summary['license']}",
+        f"pretty_name: {name} (MIMIC layout, converted)",
+        "tags:",
+        "- multimodal-entity-linking",
+        "- mimic-layout",
+        "configs:",
+    ]
     for config in ("mentions", "kb"):
         yaml.append(f"- config_name: {config}")
         if config == "mentions":
@@ -714,12 +834,12 @@ def dataset_card(summary: dict, ceilings: dict | None = None) -> str:
 # {name}
 
 Multimodal entity linking data converted from a MIMIC "cleaned" layout folder by
-`datasets_scripts/convert_mimic.py` (converter version {summary['converter_version']}).
+`datasets_scripts/convert_mimic.py` (converter version {summary["converter_version"]}).
 
-- Source folder: `{summary['raw_dir']}` (input fingerprint `{summary['fingerprint']}`)
-- Split files: {", ".join(f"`{v}` -> {k}" for k, v in summary['split_files'].items())}
-- Mention picture folder(s): {", ".join(f"`{d}`" for d in summary['mention_image_dirs']) or "none"}
-- Licence: `{summary['license']}` (the terms of the source release apply; WikiMEL, RichpediaMEL and
+- Source folder: `{summary["raw_dir"]}` (input fingerprint `{summary["fingerprint"]}`)
+- Split files: {", ".join(f"`{v}` -> {k}" for k, v in summary["split_files"].items())}
+- Mention picture folder(s): {", ".join(f"`{d}`" for d in summary["mention_image_dirs"]) or "none"}
+- Licence: `{summary["license"]}` (the terms of the source release apply; WikiMEL, RichpediaMEL and
   WikiDiverse come with their own)
 
 ```python
@@ -760,8 +880,8 @@ For every row: input = rows + skipped; rows = img found + no img + missing + unr
 
 {chr(10).join(table)}
 
-KB picture files: listed {kbf['listed']}, used {kbf['used']}, missing {kbf['missing']},
-unreadable {kbf['unreadable']}, unsafe path {kbf['unsafe path']}, not checked {kbf['not checked']}
+KB picture files: listed {kbf["listed"]}, used {kbf["used"]}, missing {kbf["missing"]},
+unreadable {kbf["unreadable"]}, unsafe path {kbf["unsafe path"]}, not checked {kbf["not checked"]}
 (only the first usable picture of an entity is embedded).
 
 Rules: a mention picture is `mention_image/<stem>.jpg` (stem = basename of `imgPath` up to its
@@ -771,8 +891,13 @@ are kept as `nil` (the entity is not in the KB); other answers absent from the K
 duplicate KB qids keep the first row.
 """
     if ceilings is not None and isinstance(ceilings.get("splits"), dict):
-        lines = ["", "## Perfect-reader ceilings (from the generator, `ceilings.json`)", "",
-                 "| split | reader | H@1 | MRR |", "|---|---|---|---|"]
+        lines = [
+            "",
+            "## Perfect-reader ceilings (from the generator, `ceilings.json`)",
+            "",
+            "| split | reader | H@1 | MRR |",
+            "|---|---|---|---|",
+        ]
         for split, s in ceilings["splits"].items():
             for reader in ("name_only", "text_only", "image_only", "both"):
                 if isinstance(s.get(reader), dict):
@@ -793,8 +918,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        convert(a.raw_dir, a.out_dir, name=a.name, num_proc=a.num_proc, overwrite=a.overwrite,
-                license=a.license, verbose=not a.quiet)
+        convert(
+            a.raw_dir,
+            a.out_dir,
+            name=a.name,
+            num_proc=a.num_proc,
+            overwrite=a.overwrite,
+            license=a.license,
+            verbose=not a.quiet,
+        )
     except (MalformedDataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

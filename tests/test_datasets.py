@@ -169,8 +169,25 @@ def test_text_ceiling_recomputed_from_files(small_world):
 
 
 def test_generator_cli(tmp_path, capsys):
-    assert ms.main([str(tmp_path / "w"), "--entities", "12", "--mentions", "20", "--seed", "1",
-                    "--image-size", "16", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        ms.main(
+            [
+                str(tmp_path / "w"),
+                "--entities",
+                "12",
+                "--mentions",
+                "20",
+                "--seed",
+                "1",
+                "--image-size",
+                "16",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "both" in capsys.readouterr().out
     assert (tmp_path / "w" / "ceilings.json").is_file()
 
@@ -266,14 +283,26 @@ def dirty(tmp_path_factory):
     _write(kb_img / "Q7_good.jpg", good)
     _write(kb_img / "Q8.jpg", _truncated())
     kb = [
-        {"id": 100, "qid": "Q1", "type": "person", "entity_name": "John%20Smith", "attr": "A painter. Lives in Oslo.",
-         "image_list": ["Q1.jpg"]},
+        {
+            "id": 100,
+            "qid": "Q1",
+            "type": "person",
+            "entity_name": "John%20Smith",
+            "attr": "A painter. Lives in Oslo.",
+            "image_list": ["Q1.jpg"],
+        },
         {"id": 7, "qid": "Q2", "entity_name": "Q%20Two", "attr": "Gone.", "image_list": ["Q2.jpg"]},  # missing file
         {"id": 3, "qid": "Q3", "entity_name": "Rgba", "attr": "", "image_list": ["Q3.jpg"]},
         {"id": 4, "qid": "Q4", "entity_name": "Grey", "attr": "x.", "image_list": ["Q4.jpg"]},
         {"id": 5, "qid": "Q5", "entity_name": "Palette", "attr": "x.", "image_list": ["Q5.jpg"]},
         {"id": 6, "qid": "Q6", "entity_name": "Cmyk", "attr": "x.", "image_list": ["Q6.jpg"]},
-        {"id": 8, "qid": "Q7", "entity_name": "Second", "attr": "x.", "image_list": ["Q7_bad.jpg", "Q7_good.jpg", "x.jpg"]},
+        {
+            "id": 8,
+            "qid": "Q7",
+            "entity_name": "Second",
+            "attr": "x.",
+            "image_list": ["Q7_bad.jpg", "Q7_good.jpg", "x.jpg"],
+        },
         {"id": 9, "qid": "Q8", "entity_name": "Truncated", "attr": "x.", "image_list": ["Q8.jpg"]},
         {"id": 10, "qid": "Q1", "entity_name": "Duplicate", "attr": "dup.", "image_list": []},  # duplicate qid
         {"id": 11, "qid": "Q9", "entity_name": "Escape", "attr": "x.", "image_list": ["../../secret.jpg"]},
@@ -300,17 +329,17 @@ def dirty(tmp_path_factory):
 
     train = [
         m(0, "mention_image/m0.jpg"),
-        m(1, "m1.jpg"),                      # missing
-        m(2, "m2.jpg"),                      # corrupt
-        m(3, "m3.jpg"),                      # truncated
-        m(4, "m4.jpg"),                      # PNG RGBA named .jpg
-        m(5, "m5.jpg"),                      # greyscale
-        m(6, "m6.jpg"),                      # palette
-        m(7, "m7.jpg"),                      # CMYK
+        m(1, "m1.jpg"),  # missing
+        m(2, "m2.jpg"),  # corrupt
+        m(3, "m3.jpg"),  # truncated
+        m(4, "m4.jpg"),  # PNG RGBA named .jpg
+        m(5, "m5.jpg"),  # greyscale
+        m(6, "m6.jpg"),  # palette
+        m(7, "m7.jpg"),  # CMYK
         m(8, "some/dir/m8.extra.dots.png"),  # extra dots and directories
-        m(9, "m9.v2.png"),                   # no m9.jpg: exact basename
-        m(10, "../../etc/passwd"),           # traversal
-        m(11, "m11.jpg"),                    # symlink leaving the folder
+        m(9, "m9.v2.png"),  # no m9.jpg: exact basename
+        m(10, "../../etc/passwd"),  # traversal
+        m(11, "m11.jpg"),  # symlink leaving the folder
         m(12, "m0.jpg", answer="nil"),
         m(13, "m0.jpg", answer="Q999"),
         m(14, "", sentence=""),
@@ -348,9 +377,16 @@ def dirty(tmp_path_factory):
     cache = base / "hf_cache"
     mentions = load_dataset(str(base / "hf"), "mentions", cache_dir=str(cache))
     kbds = load_dataset(str(base / "hf"), "kb", cache_dir=str(cache))["train"]
-    return {"raw": raw, "summary": summary, "reads": reads, "logs": [r.getMessage() for r in records],
-            "mentions": mentions, "kb": kbds,
-            "m": {r["id"]: r for r in mentions["train"]}, "e": {r["qid"]: r for r in kbds}}
+    return {
+        "raw": raw,
+        "summary": summary,
+        "reads": reads,
+        "logs": [r.getMessage() for r in records],
+        "mentions": mentions,
+        "kb": kbds,
+        "m": {r["id"]: r for r in mentions["train"]},
+        "e": {r["qid"]: r for r in kbds},
+    }
 
 
 def _is_rgb(im) -> bool:
@@ -430,7 +466,9 @@ def test_dirty_answers_nil_kept_and_out_of_kb_skipped(dirty):
     ids = set(dirty["m"])
     assert "m13" not in ids  # Q999: neither nil nor a KB qid
     assert dirty["m"]["m12"]["answer"] == dirty["m"]["m17"]["answer"] == "nil"  # "nil" and "NIL", kept as "nil"
-    assert all(r["answer"] in dirty["e"] or r["answer"] == "nil" for split in dirty["mentions"].values() for r in split)
+    assert all(
+        r["answer"] in dirty["e"] or r["answer"] == "nil" for split in dirty["mentions"].values() for r in split
+    )
 
 
 def test_dirty_sentences_kept(dirty):
@@ -487,19 +525,26 @@ def test_load_dataset_round_trip(dirty):
 
 
 def _minimal(raw: Path, kb=None, train=None):
-    _write(raw / "kb_entity.json", kb if kb is not None else
-           [{"id": 0, "qid": "Q1", "entity_name": "A", "attr": "", "image_list": []}])
-    _write(raw / "Bad_train.json", train if train is not None else
-           [{"id": "0", "mentions": "A", "sentence": "", "imgPath": "", "answer": "Q1"}])
+    _write(
+        raw / "kb_entity.json",
+        kb if kb is not None else [{"id": 0, "qid": "Q1", "entity_name": "A", "attr": "", "image_list": []}],
+    )
+    _write(
+        raw / "Bad_train.json",
+        train if train is not None else [{"id": "0", "mentions": "A", "sentence": "", "imgPath": "", "answer": "Q1"}],
+    )
 
 
-@pytest.mark.parametrize("case, where", [
-    ("kb_not_json", "kb_entity.json"),
-    ("train_not_list", "Bad_train.json"),
-    ("row_missing_answer", "Bad_train.json: row 1"),
-    ("row_not_object", "Bad_train.json: row 0"),
-    ("kb_missing_qid", "kb_entity.json: row 0"),
-])
+@pytest.mark.parametrize(
+    "case, where",
+    [
+        ("kb_not_json", "kb_entity.json"),
+        ("train_not_list", "Bad_train.json"),
+        ("row_missing_answer", "Bad_train.json: row 1"),
+        ("row_not_object", "Bad_train.json: row 0"),
+        ("kb_missing_qid", "kb_entity.json: row 0"),
+    ],
+)
 def test_malformed_input_raises(tmp_path, case, where):
     raw = tmp_path / "raw"
     ok = {"id": "0", "mentions": "A", "sentence": "", "imgPath": "", "answer": "Q1"}
@@ -525,13 +570,22 @@ def test_convert_cli(tmp_path):
     _minimal(raw, train=[{"id": "0", "mentions": "A", "sentence": ""}])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     script = REPO / "datasets_scripts" / "convert_mimic.py"
-    bad = subprocess.run([sys.executable, str(script), str(raw), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, str(script), str(raw), str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
     assert bad.returncode != 0 and "Bad_train.json: row 0" in bad.stderr and "'answer'" in bad.stderr
     _minimal(raw)
-    good = subprocess.run([sys.executable, str(script), str(raw), str(tmp_path / "out"), "--quiet"],
-                          capture_output=True, text=True, env=env)
+    good = subprocess.run(
+        [sys.executable, str(script), str(raw), str(tmp_path / "out"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert good.returncode == 0, good.stderr
-    good = subprocess.run([sys.executable, str(script), str(raw), str(tmp_path / "out"), "--overwrite"],
-                          capture_output=True, text=True, env=env)
+    good = subprocess.run(
+        [sys.executable, str(script), str(raw), str(tmp_path / "out"), "--overwrite"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert good.returncode == 0 and "mentions  train" in good.stdout

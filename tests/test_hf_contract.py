@@ -31,7 +31,9 @@ SLOW = os.environ.get("OTMEL_SLOW_TESTS") == "1"
 
 @pytest.fixture(scope="module")
 def processor(tiny_clip_dir):
-    return OTMELProcessor(CLIPImageProcessorPil.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir))
+    return OTMELProcessor(
+        CLIPImageProcessorPil.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir)
+    )
 
 
 def picture(seed):
@@ -216,7 +218,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_clip_di
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
     checkpointed.activation_checkpointing_disable()
-    assert not checkpointed.is_activation_checkpointing and not checkpointed.clip.text_model.encoder.gradient_checkpointing
+    assert (
+        not checkpointed.is_activation_checkpointing
+        and not checkpointed.clip.text_model.encoder.gradient_checkpointing
+    )
 
 
 class _Rows(torch.utils.data.Dataset):

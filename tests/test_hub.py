@@ -151,8 +151,8 @@ def test_model_card_metadata_and_body(hub_setup):
     assert "| learning rate | 0.0002 |" in text
     assert "trained on synthetic data" in text
     assert 'pipeline("multimodal-entity-linking", model=repo, trust_remote_code=True, index=kb)' in text
-    assert 'AutoModel.from_pretrained(repo, trust_remote_code=True)' in text
-    assert 'AutoProcessor.from_pretrained(repo, trust_remote_code=True)' in text
+    assert "AutoModel.from_pretrained(repo, trust_remote_code=True)" in text
+    assert "AutoProcessor.from_pretrained(repo, trust_remote_code=True)" in text
     assert "OTMELLinker.from_pretrained(" in text and ".link(" in text
 
 
@@ -224,7 +224,7 @@ def test_folder_holds_what_a_hub_user_needs(hub_setup):
         assert (folder / name).read_text() == open(os.path.join(REPO, name)).read()
 
 
-FRESH_PROCESS = r'''
+FRESH_PROCESS = r"""
 import importlib.util, json, os, re, sys
 # A user without the checkout: drop an editable install of it (a finder on sys.meta_path) and its folder on sys.path.
 sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
@@ -252,7 +252,7 @@ card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
 snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
 snippet = re.sub(r'^repo = "[^"]*"', "repo = " + json.dumps(folder), snippet, count=1, flags=re.M)
 exec(compile(snippet, "model_card_snippet", "exec"), {})
-'''
+"""
 
 
 def test_loads_in_a_fresh_process_and_scores_the_same(hub_setup, tmp_path):
@@ -268,7 +268,12 @@ def test_loads_in_a_fresh_process_and_scores_the_same(hub_setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
     result = subprocess.run(
-        [sys.executable, str(script), str(args), REPO], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(args), REPO],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("SCORES "))

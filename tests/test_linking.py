@@ -62,7 +62,9 @@ def _kb_rows():
     return rows
 
 
-KB_FEATURES = Features({"qid": Value("string"), "name": Value("string"), "attributes": Value("string"), "image": Image()})
+KB_FEATURES = Features(
+    {"qid": Value("string"), "name": Value("string"), "attributes": Value("string"), "image": Image()}
+)
 
 
 def _kb_dataset(rows=None):
@@ -90,7 +92,9 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("linking")
     rows = _kb_rows()
-    texts = [f"{r['name']} [SEP] {r['attributes']}" for r in rows] + [f"{m['mention']} {m['sentence']}" for m in _mentions()]
+    texts = [f"{r['name']} [SEP] {r['attributes']}" for r in rows] + [
+        f"{m['mention']} {m['sentence']}" for m in _mentions()
+    ]
     clip_dir = build_tiny_clip(str(root / "clip"), texts * 3, vocab_size=300)
     processor = OTMELProcessor(AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir))
     model = OTMELModel.from_clip(clip_dir, hidden_size=32).eval()
@@ -208,17 +212,25 @@ def test_duplicate_entity_tie_is_not_in_the_gold_favour(world):
 
 def test_ranking_metrics_and_recall():
     m = mx.ranking_metrics([1, 2, 4, 30, -1], ks=(1, 3, 5))
-    assert m["hits@1"] == pytest.approx(0.2) and m["hits@3"] == pytest.approx(0.4) and m["hits@5"] == pytest.approx(0.6)
+    assert (
+        m["hits@1"] == pytest.approx(0.2) and m["hits@3"] == pytest.approx(0.4) and m["hits@5"] == pytest.approx(0.6)
+    )
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 30) / 5)
     assert m["n"] == 5 and m["n_gold_missing"] == 1
-    assert mx.stage1_recall([1, 12, 60, -1], ks=(10, 50, 100)) == {"recall@10": 0.25, "recall@50": 0.5, "recall@100": 0.75}
+    assert mx.stage1_recall([1, 12, 60, -1], ks=(10, 50, 100)) == {
+        "recall@10": 0.25,
+        "recall@50": 0.5,
+        "recall@100": 0.75,
+    }
 
 
 def test_evaluate_kb_on_a_mentions_split(world):
     mentions = _mentions(6)
     mentions[2]["answer"] = "nil"
     ds = Dataset.from_list([{**m, "image": None} for m in mentions])
-    result = rk.rank_mentions(world["model"], world["processor"], world["index"], ds, gold_qids=ds["answer"], batch_size=4)
+    result = rk.rank_mentions(
+        world["model"], world["processor"], world["index"], ds, gold_qids=ds["answer"], batch_size=4
+    )
     metrics, ranks = rk.evaluation_metrics(result), result.gold_ranks
     assert ranks.shape == (6,) and ranks[2] == -1 and metrics["n_gold_missing"] == 1
     assert {"hits@1", "hits@20", "mrr", "stage1_recall@10"} <= set(metrics)
@@ -295,7 +307,9 @@ def _write_kb_folder(folder, kb):
     os.makedirs(os.path.join(folder, "data", "kb"), exist_ok=True)
     kb.to_parquet(os.path.join(folder, "data", "kb", "train-00000-of-00001.parquet"))
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write("---\nconfigs:\n- config_name: kb\n  data_files:\n  - split: train\n    path: data/kb/*.parquet\n---\n")
+        f.write(
+            "---\nconfigs:\n- config_name: kb\n  data_files:\n  - split: train\n    path: data/kb/*.parquet\n---\n"
+        )
 
 
 def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):

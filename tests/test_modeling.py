@@ -259,7 +259,9 @@ def pad_more(batch, extra, pad_id):
         ("attention", "ot", "max", 0.1),
     ],
 )
-def test_padding_and_batch_composition_change_no_score(tiny_clip_dir, processor, batches, fusion, unimodal, pooling, epsilon):
+def test_padding_and_batch_composition_change_no_score(
+    tiny_clip_dir, processor, batches, fusion, unimodal, pooling, epsilon
+):
     """Default solver settings (20 iterations, tolerance 1e-3, float32): padding tokens, and which other entities
     share the batch, change nothing."""
     mentions, entities = batches
@@ -287,7 +289,7 @@ def test_padding_and_batch_composition_change_no_score(tiny_clip_dir, processor,
 def ref_kd(plan, logits, mask, mode):
     """Eq. 28-29 for one problem, row by row and column by column, over the valid entries."""
     terms = []
-    for axis in ((0, 1) if mode != "row_kl" else (0,)):
+    for axis in (0, 1) if mode != "row_kl" else (0,):
         p, s, valid = (plan, logits, mask) if axis == 0 else (plan.T, logits.T, mask.T)
         total = 0.0
         for i in range(p.shape[0]):

@@ -334,7 +334,7 @@ def test_remote_code_imports_only_common_packages():
         assert set(get_imports(path)) <= allowed, (path, set(get_imports(path)) - allowed)
 
 
-FRESH_PROCESS = r'''
+FRESH_PROCESS = r"""
 import importlib.util, json, os, sys
 # A user without the checkout: drop an editable install of it (a finder on sys.meta_path) and its folder on sys.path.
 sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
@@ -354,7 +354,7 @@ out = {
     "config": linker.model.config.nil_threshold,
 }
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 def test_pipeline_from_the_saved_folder_in_a_fresh_process(nil_run, tmp_path):

@@ -101,7 +101,10 @@ def test_resume_matches_uninterrupted(world, tmp_path):
         if name != "checkpoint-3":
             path = interrupted / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run(common + ["--output_dir", str(interrupted), "--resume_from_checkpoint", str(interrupted / "checkpoint-3")], cache)
+    run(
+        common + ["--output_dir", str(interrupted), "--resume_from_checkpoint", str(interrupted / "checkpoint-3")],
+        cache,
+    )
     a = json.loads((full / "all_results.json").read_text())
     b = json.loads((interrupted / "all_results.json").read_text())
     for key in ("eval_hits@1", "eval_hits@5", "eval_mrr"):
@@ -125,7 +128,7 @@ def _gather_worker(rank, world_size, port, batch, expected, queue):
         model = torch.load(batch["model_path"], weights_only=False)
         model.train()
         size = batch["mention_input_ids"].shape[0] // world_size
-        local = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items() if k != "model_path"}
+        local = {k: v[rank * size : (rank + 1) * size] for k, v in batch.items() if k != "model_path"}
         out = model(**local, gather_across_processes=True)
         losses = [torch.zeros(()) for _ in range(world_size)]
         torch.distributed.all_gather(losses, out.loss.detach())
@@ -145,11 +148,17 @@ def test_in_batch_negatives_gathered_across_processes(tiny_clip_dir, tmp_path, p
 
     torch.manual_seed(0)
     model = OTMELModel.from_clip(tiny_clip_dir, hidden_size=16, pairwise_negatives=pairwise_negatives)
-    processor = OTMELProcessor(AutoImageProcessor.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir))
+    processor = OTMELProcessor(
+        AutoImageProcessor.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir)
+    )
     n = 8
     images = [Image.new("RGB", (40, 40), (30 * i, 255 - 20 * i, 90)) if i % 3 else None for i in range(n)]
-    m = processor.process_mentions([f"name {i}" for i in range(n)], [f"sentence about {i} things" * (i % 3 + 1) for i in range(n)], images)
-    e = processor.process_entities([f"name {i % 6}" for i in range(n)], [f"attribute {i % 6}" for i in range(n)], images[::-1])
+    m = processor.process_mentions(
+        [f"name {i}" for i in range(n)], [f"sentence about {i} things" * (i % 3 + 1) for i in range(n)], images
+    )
+    e = processor.process_entities(
+        [f"name {i % 6}" for i in range(n)], [f"attribute {i % 6}" for i in range(n)], images[::-1]
+    )
     pad = processor.max_text_length
     batch = {}
     for side, inputs in (("mention", m), ("entity", e)):
@@ -186,7 +195,15 @@ def test_whole_kb_evaluation_split_across_processes(world, tmp_path):
     single = tmp_path / "single"
     run(evaluate + ["--output_dir", str(single)], cache)
     double = tmp_path / "double"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
     run(evaluate + ["--output_dir", str(double)], cache, launcher=torchrun)
     a = json.loads((single / "all_results.json").read_text())
     b = json.loads((double / "all_results.json").read_text())
@@ -362,7 +379,9 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
     assert json.loads((out / "run_settings.json").read_text())["mode"] == "att"
     assert json.loads((out / "config.json").read_text())["fusion_assignment"] == "attention"
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and any(entry.get("step") == 2 and "loss" in entry for entry in state["log_history"])
+    assert state["global_step"] == 2 and any(
+        entry.get("step") == 2 and "loss" in entry for entry in state["log_history"]
+    )
     second = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first if k in second)
 
@@ -399,8 +418,19 @@ def test_explicit_strategies_that_differ_turn_load_best_off(tmp_path):
     from run_mel import parse_arguments
 
     model_args, data_args, args, given, notes = parse_arguments(
-        ["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_train", "--eval_strategy", "steps",
-         "--eval_steps", "3", "--save_strategy", "epoch"]  # fmt: skip
+        [
+            "--dataset_name",
+            "x",
+            "--output_dir",
+            str(tmp_path),
+            "--do_train",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--save_strategy",
+            "epoch",
+        ]  # fmt: skip
     )
     assert not args.load_best_model_at_end and args.eval_strategy == "steps" and args.save_strategy == "epoch"
     assert any(level == logging.WARNING and "--load_best_model_at_end false" in note for level, note in notes)
@@ -450,9 +480,13 @@ def test_dirty_dataset_folders(converted, tmp_path, caplog, monkeypatch):
     no_pictures = write_dataset(tmp_path / "no_pictures", dict(mentions), kb.remove_columns(["image"]))
     with caplog.at_level(logging.WARNING):
         in_process(["--dataset_name", no_pictures, "--output_dir", str(tmp_path / "a"), *common], cache)
-    assert any(f"KB has no image column: all {len(kb)} entities without picture" in r.getMessage() for r in caplog.records)
+    assert any(
+        f"KB has no image column: all {len(kb)} entities without picture" in r.getMessage() for r in caplog.records
+    )
 
-    no_answer = write_dataset(tmp_path / "no_answer", {k: v.remove_columns(["answer"]) for k, v in mentions.items()}, kb)
+    no_answer = write_dataset(
+        tmp_path / "no_answer", {k: v.remove_columns(["answer"]) for k, v in mentions.items()}, kb
+    )
     with pytest.raises(run_mel.UsageError, match=r"no_answer: the 'train' mentions lack\(s\) the column\(s\) answer; "
                                                  r"columns found: id, mention, sentence, image"):  # fmt: skip
         in_process(["--dataset_name", no_answer, "--output_dir", str(tmp_path / "b"), *common], cache)
@@ -460,8 +494,12 @@ def test_dirty_dataset_folders(converted, tmp_path, caplog, monkeypatch):
     # Every validation answer absent from the KB: the split is empty once those are skipped.
     unlinkable = mentions["validation"].map(lambda row: {"answer": "Q-not-in-the-KB"})
     empty = write_dataset(tmp_path / "empty_validation", {**mentions, "validation": unlinkable}, kb)
-    with pytest.raises(run_mel.UsageError, match="the 'validation' split has no mention left to use; pass --eval_strategy no"):
-        in_process(["--dataset_name", empty, "--output_dir", str(tmp_path / "c"), "--do_train", "--max_steps", "1"], cache)
+    with pytest.raises(
+        run_mel.UsageError, match="the 'validation' split has no mention left to use; pass --eval_strategy no"
+    ):
+        in_process(
+            ["--dataset_name", empty, "--output_dir", str(tmp_path / "c"), "--do_train", "--max_steps", "1"], cache
+        )
 
 
 def test_ignored_flags_and_replaced_checkpoint_settings_are_said(converted, tmp_path, caplog, monkeypatch):
@@ -473,7 +511,9 @@ def test_ignored_flags_and_replaced_checkpoint_settings_are_said(converted, tmp_
     path, cache = converted
     kb = datasets.load_dataset(path, "kb")["train"]
     mentions = datasets.load_dataset(path, "mentions")
-    doubled = write_dataset(tmp_path / "doubled_kb", dict(mentions), datasets.concatenate_datasets([kb, kb.select(range(3))]))
+    doubled = write_dataset(
+        tmp_path / "doubled_kb", dict(mentions), datasets.concatenate_datasets([kb, kb.select(range(3))])
+    )
     trained = tmp_path / "trained"
     with caplog.at_level(logging.WARNING):
         in_process(["--dataset_name", doubled, "--output_dir", str(trained), "--do_train", "--max_steps", "1",
@@ -492,11 +532,15 @@ def test_ignored_flags_and_replaced_checkpoint_settings_are_said(converted, tmp_
     assert "fusion_assignment 'ot' -> 'attention'" in said and "pairwise_negatives 15 -> 3" in said
 
 
-def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(converted, tiny_clip_dir, tmp_path, caplog):
+def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(
+    converted, tiny_clip_dir, tmp_path, caplog
+):
     path, cache = converted
     with caplog.at_level(logging.WARNING):
         metrics = in_process(["--dataset_name", path, "--output_dir", str(tmp_path), "--do_predict",
                               "--clip_model", tiny_clip_dir, "--mode", "clip"], cache)  # fmt: skip
-    assert any("Zero-shot evaluation: --do_predict ranks with the pretrained CLIP" in r.getMessage() for r in caplog.records)
+    assert any(
+        "Zero-shot evaluation: --do_predict ranks with the pretrained CLIP" in r.getMessage() for r in caplog.records
+    )
     assert "test_mrr" in metrics and not any(k.startswith("eval_") for k in metrics)
     assert (tmp_path / "predictions_test.jsonl").is_file()

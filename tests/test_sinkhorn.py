@@ -89,7 +89,9 @@ def test_marginals_within_tolerance(branch, masked, branch_calls):
     gen = torch.Generator().manual_seed(2)
     epsilon, tol = BRANCH_EPSILON[branch], 1e-5
     cost = torch.rand(64, 20, 30, generator=gen)
-    row_mask, col_mask = random_masks(64, 20, 30, gen, torch.float32) if masked else (torch.ones(64, 20), torch.ones(64, 30))
+    row_mask, col_mask = (
+        random_masks(64, 20, 30, gen, torch.float32) if masked else (torch.ones(64, 20), torch.ones(64, 30))
+    )
     plan = sinkhorn(cost, epsilon, max_iter=5000, tol=tol, row_mask=row_mask, col_mask=col_mask).double()
     assert branch_calls[branch] == 1
     a = row_mask.double() / row_mask.double().sum(-1, keepdim=True)
