@@ -46,14 +46,16 @@ from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Features, Image, List, Value
+from datasets import Features
 from PIL import Image as PILImage
 
 
 try:
+    from data_otmel import KB_FEATURES, MENTION_FEATURES
     from processing_otmel import to_rgb
 except ImportError:  # run as a script from a checkout: the project's modules are in the folder above
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from data_otmel import KB_FEATURES, MENTION_FEATURES
     from processing_otmel import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -61,24 +63,7 @@ logger = logging.getLogger(__name__)
 # Bump when the output changes, so caches keyed by fingerprint_raw_dir() are rebuilt.
 CONVERTER_VERSION = 2  # 2: NIL mentions are kept (answer "nil") instead of skipped
 
-MENTION_FEATURES = Features(
-    {
-        "id": Value("string"),
-        "mention": Value("string"),
-        "sentence": Value("string"),
-        "image": Image(),
-        "answer": Value("string"),
-    }
-)
-KB_FEATURES = Features(
-    {
-        "qid": Value("string"),
-        "name": Value("string"),
-        "attributes": Value("string"),
-        "image": Image(),
-        "image_names": List(Value("string")),
-    }
-)
+# The schema of a converted folder is the one every reader of the project produces (data_otmel).
 
 SPLIT_SUFFIXES = [
     ("train", "train"),
