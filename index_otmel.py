@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -783,10 +784,14 @@ class EntityIndex:
         default), on the queries' device."""
         end = len(self) if end is None else end
         retrieval, scale = self.retrieval_on(queries.device)
-        block = retrieval[start:end]
-        out = queries @ (block if block.dtype == torch.float32 else block.float()).T
-        if scale is not None:
-            out = out * scale[start:end].float()
+        if retrieval.dtype == torch.float32:
+            return queries @ retrieval[start:end].T
+        out = queries.new_empty(queries.shape[0], end - start)
+        for a in range(start, end, 65536):  # dequantized block by block: no float32 copy of the whole matrix
+            b = min(end, a + 65536)
+            torch.matmul(queries, retrieval[a:b].float().T, out=out[:, a - start : b - start])
+            if scale is not None:
+                out[:, a - start : b - start] *= scale[a:b].float()
         return out
 
     def stage1_topk(self, queries: torch.Tensor, k: int, block_rows: int | None = None) -> tuple:
@@ -825,8 +830,11 @@ class EntityIndex:
         width = min(n, max(refine or max(4 * k, 200), k))
         rows = self.ann.search(queries.cpu().float(), width, nprobe=nprobe)  # (B, width), -1 for none
         valid = rows >= 0
-        vectors = self.stage1_vectors(rows.clamp_min(0)).view(*rows.shape, -1).to(queries.device)
-        scores = (queries.unsqueeze(1) * vectors).sum(-1)
+        flat = rows.clamp_min(0).reshape(-1)
+        vectors = self.retrieval.index_select(0, flat).float().view(*rows.shape, -1).to(queries.device)
+        scores = torch.bmm(vectors, queries.unsqueeze(2)).squeeze(2)  # (B, width) exact S_R of the proposals
+        if self.retrieval_scale is not None:
+            scores = scores * self.retrieval_scale.index_select(0, flat).view(rows.shape).to(queries.device)
         scores = scores.masked_fill(~valid.to(queries.device), float("-inf"))
         top, order = scores.topk(k, dim=1)
         return top, rows.to(queries.device).gather(1, order).masked_fill(top == float("-inf"), -1)
@@ -1407,6 +1415,9 @@ def _fit_text(tensors: dict, length: int) -> dict:
 # Below this many entities `stage1="auto"` searches exactly (benchmarks/bench_scale.py: on 2 CPU cores the exact
 # chunked product is as fast as IVF search up to about this size, and has no recall loss).
 ANN_MIN_ROWS = 200_000
+# Default share of the IVF lists searched per query (1 / 8): on the tiny model's stage-1 vectors, searching fewer lists
+# lost more than 1 point of recall of the exact top 50 (benchmarks/bench_scale.py).
+ANN_PROBE_DIVISOR = 8
 
 
 class AnnIndex:
@@ -1441,7 +1452,8 @@ class AnnIndex:
             nlist (`int`, *optional*): inverted lists (default: the power of two nearest `4 sqrt(N)`, at most N / 39).
             code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` or `"auto"` (`"flat"` below 50,000 entities, else
                 `"pq<R/4>"` when R divides by 4: a quarter of a float per dimension, else `"sq8"`).
-            nprobe (`int`, *optional*): lists searched per query by default (default: `max(8, nlist / 32)`).
+            nprobe (`int`, *optional*): lists searched per query by default (default: `max(16, nlist /
+                ANN_PROBE_DIVISOR)`).
             train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 64 nlist)`, at
                 least 10,000), a seeded random sample.
         """
@@ -1462,6 +1474,8 @@ class AnnIndex:
             raise ValueError(f"ANN code must be 'flat', 'sq8', 'pq<m>' (m dividing {dim}) or 'auto', got {code!r}")
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.index_factory(dim, f"IVF{nlist},{storage}", faiss.METRIC_INNER_PRODUCT)
+        if hasattr(index, "do_polysemous_training"):
+            index.do_polysemous_training = False  # minutes of training for a re-ordering the exact re-scoring makes moot
         g = torch.Generator().manual_seed(seed)
         sample = torch.randperm(n, generator=g)[:train_size].sort().values
         index.cp.seed = seed
@@ -1469,7 +1483,7 @@ class AnnIndex:
         for start in range(0, n, block):
             rows = torch.arange(start, min(n, start + block))
             index.add_with_ids(entity_index.stage1_vectors(rows).numpy(), rows.numpy())
-        config = {"kind": "ivf", "nlist": nlist, "code": code, "nprobe": nprobe or max(8, nlist // 32),
+        config = {"kind": "ivf", "nlist": nlist, "code": code, "nprobe": nprobe or max(16, nlist // ANN_PROBE_DIVISOR),
                   "train_size": train_size}  # fmt: skip
         return cls(index, torch.arange(n), config)
 
@@ -1594,6 +1608,19 @@ def stage1_codec(dtype: str, stage1_dtype: str | None = None):
     raise ValueError(f"stage1_dtype must be 'float32', 'float16' or 'int8', got {stage1_dtype!r}")
 
 
+def _stored_parts(stage1: torch.Tensor, rows: dict, fields, codecs: dict, retrieval_codec) -> dict:
+    """What an index stores of some rows: the stage-1 parts (`@retrieval`, `@retrieval@scale`) and each field's parts
+    (`field` / `field@part`) from float32 `stage1 (n, R)` and features `rows {field: (n, ...)}`."""
+    parts = {_RETRIEVAL + (PART + p if p else ""): t for p, t in retrieval_codec.encode(stage1).items()}
+    for name in fields:
+        value = rows[name]
+        if name in codecs:
+            parts.update({name + (PART + p if p else ""): t for p, t in codecs[name].encode(value).items()})
+        else:
+            parts[name] = value.bool() if name.endswith("_mask") else value
+    return parts
+
+
 def _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress,
                  stage1_dtype=None) -> EntityIndex:  # fmt: skip
     """[`EntityIndex`] of KB rows `start:end` (text fields padded to `max_len`, default: their longest)."""
@@ -1621,13 +1648,7 @@ def _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, bat
                 if codecs is None:
                     codecs = default_codecs(dtype, rows)
                 codecs = {k: c for k, c in codecs.items() if k in rows}
-            parts = {_RETRIEVAL + (PART + p if p else ""): t for p, t in retrieval_codec.encode(stage1).items()}
-            for name in fields:
-                value = rows[name]
-                if name in codecs:
-                    parts.update({name + (PART + p if p else ""): t for p, t in codecs[name].encode(value).items()})
-                else:
-                    parts[name] = value.bool() if name.endswith("_mask") else value
+            parts = _stored_parts(stage1, rows, fields, codecs, retrieval_codec)
             if stored is None:
                 stored = {k: torch.zeros(n, *t.shape[1:], dtype=t.dtype) for k, t in parts.items()}
             for k, t in parts.items():
@@ -1913,6 +1934,138 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
     return index
 
 
+def convert_index(
+    source: str,
+    out_dir: str,
+    dtype: str,
+    stage1_dtype: str | None = None,
+    rows: range | None = None,
+    shard_size: int = 50_000,
+    ann="auto",
+    sample: int = 2048,
+    seed: int = 0,
+) -> EntityIndex:
+    """Writes the rows `rows` (default: all) of the index saved in `source` into `out_dir` in another storage `dtype`
+    (e.g. a float32 index into a `res2` one), without encoding the KB again: the stored features are decoded to
+    float32 and encoded with the new codecs (residual codecs trained on the real tokens of `sample` random rows).
+    Shard by shard and resumable, like [`build_index`]; returns the new index, memory-mapped."""
+    dtype = check_index_dtype(dtype)
+    src = EntityIndex.load(source, verify=False)
+    rows = rows if rows is not None else range(len(src))
+    if not rows or rows.start < 0 or rows.stop > len(src) or rows.step != 1:
+        raise ValueError(f"rows must be a non-empty contiguous range within the {len(src)} rows of {source}, got {rows}")
+    n = len(rows)
+    num_shards = max(1, math.ceil(n / shard_size))
+    bounds = [rows.start + n * i // num_shards for i in range(num_shards + 1)]
+    shards_dir = os.path.join(os.path.abspath(out_dir), SHARDS_DIR)
+    os.makedirs(shards_dir, exist_ok=True)
+    plan = {"size": n, "num_shards": num_shards, "dtype": dtype, "stage1_dtype": stage1_dtype, "rows": [rows.start, rows.stop],
+            "source": src._saved["checksums"]["weights_sha256"]}  # fmt: skip
+    fields = src.fields
+    with _locked(shards_dir):
+        plan_path = os.path.join(shards_dir, _PLAN)
+        if os.path.isfile(plan_path):
+            with open(plan_path, encoding="utf-8") as f:
+                if json.load(f) != plan:
+                    raise IndexMismatchError(f"{shards_dir} holds shards of another conversion: delete it or use another folder")
+        else:
+            with _AtomicFile(plan_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(plan, f)
+        codecs_path = os.path.join(shards_dir, _CODECS)
+        if dtype.startswith("res") and not os.path.isfile(codecs_path + ".json"):
+            g = torch.Generator().manual_seed(seed)
+            picked = (rows.start + torch.randperm(n, generator=g)[: min(n, sample)]).sort().values
+            feats = src.gather(picked, trim_text=False)
+            example = {k: v for k, v in feats.row_fields().items() if k in fields}
+            tokens = {name: example[name][example[name.replace("_queries", "_mask")].bool()]
+                      for name in TOKEN_FIELDS if name in example}  # fmt: skip
+            codecs = default_codecs(dtype, example, tokens, seed=seed)
+            states = {f"{field}/{name}": t for field, c in codecs.items() for name, t in c.state().items()}
+            with _AtomicFile(codecs_path) as tmp:
+                _write_safetensors(tmp, states)
+            with _AtomicFile(codecs_path + ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump({field: c.config() for field, c in codecs.items()}, f)
+        codecs = _shared_codecs(shards_dir, None, None, None, dtype, 0, seed) if dtype.startswith("res") else None
+    retrieval_codec = stage1_codec(dtype, stage1_dtype)
+    for s in range(num_shards):
+        path, (a, b) = _shard_dir(shards_dir, s, num_shards), bounds[s : s + 2]
+        if os.path.isfile(os.path.join(path, INDEX_META)):
+            continue
+        block = torch.arange(a, b)
+        feats = src.gather(block, trim_text=False)
+        values = {k: v for k, v in feats.row_fields().items() if k in fields}
+        if codecs is None:
+            codecs = default_codecs(dtype, values)
+        parts = _stored_parts(src.stage1_vectors(block), values, fields, codecs, retrieval_codec)
+        hashes = src.row_hashes[a:b].clone() if src.row_hashes is not None else None
+        meta = dict(src.meta, dtype=dtype, size=b - a, kb=content_fingerprint(hashes) if hashes is not None else None)
+        retrieval, scale = parts.pop(_RETRIEVAL), parts.pop(_RETRIEVAL + PART + "scale", None)
+        part = EntityIndex(retrieval, parts, src.qids[a:b], src.names[a:b], meta, row_hashes=hashes,
+                           retrieval_scale=scale, codecs={k: c for k, c in codecs.items() if k in values})  # fmt: skip
+        part.save(path)
+    return merge_shards(out_dir, ann=ann)
+
+
+def main(argv=None) -> int:
+    """`python index_otmel.py --model DIR --kb SOURCE --out_dir DIR [--dtype res2] [--num_shards N --shard_index I]`:
+    builds an entity index shard by shard (resumable; run the same command again after an interruption), under
+    `torchrun --nproc_per_node N` with N processes; `--merge` merges the shards of separate `--shard_index` runs;
+    `--convert_from DIR` rewrites an index in another `--dtype` without encoding the KB."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", help="OT-MEL folder (model and processor)")
+    parser.add_argument("--kb", help="KB source (see data_otmel.load_kb: a table file, dataset folder, Hub id, ...)")
+    parser.add_argument("--kb_columns", default=None, help="map the KB's column names, e.g. qid=id,name=title")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--dtype", default="float32", choices=INDEX_DTYPES)
+    parser.add_argument("--stage1_dtype", default=None, choices=("float32", "float16", "int8"))
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--shard_size", type=int, default=50_000)
+    parser.add_argument("--num_shards", type=int, default=None)
+    parser.add_argument("--shard_index", type=int, default=None)
+    parser.add_argument("--merge", action="store_true", help="only merge the shards already written")
+    parser.add_argument("--convert_from", default=None, help="an index folder to rewrite in --dtype")
+    parser.add_argument("--ann", default="auto", choices=("auto", "yes", "no"))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ann = {"auto": "auto", "yes": True, "no": False}[args.ann]
+    if args.merge:
+        index = merge_shards(args.out_dir, ann=ann)
+    elif args.convert_from:
+        index = convert_index(args.convert_from, args.out_dir, args.dtype, args.stage1_dtype, shard_size=args.shard_size, ann=ann)
+    else:
+        if not args.model or not args.kb:
+            parser.error("--model and --kb are needed to build an index")
+        try:
+            from .data_otmel import load_kb
+            from .modeling_otmel import OTMELModel
+            from .processing_otmel import OTMELProcessor
+        except ImportError:
+            from data_otmel import load_kb
+            from modeling_otmel import OTMELModel
+            from processing_otmel import OTMELProcessor
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+        model = OTMELModel.from_pretrained(args.model).eval()
+        processor = OTMELProcessor.from_pretrained(args.model)
+        kb = load_kb(args.kb, args.kb_columns)
+        index = build_index(model, processor, kb, args.out_dir, dtype=args.dtype, batch_size=args.batch_size,
+                            shard_size=args.shard_size, num_shards=args.num_shards, shard_index=args.shard_index,
+                            ann=ann, stage1_dtype=args.stage1_dtype)  # fmt: skip
+        if index is None:
+            print(f"shard {args.shard_index} written; merge with --merge once every shard is", file=sys.stderr)
+            return 0
+    print(f"{args.out_dir}: {index!r}, {index.nbytes() / len(index):.0f} bytes per entity", file=sys.stderr)
+    return 0
+
+
 __all__ = [
     "ANN_MIN_ROWS",
     "INDEX_DTYPES",
@@ -1931,6 +2084,7 @@ __all__ = [
     "build_index",
     "check_index_dtype",
     "content_fingerprint",
+    "convert_index",
     "encode_kb",
     "inference_mode",
     "kb_fingerprint",
@@ -1942,3 +2096,7 @@ __all__ = [
     "storage_dtype",
     "train_codecs",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -218,8 +218,8 @@ class OTMELLinker:
         `None` when the checkpoint has none); a number overrides it; `None` turns NIL answers off.
 
         `stage1`: the stage-1 search (`ranking_otmel.RankOptions.stage1`): `"auto"` (default: exact below
-        `index_otmel.ANN_MIN_ROWS` entities, approximate IVF search with exact re-scoring above, or whenever the index
-        has an ANN structure), `"exact"` / `"torch"`, `"faiss"` (exact) or `"ann"`.
+        `index_otmel.ANN_MIN_ROWS` entities, approximate IVF search with exact re-scoring from there on),
+        `"exact"` / `"torch"`, `"faiss"` (exact) or `"ann"`.
         """
         index = self._require_index()
         for name, value in (("top_k", top_k), ("candidates", candidates), ("batch_size", self.batch_size)):
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--stage1", default="auto", choices=("auto", "exact", "ann"),
                         help="stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from "
-                        f"{ANN_MIN_ROWS:,} entities or when the index has an ANN structure)")  # fmt: skip
+                        f"{ANN_MIN_ROWS:,} entities on)")  # fmt: skip
     parser.add_argument("--top_k", type=_positive_int, default=5)
     parser.add_argument("--strategy", default="two_stage", choices=("two_stage", "exhaustive"))
     parser.add_argument("--candidates", type=_positive_int, default=50)

@@ -73,8 +73,8 @@ class RankOptions:
               machine torch was 5-6x faster at 30K and 100K entities, benchmarks/bench_linking.py);
             - `"ann"`: approximate, the index's IVF structure (`EntityIndex.build_ann`, built on first use if absent)
               proposes `ann_refine` rows whose exact S_R picks the top `candidates`;
-            - `"auto"`: `"ann"` when the index has an ANN structure or at least `index_otmel.ANN_MIN_ROWS`
-              entities, else `"torch"`.
+            - `"auto"`: `"ann"` for KBs of `index_otmel.ANN_MIN_ROWS` entities or more (measured: below, exact search
+              is about as fast on CPU), else `"torch"`.
             With gold ranks (evaluation) every S_R is computed exactly anyway; `"ann"` still picks the shortlist.
         stage1_budget (`int`): most S_R (or S_O) scores held at once (mentions per chunk = budget // KB size when
             every S_R is needed: gold ranks or exhaustive ranking).
@@ -275,7 +275,7 @@ def stage1_search(options: RankOptions, index: EntityIndex) -> str:
     """The stage-1 search `options.stage1` means for `index`: `"torch"`, `"faiss"` or `"ann"` (resolves `"auto"`)."""
     if options.stage1 != "auto":
         return options.stage1
-    if index.ann is not None or len(index) >= ANN_MIN_ROWS:
+    if len(index) >= ANN_MIN_ROWS:
         try:
             import faiss  # noqa: F401
         except ImportError:

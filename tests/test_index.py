@@ -440,14 +440,15 @@ def test_load_memory_maps_the_tensors(world, tmp_path):
     assert len(ix.EntityIndex.load(path)) == 60
 
 
-def test_ann_stage1_search_and_updates(world, tmp_path):
+def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     pytest.importorskip("faiss")
     model, processor = world["model"], world["processor"]
     index = _encode(world, DISTINCT, dtype="int8")
     feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[:20]])
     exact = rk.rank(model, feats, index, candidates=10)
-    assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "torch"  # small KB, no ANN structure
     index.build_ann(nlist=4, code="flat")
+    assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "torch"  # a small KB: exact
+    monkeypatch.setattr(rk, "ANN_MIN_ROWS", 50)
     assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "ann"
     # Searching every list with a shortlist of the whole KB is exact.
     full = rk.rank(model, feats, index, candidates=10, stage1="ann", ann_nprobe=4, ann_refine=60)
@@ -590,3 +591,19 @@ def test_distributed_encoding_encodes_each_entity_once(world, tmp_path):
     assert torch.equal(r0["vectors"], r1["vectors"]) and torch.equal(r0["centroids"], r1["centroids"])
     single = _encode(world, DISTINCT, dtype="res2")
     assert torch.allclose(r0["vectors"], single.stage1_vectors(torch.arange(len(single))), atol=1e-2)
+
+
+def test_convert_index_changes_the_storage_without_encoding(world, tmp_path, monkeypatch):
+    model, processor = world["model"], world["processor"]
+    source = str(tmp_path / "f32")
+    _encode(world, DISTINCT).save(source)
+    monkeypatch.setattr(model, "encode_entities", lambda *a, **k: pytest.fail("the KB was encoded again"))
+    out = ix.convert_index(source, str(tmp_path / "res2"), "res2", rows=range(10, 50), shard_size=15, ann=False)
+    assert out.meta["dtype"] == "res2" and "text_queries@codes" in out.tensors
+    assert out.qids == [r["qid"] for r in DISTINCT[10:50]] and out.meta["kb"] == ix.kb_fingerprint(DISTINCT[10:50])
+    monkeypatch.undo()
+    feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[10:20]])
+    rows = torch.arange(40).expand(10, 40)
+    exact = _encode(world, DISTINCT[10:50])
+    so = rk.score_rows(model, feats, out, rows, rk.RankOptions())
+    assert (so - rk.score_rows(model, feats, exact, rows, rk.RankOptions())).abs().max() < 2e-2

@@ -1,0 +1,380 @@
+"""Benchmark of the entity index at scale (index_otmel, ranking_otmel): a KB of a million entities with the tiny model,
+compressed memory-mapped storage, approximate stage 1, sharded resumable building.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_scale.py [--entities 1000000] [--mentions 1000] [--threads 2]
+        [--dtype res2] [--work_dir data/bench_scale] [--json results.json]
+
+Steps (each cached under `--work_dir`, so an interrupted run resumes; every measurement runs in a fresh process so
+peak memory is per step):
+
+1. a synthetic world of `--entities` entities (`datasets_scripts/make_synthetic.py`, `convert_mimic.py`); its
+   validation + test mentions (the first `--mentions`) are linked;
+2. a tiny random OT-MEL (as `bench_linking.py`: tiny CLIP, hidden 96, tokenizer trained on the world's texts): its
+   speed and memory are representative, its H@1 is not (random weights), but compressed + ANN minus float32 + exact
+   H@1 on the same mentions still measures what compression and approximate search lose for that model;
+3. "build": every entity encoded for real (no replicated features) into a float32 index, shard by shard
+   (`index_otmel.build_index`, resumable); entities/s counts the encoding of this run only;
+4. "convert": the float32 index rewritten as `--dtype` (`index_otmel.convert_index`, no re-encoding) with the IVF
+   structure; also its first 100K / 300K rows (the smaller KBs);
+5. "serve": model + index loaded (memory-mapped) in a fresh process; stage-1 recall@50 of ANN against exact search (the
+   ANN top 50 found in the exact top 50, and the gold's recall@50 both ways); link() throughput, two-stage k=50,
+   OT and attention (mention encoding included, best of `--reps`); H@1 with gold answers; memory (peak RSS, and the
+   resident anonymous / file-backed parts after the runs);
+6. "reference": the float32 index with exact stage 1, the same mentions: H@1 for the comparison;
+7. bytes per entity of every storage for this model and for ViT-B/32 dimensions (from the CLIP and OT-MEL configs).
+
+The machine may be shared: the load average is printed with the results.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_now_mb() -> dict:
+    """VmRSS and its anonymous / file-backed parts (/proc/self/status), MB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+def world_dir(work_dir: str, n: int, n_mentions: int) -> str:
+    from datasets_scripts.convert_mimic import convert
+    from datasets_scripts.make_synthetic import generate
+
+    raw, out = os.path.join(work_dir, f"synth-{n}-raw"), os.path.join(work_dir, f"synth-{n}")
+    if not os.path.isfile(os.path.join(out, "README.md")):
+        if not os.path.isfile(os.path.join(raw, "kb_entity.json")):
+            print(f"generating a synthetic world of {n:,} entities in {raw} ...", flush=True)
+            generate(raw, entities=n, mentions=n_mentions, seed=0, workers=1)
+        print(f"converting {raw} -> {out} ...", flush=True)
+        convert(raw, out, overwrite=True, verbose=False, num_proc=1)
+        shutil.rmtree(raw)
+    return out
+
+
+def _mentions(dataset_dir: str, n: int):
+    from datasets import concatenate_datasets, load_dataset
+
+    ms = load_dataset(dataset_dir, "mentions")
+    pool = concatenate_datasets([ms["validation"], ms["test"]])
+    pool = pool.filter(lambda a: a != "nil", input_columns="answer")
+    return pool.select(range(min(n, len(pool))))
+
+
+# ---- children ----------------------------------------------------------------------------------------------------
+
+
+def child_build(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import load_dataset
+
+    import index_otmel as ix
+    from modeling_otmel import OTMELModel
+    from processing_otmel import OTMELProcessor
+
+    model = OTMELModel.from_pretrained(args.model).eval()
+    processor = OTMELProcessor.from_pretrained(args.model)
+    kb = load_dataset(args._dataset, "kb")["train"]
+    view = ix.KBView(kb)
+    encoded = {"rows": 0, "seconds": 0.0}
+    real = ix._encode_rows
+
+    def timed(model, processor, view, start, end, *rest):
+        t = time.perf_counter()
+        out = real(model, processor, view, start, end, *rest)
+        encoded["rows"] += end - start
+        encoded["seconds"] += time.perf_counter() - t
+        return out
+
+    ix._encode_rows = timed
+    start = time.perf_counter()
+    index = ix.build_index(model, processor, view, args._index_dir, dtype="float32", batch_size=128,
+                           shard_size=args.shard_size, ann=False, progress=False)  # fmt: skip
+    total = time.perf_counter() - start
+    return {
+        "n": len(index), "rows_encoded_this_run": encoded["rows"], "encode_s": encoded["seconds"],
+        "entities_per_s": encoded["rows"] / encoded["seconds"] if encoded["rows"] else None, "build_total_s": total,
+        "bytes_per_entity": index.nbytes() / len(index), "text_len": index.tensors["text_mask"].shape[1],
+        "peak_rss_build_mb": peak_rss_mb(),
+    }  # fmt: skip
+
+
+def child_convert(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import index_otmel as ix
+
+    start = time.perf_counter()
+    rows = range(args._rows) if args._rows else None
+    index = ix.convert_index(args._source, args._index_dir, args.dtype, rows=rows, shard_size=20_000, ann=False)
+    convert_s = time.perf_counter() - start
+    out = {"n": len(index), "convert_s": convert_s, "bytes_per_entity": index.nbytes() / len(index)}
+    if args._ann:
+        start = time.perf_counter()
+        index.build_ann()
+        out["ann_build_s"] = time.perf_counter() - start
+        out["ann"] = index.ann.config
+        index.save(args._index_dir)
+    files = [os.path.join(args._index_dir, f) for f in os.listdir(args._index_dir)]
+    out["disk_bytes_per_entity"] = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / len(index)
+    out["peak_rss_convert_mb"] = peak_rss_mb()
+    return out
+
+
+def _best(fns: dict, reps: int) -> dict:
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def child_serve(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import index_otmel as ix
+    import linking_otmel as lk
+    import metrics_otmel as mx
+    import ranking_otmel as rk
+
+    out = {"rss_start": rss_now_mb()}
+    linker = lk.OTMELLinker.from_pretrained(args.model)
+    model, processor = linker.model, linker.processor
+    out["rss_model"] = rss_now_mb()
+    start = time.perf_counter()
+    index = ix.EntityIndex.load(args._index_dir, verify=False)
+    out["open_s"] = time.perf_counter() - start
+    if index.nbytes() < 8 << 30:  # the sha256 of a very large reference index is not worth reading here
+        start = time.perf_counter()
+        ix.EntityIndex.load(args._index_dir, verify=True)
+        out["open_verified_s"] = time.perf_counter() - start
+    linker.index = index
+    out["rss_opened"] = rss_now_mb()
+    out["n"], out["dtype"], out["ann"] = len(index), index.meta["dtype"], index.ann.config if index.ann else None
+    mentions = _mentions(args._dataset, args.mentions)
+    out["mentions"] = len(mentions)
+    gold = torch.tensor([index.row_of(a) for a in mentions["answer"]])
+    out["gold_in_kb"] = int((gold >= 0).sum())
+    enc_s, feats = None, None
+    t = time.perf_counter()
+    feats = rk.encode_mentions(model, processor, mentions, batch_size=64)
+    enc_s = time.perf_counter() - t
+    out["encode_mentions_per_s"] = len(mentions) / enc_s
+    queries = model.mention_stage1(feats).float()
+    stage1 = {"exact": lambda: index.stage1_topk(queries, 50)}
+    if index.ann is not None:
+        stage1["ann"] = lambda: index.ann_topk(queries, 50)
+    seconds = _best(stage1, args.reps)
+    out["stage1_mentions_per_s"] = {k: len(mentions) / v for k, v in seconds.items()}
+    exact_rows = index.stage1_topk(queries, 50)[1]
+    if index.ann is not None:
+        ann_rows = index.ann_topk(queries, 50)[1]
+        overlap = (ann_rows.unsqueeze(2) == exact_rows.unsqueeze(1)).any(2).float().mean().item()
+        out["ann_recall_of_exact_top50"] = overlap
+        has = gold >= 0
+        out["gold_recall50_exact"] = (exact_rows[has] == gold[has].unsqueeze(1)).any(1).float().mean().item()
+        out["gold_recall50_ann"] = (ann_rows[has] == gold[has].unsqueeze(1)).any(1).float().mean().item()
+    # link(): mention encoding + both stages, two-stage k=50, OT and attention.
+    search = args._stage1
+    sample = mentions.select(range(min(len(mentions), args.link_mentions)))
+    linker.link(sample.select(range(8)), top_k=5, candidates=50, stage1=search)  # warm-up
+    seconds = _best({a: (lambda a=a: linker.link(sample, top_k=5, candidates=50, assignment=a, stage1=search))
+                     for a in ("ot", "attention")}, args.reps)  # fmt: skip
+    out["link_mentions_per_s"] = {a: len(sample) / s for a, s in seconds.items()}
+    out["link_stage1"] = rk.stage1_search(rk.RankOptions(stage1=search), index)
+    out["peak_rss_link_mb"], out["rss_after_link"] = peak_rss_mb(), rss_now_mb()  # serving: before the evaluation
+    # H@1 with gold answers: the shortlist from this stage-1 search; gold ranks need every S_R (exact, untimed).
+    options = rk.RankOptions(candidates=50, stage1=search)
+    for assignment in ("ot", "attention"):
+        res = rk.rank(model, feats, index, options, gold=gold, assignment=assignment)
+        metrics = mx.ranking_metrics(res.gold_ranks)
+        out[f"h1_{assignment}"], out[f"mrr_{assignment}"] = metrics["hits@1"], metrics["mrr"]
+        out[f"gold_ranks_{assignment}"] = res.gold_ranks.tolist()
+        out[f"top1_{assignment}"] = res.indices[:, 0].tolist()
+    out["stage1_gold_recall50"] = mx.stage1_recall(res.stage1_gold_ranks, (50,))["recall@50"]
+    out["peak_rss_serve_mb"] = peak_rss_mb()
+    out["rss_end"] = rss_now_mb()
+    return out
+
+
+def run_child(mode: str, args, **extra) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--model", args.model or "", "--threads",
+           str(args.threads), "--mentions", str(args.mentions), "--link_mentions", str(args.link_mentions), "--reps",
+           str(args.reps), "--dtype", args.dtype, "--shard_size", str(args.shard_size)]  # fmt: skip
+    for k, v in extra.items():
+        cmd += [f"--_{k}", str(v)]
+    print(f"[{time.strftime('%H:%M:%S')}] {mode} {extra}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"benchmark child {mode} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+
+
+def layout_bytes(text_tokens: int, visual_tokens: int, hidden: int, projection: int, fusion: bool = True) -> dict:
+    """Bytes per entity of each storage, computed by encoding random features of these dimensions with the index's
+    codecs (so the figure is what `EntityIndex.nbytes` counts per row, codec tables excluded)."""
+    import torch
+
+    import index_otmel as ix
+
+    n = 512
+    g = torch.Generator().manual_seed(0)
+    stage1 = torch.randn(n, (2 * hidden if fusion else 0) + 2 * projection, generator=g)
+    rows = {
+        "text_queries": torch.randn(n, text_tokens, hidden, generator=g),
+        "text_mask": torch.ones(n, text_tokens, dtype=torch.bool),
+        "visual_queries": torch.randn(n, visual_tokens, hidden, generator=g),
+        "visual_mask": torch.ones(n, visual_tokens, dtype=torch.bool),
+        "text_global_small": torch.randn(n, hidden, generator=g),
+        "visual_global_small": torch.randn(n, hidden, generator=g),
+        "has_image": torch.ones(n, dtype=torch.bool),
+    }
+    tokens = {k: rows[k].reshape(-1, hidden) for k in ("text_queries", "visual_queries")}
+    out = {}
+    for dtype in ix.INDEX_DTYPES:
+        codecs = ix.default_codecs(dtype, rows, tokens if dtype.startswith("res") else None)
+        parts = ix._stored_parts(stage1, rows, list(rows), codecs, ix.stage1_codec(dtype))
+        out[dtype] = sum(t.nbytes for t in parts.values()) / n
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entities", type=int, default=1_000_000)
+    p.add_argument("--generate_mentions", type=int, default=10_000, help="mentions the world generator writes")
+    p.add_argument("--mentions", type=int, default=1000, help="validation + test mentions ranked with gold answers")
+    p.add_argument("--link_mentions", type=int, default=500, help="mentions per timed link() call")
+    p.add_argument("--smaller", type=int, nargs="*", default=[100_000, 300_000], help="smaller KBs: the first rows")
+    p.add_argument("--dtype", default="res2")
+    p.add_argument("--shard_size", type=int, default=50_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--work_dir", default=os.path.join(REPO, "data", "bench_scale"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", default=None)
+    for hidden in ("_child", "_dataset", "_index_dir", "_source", "_rows", "_ann", "_stage1"):
+        p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args._rows = int(args._rows) if args._rows else None
+    args._ann = args._ann == "True"
+    if args._child:
+        fn = {"build": child_build, "convert": child_convert, "serve": child_serve}[args._child]
+        print(json.dumps(fn(args)))
+        return
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    n = args.entities
+    dataset = world_dir(args.work_dir, n, args.generate_mentions)
+    if args.model is None:
+        from bench_linking import build_tiny_model
+
+        args.model = build_tiny_model(args.work_dir, [dataset])
+    results = {"entities": n, "threads": args.threads, "dtype": args.dtype, "load_start": os.getloadavg()}
+    f32 = os.path.join(args.work_dir, f"index-{n}-float32")
+    results["build"] = run_child("build", args, dataset=dataset, index_dir=f32)
+    compressed = os.path.join(args.work_dir, f"index-{n}-{args.dtype}")
+    results["convert"] = run_child("convert", args, source=f32, index_dir=compressed, ann=True)
+    for m in args.smaller:
+        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}")
+        results[f"convert_{m}"] = run_child("convert", args, source=f32, index_dir=small, rows=m, ann=True)
+    results["serve"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="ann")
+    results["serve_exact"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="torch")
+    results["reference"] = run_child("serve", args, dataset=dataset, index_dir=f32, stage1="torch")
+    for m in args.smaller:
+        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}")
+        results[f"serve_{m}"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="auto")
+        results[f"serve_{m}_ann"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="ann")
+    from transformers import CLIPConfig
+
+    from configuration_otmel import OTMELConfig
+
+    clip, otmel = CLIPConfig(), OTMELConfig()  # defaults: openai/clip-vit-base-patch32 dimensions
+    vision = clip.vision_config
+    vit_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    results["layout_vit_b32"] = {
+        "dims": {"text_tokens": otmel.max_text_length, "visual_tokens": vit_tokens, "hidden": otmel.hidden_size,
+                 "projection": clip.projection_dim},  # fmt: skip
+        "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
+    }
+    results["load_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    report(results)
+
+
+def report(r: dict):
+    n, build, conv, serve, ref = r["entities"], r["build"], r["convert"], r["serve"], r["reference"]
+    vit = r["layout_vit_b32"]
+    today = vit["bytes"]["float16"] + 2 * vit["dims"]["projection"] * 2  # float16 features + float32 stage 1 as today
+    print(f"\n## Scale: {n:,} entities, tiny model, {r['threads']} threads; load average "
+          f"{r['load_start'][0]:.1f} at the start, {r['load_end'][0]:.1f} at the end\n")
+    print(f"- KB encoding (float32 index, every entity encoded): {build['entities_per_s']:.0f} entities/s "
+          f"({build['rows_encoded_this_run']:,} rows in this run), peak RSS building {build['peak_rss_build_mb']:.0f} MB")
+    print(f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
+          f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB")
+    print(f"- bytes per entity (tiny model): float32 {build['bytes_per_entity']:.0f}, {r['dtype']} "
+          f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and IVF: {conv['disk_bytes_per_entity']:.0f})")
+    print(f"- bytes per entity at ViT-B/32 dimensions {vit['dims']}: " + ", ".join(f"{k} {v:.0f}" for k, v in vit["bytes"].items()))
+    print(f"- opening the {r['dtype']} index: {serve['open_s']:.2f} s (with sha256 verification "
+          f"{serve.get('open_verified_s', float('nan')):.2f} s); RSS model {serve['rss_model']['VmRSS']:.0f} MB -> opened "
+          f"{serve['rss_opened']['VmRSS']:.0f} MB")
+    for key, label in (("serve", f"{r['dtype']} + ANN"), ("serve_exact", f"{r['dtype']} + exact"), ("reference", "float32 + exact")):
+        s = r[key]
+        print(f"- {label}: link() {s['link_mentions_per_s']['ot']:.1f} mentions/s OT, "
+              f"{s['link_mentions_per_s']['attention']:.1f} attention ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x), "
+              f"stage 1 {s['link_stage1']}; H@1 OT {100 * s['h1_ot']:.1f}, attention {100 * s['h1_attention']:.1f} "
+              f"(n={s['mentions']}); peak RSS serving {s['peak_rss_link_mb']:.0f} MB (then anon {s['rss_after_link']['RssAnon']:.0f} "
+              f"+ file {s['rss_after_link']['RssFile']:.0f} MB), with the evaluation {s['peak_rss_serve_mb']:.0f} MB")  # fmt: skip
+    print(f"- stage-1 recall@50 of ANN against exact: {100 * serve['ann_recall_of_exact_top50']:.1f}% of the exact top 50; "
+          f"gold recall@50 {100 * serve['gold_recall50_ann']:.1f} (ANN) vs {100 * serve['gold_recall50_exact']:.1f} (exact); "
+          f"stage 1 alone {serve['stage1_mentions_per_s']}")  # fmt: skip
+    for a in ("ot", "attention"):
+        print(f"- H@1 {a}: {r['dtype']} + ANN minus float32 + exact = {100 * (serve[f'h1_{a}'] - ref[f'h1_{a}']):+.2f} "
+              f"points; same top-1 for {100 * sum(x == y for x, y in zip(serve[f'top1_{a}'], ref[f'top1_{a}'])) / len(ref[f'top1_{a}']):.1f}% of mentions")  # fmt: skip
+    print(f"- float16 today at ViT-B/32 dimensions: {today:.0f} bytes per entity; {r['dtype']}: "
+          f"{vit['bytes'][r['dtype']]:.0f} ({vit['bytes'][r['dtype']] / today:.2f} of it)")
+    for key in sorted(k for k in r if k.startswith("serve_") and k[6:].isdigit()):
+        s, a = r[key], r[key + "_ann"]
+        print(f"- {int(key[6:]):,} entities: link() OT {s['link_mentions_per_s']['ot']:.1f} / attention "
+              f"{s['link_mentions_per_s']['attention']:.1f} mentions/s ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x, stage 1 {s['link_stage1']}); "
+              f"with ANN {a['link_mentions_per_s']['ot']:.1f} / {a['link_mentions_per_s']['attention']:.1f}; stage 1 alone "
+              f"exact {s['stage1_mentions_per_s']['exact']:.0f} vs ANN {a['stage1_mentions_per_s'].get('ann', 0):.0f} mentions/s; "
+              f"ANN recall of exact top 50 {100 * a.get('ann_recall_of_exact_top50', float('nan')):.1f}%")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
