@@ -1454,7 +1454,7 @@ class AnnIndex:
                 `"pq<R/4>"` when R divides by 4: a quarter of a float per dimension, else `"sq8"`).
             nprobe (`int`, *optional*): lists searched per query by default (default: `max(16, nlist /
                 ANN_PROBE_DIVISOR)`).
-            train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 64 nlist)`, at
+            train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 40 nlist)`, at
                 least 10,000), a seeded random sample.
         """
         faiss = import_faiss()
@@ -1465,7 +1465,7 @@ class AnnIndex:
             nlist = max(1, min(nlist, n // 39 or 1, 65536))
         if code == "auto":
             code = "flat" if n < 50_000 else (f"pq{dim // 4}" if dim % 4 == 0 else "sq8")
-        train_size = min(n, train_size or max(10_000, 64 * nlist))
+        train_size = min(n, train_size or max(10_000, 40 * nlist))
         storage = {"flat": "Flat", "sq8": "SQ8"}.get(code)
         if code.startswith("pq") and code[2:].isdigit() and dim % int(code[2:]) == 0:
             bits = 8 if train_size >= 256 else max(1, train_size.bit_length() - 1)  # PQ training needs 2**bits rows
