@@ -204,7 +204,9 @@ def decode_picture(data: bytes, max_pixels: int) -> Image.Image:
         raise ValueError(f"unreadable picture ({type(err).__name__}: {err})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ValueError(f"picture of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}")
+        raise ValueError(
+            f"picture of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+        )
     rgb, reason = read_image(image)
     if rgb is None:
         raise ValueError(reason or "unreadable picture")
@@ -237,7 +239,9 @@ def _picture_bytes(image_base64, image_path, settings: ServerSettings) -> bytes 
         full = resolve_image_path(image_path, settings.image_root)
         size = os.path.getsize(full)
         if size > settings.max_request_bytes:
-            raise ValueError(f"image_path {image_path[:200]!r} is {size:,} bytes, over the limit of {settings.max_request_bytes:,}")
+            raise ValueError(
+                f"image_path {image_path[:200]!r} is {size:,} bytes, over the limit of {settings.max_request_bytes:,}"
+            )
         with open(full, "rb") as f:
             return f.read()
     return None
@@ -396,7 +400,9 @@ class ModelCore:
         try:
             new_index.save(self.index_dir)
         except OSError as err:
-            raise ServiceError(507, f"could not save the entity index to {self.index_dir} ({err}); the KB is unchanged") from err
+            raise ServiceError(
+                507, f"could not save the entity index to {self.index_dir} ({err}); the KB is unchanged"
+            ) from err
         with self._lock:
             self._snapshot = IndexSnapshot(new_index, self._snapshot.version + 1, index_fingerprint(new_index))
             return self.state(self._snapshot)
@@ -456,7 +462,9 @@ def _worker_main(conn, spec: dict):
     try:
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        linker = load_linker(spec["model"], spec.get("index"), spec.get("kb"), spec.get("device"), spec.get("batch_size", 64))
+        linker = load_linker(
+            spec["model"], spec.get("index"), spec.get("kb"), spec.get("device"), spec.get("batch_size", 64)
+        )
         core = ModelCore(linker, spec.get("index"))
     except Exception as err:  # noqa: BLE001 - reported to the server process, which exits with it
         conn.send(("failed", str(err) or type(err).__name__))
@@ -812,8 +820,11 @@ class LinkingService:
             "model": self.model_name,
             "worker": "process" if isinstance(self.worker, ProcessWorker) else "thread",
             **{k: v for k, v in worker.items() if k not in index_keys and k != "index_dtype"},
-            "index": {**{k: worker[k] for k in index_keys}, "dtype": worker.get("index_dtype"),
-                      "directory": self.settings.index_dir},  # fmt: skip
+            "index": {
+                **{k: worker[k] for k in index_keys},
+                "dtype": worker.get("index_dtype"),
+                "directory": self.settings.index_dir,
+            },  # fmt: skip
             "settings": asdict(self.settings),
             "stats": dict(self.stats, queued_mentions=self.queued_mentions),
         }
@@ -842,9 +853,13 @@ class BodyLimitMiddleware:
             try:
                 length = int(length)
             except ValueError:
-                return await JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)(scope, receive, send)
+                return await JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)(
+                    scope, receive, send
+                )
             if length > self.limit:
-                return await JSONResponse({"detail": self._too_large(f"{length:,}")}, status_code=413)(scope, receive, send)
+                return await JSONResponse({"detail": self._too_large(f"{length:,}")}, status_code=413)(
+                    scope, receive, send
+                )
         total = 0
 
         async def limited_receive():
@@ -908,7 +923,9 @@ def create_app(service: LinkingService) -> FastAPI:
             return JSONResponse({"detail": f"malformed JSON: {reason} (at character {where})"}, status_code=400)
         if "json" not in content_type.lower() and request.method in ("POST", "PUT"):
             return JSONResponse(
-                {"detail": f"the body must be JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})"},
+                {
+                    "detail": f"the body must be JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})"
+                },
                 status_code=415,
             )
         return JSONResponse({"detail": _validation_message(errors)}, status_code=422)
@@ -933,13 +950,17 @@ def create_app(service: LinkingService) -> FastAPI:
         linked."""
         n = len(body.mentions)
         if n > settings.max_mentions_per_request:
-            raise ServiceError(413, f"{n} mentions in one request; this server takes at most {settings.max_mentions_per_request}")
+            raise ServiceError(
+                413, f"{n} mentions in one request; this server takes at most {settings.max_mentions_per_request}"
+            )
         top_k = body.top_k if body.top_k is not None else min(5, settings.max_top_k)
         candidates = body.candidates if body.candidates is not None else min(50, settings.max_candidates)
         if top_k > settings.max_top_k:
             raise ServiceError(422, f"top_k: {top_k} is over this server's limit of {settings.max_top_k}")
         if candidates > settings.max_candidates:
-            raise ServiceError(422, f"candidates: {candidates} is over this server's limit of {settings.max_candidates}")
+            raise ServiceError(
+                422, f"candidates: {candidates} is over this server's limit of {settings.max_candidates}"
+            )
         if any(m.image_base64 is not None or m.image_path is not None for m in body.mentions):
             prepared = await asyncio.to_thread(_prepare_all, body.mentions, settings)
         else:
@@ -962,7 +983,9 @@ def create_app(service: LinkingService) -> FastAPI:
         service._require_index_dir()
         n = len(body.entities)
         if n > settings.max_entities_per_request:
-            raise ServiceError(413, f"{n} entities in one request; this server takes at most {settings.max_entities_per_request}")
+            raise ServiceError(
+                413, f"{n} entities in one request; this server takes at most {settings.max_entities_per_request}"
+            )
         rows, problems = [], []
         for i, e in enumerate(body.entities):
             try:
@@ -1005,7 +1028,9 @@ def check_sources(index: str | None, kb: str | None):
     if not index and not kb:
         raise ValueError("give --index INDEX_DIR or --kb KB")
     if index and not kb and not os.path.isfile(os.path.join(index, INDEX_META)):
-        raise FileNotFoundError(f"--index {index}: no entity index there ({INDEX_META} missing); give --kb to build it")
+        raise FileNotFoundError(
+            f"--index {index}: no entity index there ({INDEX_META} missing); give --kb to build it"
+        )
 
 
 def load_linker(model: str, index: str | None, kb: str | None, device=None, batch_size: int = 64) -> OTMELLinker:
@@ -1104,7 +1129,9 @@ def main(argv=None) -> int:
             worker = ProcessWorker(args.model, args.index, args.kb, args.device, args.threads, args.batch_size,
                                    args.log_level)  # fmt: skip
         else:
-            worker = ThreadWorker(load_linker(args.model, args.index, args.kb, args.device, args.batch_size), args.index)
+            worker = ThreadWorker(
+                load_linker(args.model, args.index, args.kb, args.device, args.batch_size), args.index
+            )
         state = worker.launch()
     except (ValueError, FileNotFoundError) as err:
         sock.close()

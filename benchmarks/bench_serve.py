@@ -259,7 +259,10 @@ async def mixed(url: str, bodies: list, concurrency: int, initial_qids: set, cha
                     version = state["index_version"]
                     if step % 2 == 0:
                         kb[version] = kb[version - 1] | {entity["qid"]}
-                        probe = {"mentions": [{"mention": entity["name"], "sentence": entity["attributes"]}], "top_k": 5}
+                        probe = {
+                            "mentions": [{"mention": entity["name"], "sentence": entity["attributes"]}],
+                            "top_k": 5,
+                        }
                         p = await client.post("/link", json=probe)
                         if p.status_code == 200:
                             found.append(entity["qid"] in {c["qid"] for c in p.json()["results"][0]})
@@ -331,8 +334,12 @@ def main():
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--candidates", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, in-process and in the server (1 leaves the other core to HTTP and the client)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, in-process and in the server (1 leaves the other core to HTTP and the client)",
+    )
     p.add_argument("--max_wait_ms", type=float, default=2.0, help="the server's --max_wait_ms")
     p.add_argument("--max_batch_mentions", type=int, default=64, help="the server's --max_batch_mentions")
     p.add_argument("--worker", default="thread", choices=("thread", "process"), help="the server's --worker")
@@ -352,7 +359,9 @@ def main():
     model = args.model
     if not model:
         demo = os.path.join(REPO, "outputs", "demo")
-        model = demo if os.path.isfile(os.path.join(demo, "config.json")) else build_tiny_model(args.work_dir, [dataset])
+        model = (
+            demo if os.path.isfile(os.path.join(demo, "config.json")) else build_tiny_model(args.work_dir, [dataset])
+        )
     model_desc = model if args.model or model.endswith(os.path.join("outputs", "demo")) else "tiny random OT-MEL"
     index_dir = os.path.join(args.work_dir, f"index-{args.entities}")
     if not os.path.isfile(os.path.join(index_dir, "entity_index.json")):
@@ -422,9 +431,11 @@ def main():
           f"candidates {args.candidates}, {per} mentions per request (about half with a picture), server "
           f"--worker {args.worker} --max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
           f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
-    print("| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
-          "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy (running) "
-          "| CPU ms per mention: server (client) |")
+    print(
+        "| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
+        "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy (running) "
+        "| CPU ms per mention: server (client) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - "
           f"| {local_cpu_ms:.2f} |")  # fmt: skip

@@ -235,7 +235,10 @@ def test_process_worker(world, tmp_path):
     shutil.copytree(world["index_dir"], index_dir)
     srv, service = _start(world, index_dir=index_dir, worker="process", max_wait_ms=2)
     try:
-        mentions = [_mention(i) for i in range(3)] + [_mention(6, _png(6)), {**_mention(4), "image_path": "sub/face.png"}]
+        mentions = [_mention(i) for i in range(3)] + [
+            _mention(6, _png(6)),
+            {**_mention(4), "image_path": "sub/face.png"},
+        ]
         r = httpx.post(f"{srv.url}/link", json={"mentions": mentions, "top_k": 4, "candidates": 8}, timeout=60)
         assert r.status_code == 200, r.text
         local = [{"mention": m["mention"], "sentence": m["sentence"], "image": None} for m in mentions]
@@ -336,7 +339,9 @@ def test_small_answers_are_not_held_back(server):
 
 
 def test_other_bad_requests(server):
-    r = server.client.post("/link", content=b'{"mentions": [{"mention": "ada"}]}', headers={"content-type": "text/plain"})
+    r = server.client.post(
+        "/link", content=b'{"mentions": [{"mention": "ada"}]}', headers={"content-type": "text/plain"}
+    )
     assert r.status_code == 415 and "application/json" in r.json()["detail"]
     assert server.client.get("/nowhere").status_code == 404
     assert server.client.get("/link").status_code == 405
@@ -559,7 +564,10 @@ def test_command_line(world, tmp_path, capsys):
             signal.signal(sig, handler)
     kind, message = ours.recv()
     assert kind == "failed" and "no-model" in message
-    assert sv.main(["--model", world["model_dir"], "--index", world["index_dir"], "--image_root", str(tmp_path / "x")]) == 2
+    assert (
+        sv.main(["--model", world["model_dir"], "--index", world["index_dir"], "--image_root", str(tmp_path / "x")])
+        == 2
+    )
     cmd = [sys.executable, os.path.join(REPO, "serving_otmel.py"), "--model", world["model_dir"], "--index",
            world["index_dir"], "--port", "0", "--threads", "1", "--no_access_log", "--log_level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
