@@ -548,6 +548,21 @@ def test_graceful_shutdown_finishes_running_requests(world):
         httpx.get(f"{srv.url}/health", timeout=5)
 
 
+def test_index_built_from_a_kb_file_and_saved(world, tmp_path):
+    import json
+
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text("".join(json.dumps({"qid": f"K{i}", "name": NAMES[i], "attributes": "x"}) + "\n" for i in range(3)))
+    index_dir = str(tmp_path / "index")
+    linker = sv.load_linker(world["model_dir"], index_dir, str(kb))
+    assert list(linker.index.qids) == ["K0", "K1", "K2"]
+    assert list(ix.EntityIndex.load(index_dir).qids) == ["K0", "K1", "K2"]
+    kb.write_text(json.dumps({"qid": "other", "name": "x"}) + "\n")  # an index in --index wins over --kb
+    assert list(sv.load_linker(world["model_dir"], index_dir, str(kb)).index.qids) == ["K0", "K1", "K2"]
+    with pytest.raises(ValueError, match="--index INDEX_DIR or --kb"):
+        sv.load_linker(world["model_dir"], None, None)
+
+
 def test_command_line(world, tmp_path, capsys):
     assert sv.main(["--model", world["model_dir"], "--index", str(tmp_path / "none")]) == 2
     assert "no entity index there" in capsys.readouterr().err
