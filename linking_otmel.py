@@ -52,12 +52,14 @@ import torch
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .configuration_otmel import PAPER_MODELS
+    from .data_otmel import load_kb
     from .index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
     from .modeling_otmel import OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
     from .ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
 except ImportError:
     from configuration_otmel import PAPER_MODELS
+    from data_otmel import load_kb
     from index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
     from modeling_otmel import OTMELModel
     from processing_otmel import OTMELProcessor, read_image
@@ -260,18 +262,6 @@ class OTMELLinker:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _load_kb_dataset(path: str, columns: str | None = None):
-    """The KB of `--kb`: a CSV / TSV / JSONL / JSON / Parquet file (pictures relative to it), a dataset folder or Hub id
-    with a 'kb' config, a `save_to_disk` folder, or a raw MIMIC-layout folder; `columns` is `--kb_columns`
-    (`data_otmel.load_kb`). Raises `data_otmel.DataFormatError` (a ValueError) whose message names `--kb`."""
-    try:
-        from .data_otmel import load_kb
-    except ImportError:
-        from data_otmel import load_kb
-
-    return load_kb(path, columns=columns, where="--kb")
 
 
 _JSON_TYPES = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
@@ -520,7 +510,7 @@ def _run(args) -> int:
         if os.path.isfile(os.path.join(args.kb, INDEX_META)):
             linker.load_index(args.kb)
         else:
-            kb = _load_kb_dataset(args.kb, args.kb_columns)
+            kb = load_kb(args.kb, columns=args.kb_columns, where="--kb")
             if args.index_dir and os.path.isfile(os.path.join(args.index_dir, INDEX_META)) and not args.rebuild_index:
                 linker.load_index(args.index_dir, kb=kb)
                 print(f"loaded entity index from {args.index_dir} ({len(linker.index)} entities)", file=sys.stderr)

@@ -61,12 +61,14 @@ from starlette.exceptions import HTTPException
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
+    from .data_otmel import load_kb
     from .index_otmel import INDEX_META, EntityIndex
-    from .linking_otmel import OTMELLinker, _load_kb_dataset
+    from .linking_otmel import OTMELLinker
     from .processing_otmel import read_image
 except ImportError:
+    from data_otmel import load_kb
     from index_otmel import INDEX_META, EntityIndex
-    from linking_otmel import OTMELLinker, _load_kb_dataset
+    from linking_otmel import OTMELLinker
     from processing_otmel import read_image
 
 
@@ -1048,7 +1050,7 @@ def load_linker(model: str, index: str | None, kb: str | None, device=None, batc
         if index:
             linker.save_index(index)
     else:
-        linker.build_index(_load_kb_dataset(kb))
+        linker.build_index(load_kb(kb, where="--kb"))
         if index:
             linker.save_index(index)
     return linker
