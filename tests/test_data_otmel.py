@@ -385,8 +385,12 @@ def test_train_on_own_files(tmp_path, monkeypatch, capsys):
         "1",
         *TINY,
         *SCHEDULE,
+        "--report_to",  # after TINY's "none"
+        "tensorboard",
     ]
     assert run_mel.console_main(args) == 0
+    # TensorBoard (a declared dependency) received the run's scalars.
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
     results = json.loads((out / "all_results.json").read_text())
     assert results["train_samples"] == 33 and results["epoch"] == pytest.approx(1.0)
     assert results["eval_n"] == N_ENTITIES // 2  # the E999 mention is not linkable
