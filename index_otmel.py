@@ -116,7 +116,9 @@ def processor_fingerprint(processor) -> dict:
         "max_text_length": int(processor.max_text_length),
         "separator": processor.text_separator(),
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
-        "image_processor": hashlib.sha256(json.dumps(image_settings, sort_keys=True, default=str).encode()).hexdigest(),
+        "image_processor": hashlib.sha256(
+            json.dumps(image_settings, sort_keys=True, default=str).encode()
+        ).hexdigest(),
     }
 
 
@@ -159,8 +161,6 @@ def _diff(kind: str, expected: dict, actual: dict) -> list[str]:
     return out
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # KB access
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +182,9 @@ class KBView:
                 raise ValueError(f"KB dataset lacks column(s) {missing}; it has {kb.column_names}")
             self.qids = [str(q) for q in kb["qid"]]
             self.names = [n or "" for n in kb["name"]]
-            self.attributes = [a or "" for a in kb["attributes"]] if "attributes" in kb.column_names else [""] * len(kb)
+            self.attributes = (
+                [a or "" for a in kb["attributes"]] if "attributes" in kb.column_names else [""] * len(kb)
+            )
             self.images = None
             if "image" in kb.column_names:
                 from datasets import Image
@@ -199,7 +201,9 @@ class KBView:
                     )
                 for key in ("name", "attributes"):
                     if r.get(key) is not None and not isinstance(r[key], str):
-                        raise ValueError(f"KB row {i} (qid {r['qid']!r}): {key} must be a string, got {type(r[key]).__name__}")
+                        raise ValueError(
+                            f"KB row {i} (qid {r['qid']!r}): {key} must be a string, got {type(r[key]).__name__}"
+                        )
             self.kb = rows
             self.qids = [str(r["qid"]) for r in rows]
             self.names = [r.get("name") or "" for r in rows]
@@ -237,7 +241,9 @@ class KBView:
             if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
                 # Lengths from Arrow directly: the picture bytes are never copied into Python objects.
                 lengths = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
-                paths = pc.struct_field(column, "path").to_pylist() if column.type.get_field_index("path") >= 0 else None
+                paths = (
+                    pc.struct_field(column, "path").to_pylist() if column.type.get_field_index("path") >= 0 else None
+                )
                 return [
                     n if n is not None else _image_length(paths[i] if paths is not None else None)
                     for i, n in enumerate(lengths)
@@ -280,7 +286,9 @@ def storage_dtype(name) -> torch.dtype:
     """`torch.float16` etc. from a name (`"float16"`, `"torch.float16"`) or a dtype."""
     if isinstance(name, torch.dtype):
         return name
-    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[str(name).replace("torch.", "")]
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[
+        str(name).replace("torch.", "")
+    ]
 
 
 def check_index_dtype(dtype) -> str:
@@ -509,7 +517,11 @@ class StringColumn(Sequence):
         offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
         if encoded:
             offsets[1:] = torch.tensor([len(b) for b in encoded], dtype=torch.int64).cumsum(0)
-        data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if offsets[-1] else torch.zeros(0, dtype=torch.uint8)
+        data = (
+            torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+            if offsets[-1]
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         return cls(data, offsets)
 
     def __len__(self):
@@ -906,7 +918,11 @@ class EntityIndex:
         length."""
         out = {}
         if self.retrieval_scale is None:
-            out[_RETRIEVAL] = other.stage1_vectors(torch.arange(len(other))) if other.retrieval_scale is not None else other.retrieval.float()
+            out[_RETRIEVAL] = (
+                other.stage1_vectors(torch.arange(len(other)))
+                if other.retrieval_scale is not None
+                else other.retrieval.float()
+            )
         elif other.retrieval_scale is not None:
             out[_RETRIEVAL], out[_RETRIEVAL_SCALE] = other.retrieval, other.retrieval_scale
         else:
@@ -949,7 +965,9 @@ class EntityIndex:
         mine, theirs = self.meta["model"], other.meta["model"]
         problems += _diff("model setting", mine["settings"], theirs["settings"])
         if mine["weights"] != theirs["weights"]:
-            problems.append(f"model weights differ (this index {mine['weights'][:12]}..., added {theirs['weights'][:12]}...)")
+            problems.append(
+                f"model weights differ (this index {mine['weights'][:12]}..., added {theirs['weights'][:12]}...)"
+            )
         if self.meta.get("processor") != other.meta.get("processor"):
             problems += _diff("processor", self.meta.get("processor") or {}, other.meta.get("processor") or {})
         if self.splits != other.splits:
@@ -1097,7 +1115,9 @@ class EntityIndex:
                     problems.append(f"KB size differs: index has {len(self)} entities, given KB {len(view)}")
                 elif view.qids != self.qids:
                     first = next(i for i, (a, b) in enumerate(zip(self.qids, view.qids)) if a != b)
-                    problems.append(f"KB qids differ (first at row {first}: index {self.qids[first]!r}, KB {view.qids[first]!r})")
+                    problems.append(
+                        f"KB qids differ (first at row {first}: index {self.qids[first]!r}, KB {view.qids[first]!r})"
+                    )
                 elif self.row_hashes is not None:
                     rows = (given != self.row_hashes).any(dim=1).nonzero().flatten().tolist()
                     if rows:
@@ -1112,7 +1132,9 @@ class EntityIndex:
                 and kb_hash != self.meta["kb"]
                 and not any(p.startswith("KB") for p in problems)
             ):
-                problems.append("KB content differs (names, attributes or images changed; same qids in the same order)")
+                problems.append(
+                    "KB content differs (names, attributes or images changed; same qids in the same order)"
+                )
         if problems:
             raise IndexMismatchError(
                 "entity index does not match: " + "; ".join(problems) + ". Rebuild the index for this model and KB."
@@ -1230,7 +1252,9 @@ class EntityIndex:
         meta = _read_meta(meta_path)
         files, checksums = meta.pop("files"), meta.pop("checksums")
         weights_path = os.path.join(directory, files["weights"])
-        _check_file(weights_path, meta_path, checksums["weights_bytes"], checksums["weights_sha256"] if verify else None)
+        _check_file(
+            weights_path, meta_path, checksums["weights_bytes"], checksums["weights_sha256"] if verify else None
+        )
         tensors = _read_safetensors(weights_path, mmap=mmap)
         try:
             retrieval = tensors.pop(_RETRIEVAL)
@@ -1264,9 +1288,13 @@ class EntityIndex:
         ann = None
         if files.get("ann"):
             ann_path = os.path.join(directory, files["ann"])
-            _check_file(ann_path, meta_path, checksums.get("ann_bytes"), checksums.get("ann_sha256") if verify else None)
+            _check_file(
+                ann_path, meta_path, checksums.get("ann_bytes"), checksums.get("ann_sha256") if verify else None
+            )
             ann = AnnIndex.from_tensors(_read_safetensors(ann_path, mmap=False), meta.get("ann") or {}, ann_path)
-        index = cls(retrieval, tensors, qids, names, meta, row_hashes=hashes, retrieval_scale=scale, codecs=codecs, ann=ann)
+        index = cls(
+            retrieval, tensors, qids, names, meta, row_hashes=hashes, retrieval_scale=scale, codecs=codecs, ann=ann
+        )
         index._saved = {"directory": directory, "files": files, "checksums": checksums, "version": index.version}
         if ann is not None:
             index._saved["ann_version"] = (id(ann), ann.version)
@@ -1302,7 +1330,9 @@ def _check_file(path: str, meta_path: str, size, sha256):
         raise IndexCorruptError(f"{path} is missing (named by {meta_path}); {REBUILD}")
     actual = os.path.getsize(path)
     if actual != size:
-        raise IndexCorruptError(f"{path} has {actual} bytes, {meta_path} says {size} (truncated or replaced); {REBUILD}")
+        raise IndexCorruptError(
+            f"{path} has {actual} bytes, {meta_path} says {size} (truncated or replaced); {REBUILD}"
+        )
     if sha256 is not None and _file_sha256(path) != sha256:
         raise IndexCorruptError(f"{path}: contents do not match the sha256 in {meta_path} (damaged); {REBUILD}")
 
@@ -1475,7 +1505,9 @@ class AnnIndex:
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.index_factory(dim, f"IVF{nlist},{storage}", faiss.METRIC_INNER_PRODUCT)
         if hasattr(index, "do_polysemous_training"):
-            index.do_polysemous_training = False  # minutes of training for a re-ordering the exact re-scoring makes moot
+            index.do_polysemous_training = (
+                False  # minutes of training for a re-ordering the exact re-scoring makes moot
+            )
         g = torch.Generator().manual_seed(seed)
         sample = torch.randperm(n, generator=g)[:train_size].sort().values
         index.cp.seed = seed
@@ -1542,7 +1574,9 @@ class AnnIndex:
             index = faiss.deserialize_index(tensors["faiss"].numpy())
             slot_rows = tensors["slot_rows"]
         except Exception as err:  # noqa: BLE001 - FAISS raises RuntimeError with its own text
-            raise IndexCorruptError(f"{path}: unreadable ANN structure ({type(err).__name__}: {err}); {REBUILD}") from err
+            raise IndexCorruptError(
+                f"{path}: unreadable ANN structure ({type(err).__name__}: {err}); {REBUILD}"
+            ) from err
         return cls(index, slot_rows, config)
 
 
@@ -1723,8 +1757,9 @@ def encode_kb(
 
     max_len = _longest_text(processor, view)
     start, end = n * rank // world, n * (rank + 1) // world
-    part = _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress and rank == 0,
-                        stage1_dtype)
+    part = _encode_rows(
+        model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress and rank == 0, stage1_dtype
+    )
     parts = [None] * world
     dist.all_gather_object(parts, part)
     return EntityIndex.concatenate(parts)
@@ -1894,10 +1929,14 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
         parts.append(EntityIndex.load(path))
     first = parts[0]
     for s, p in enumerate(parts[1:], start=1):
-        same = p.meta["model"] == first.meta["model"] and p.splits == first.splits and set(p.fields) == set(first.fields)
+        same = (
+            p.meta["model"] == first.meta["model"] and p.splits == first.splits and set(p.fields) == set(first.fields)
+        )
         same = same and all(_same_codec(c, p.codecs[k]) for k, c in first.codecs.items())
         if not same:
-            raise IndexMismatchError(f"shard {s} in {shards_dir} was built differently from shard 0; delete the shards")
+            raise IndexMismatchError(
+                f"shard {s} in {shards_dir} was built differently from shard 0; delete the shards"
+            )
     n = sum(len(p) for p in parts)
     length = max(p._text_length() for p in parts)
     rows = [p._row_tensors() for p in parts]
@@ -1953,7 +1992,9 @@ def convert_index(
     src = EntityIndex.load(source, verify=False)
     rows = rows if rows is not None else range(len(src))
     if not rows or rows.start < 0 or rows.stop > len(src) or rows.step != 1:
-        raise ValueError(f"rows must be a non-empty contiguous range within the {len(src)} rows of {source}, got {rows}")
+        raise ValueError(
+            f"rows must be a non-empty contiguous range within the {len(src)} rows of {source}, got {rows}"
+        )
     n = len(rows)
     num_shards = max(1, math.ceil(n / shard_size))
     bounds = [rows.start + n * i // num_shards for i in range(num_shards + 1)]
@@ -1967,7 +2008,9 @@ def convert_index(
         if os.path.isfile(plan_path):
             with open(plan_path, encoding="utf-8") as f:
                 if json.load(f) != plan:
-                    raise IndexMismatchError(f"{shards_dir} holds shards of another conversion: delete it or use another folder")
+                    raise IndexMismatchError(
+                        f"{shards_dir} holds shards of another conversion: delete it or use another folder"
+                    )
         else:
             with _AtomicFile(plan_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 json.dump(plan, f)
@@ -2036,7 +2079,9 @@ def main(argv=None) -> int:
     if args.merge:
         index = merge_shards(args.out_dir, ann=ann)
     elif args.convert_from:
-        index = convert_index(args.convert_from, args.out_dir, args.dtype, args.stage1_dtype, shard_size=args.shard_size, ann=ann)
+        index = convert_index(
+            args.convert_from, args.out_dir, args.dtype, args.stage1_dtype, shard_size=args.shard_size, ann=ann
+        )
     else:
         if not args.model or not args.kb:
             parser.error("--model and --kb are needed to build an index")

@@ -59,7 +59,10 @@ class ModelArguments:
     clip_model: str | None = field(default=None, metadata={"help": "A CLIP checkpoint to start a new OT-MEL from."})
     mode: str = field(
         default="ot",
-        metadata={"help": "The paper's model to train: " + " | ".join(PAPER_MODELS) + ".", "choices": list(PAPER_MODELS)},
+        metadata={
+            "help": "The paper's model to train: " + " | ".join(PAPER_MODELS) + ".",
+            "choices": list(PAPER_MODELS),
+        },
     )
     fusion_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (ablations F1, F2)."})
     unimodal_assignment: str | None = field(default=None, metadata={"help": "ot | attention | off (M1, M2)."})
@@ -67,7 +70,9 @@ class ModelArguments:
     distillation: str | None = field(default=None, metadata={"help": "off | kl | mse | row_kl (K1, K2)."})
     inference_assignment: str | None = field(default=None, metadata={"help": "ot | attention."})
     hidden_size: int | None = field(default=None, metadata={"help": "Assignment space size (paper: 96)."})
-    pairwise_negatives: int | None = field(default=15, metadata={"help": "Hard in-batch negatives scored pairwise (0: all, the paper)."})
+    pairwise_negatives: int | None = field(
+        default=15, metadata={"help": "Hard in-batch negatives scored pairwise (0: all, the paper)."}
+    )
     ot_epsilon: float | None = None
     sinkhorn_iterations: int | None = None
     sinkhorn_tolerance: float | None = None
@@ -193,7 +198,9 @@ def load_mel_dataset(
 
     files = {"train": train_file, "validation": validation_file, "test": test_file}
     if not name and not any(files.values()):
-        raise DataFormatError("no data: give --dataset_name, or --train_file / --validation_file / --test_file with --kb")
+        raise DataFormatError(
+            "no data: give --dataset_name, or --train_file / --validation_file / --test_file with --kb"
+        )
     if any(files.values()) and not name and not kb:
         raise DataFormatError("--train_file / --validation_file / --test_file need --kb (or --dataset_name's KB)")
     path = name
@@ -573,7 +580,8 @@ def load_model_and_processor(model_args, data_args, training_args, mentions, kb)
     set_seed(training_args.seed)
     model = OTMELModel.from_clip(base, **overrides)
     processor = OTMELProcessor(
-        AutoImageProcessor.from_pretrained(base), AutoTokenizer.from_pretrained(base),
+        AutoImageProcessor.from_pretrained(base),
+        AutoTokenizer.from_pretrained(base),
         max_text_length=model.config.max_text_length,
     )
     return model, processor, model_args.clip_model or "offline tiny CLIP (tiny_clip.py)"
@@ -647,7 +655,12 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
                 reason, level = "no checkpoint is saved (--save_strategy no)", logging.INFO
             elif save_s != "best" and eval_s != save_s:
                 reason = f"evaluations (--eval_strategy {eval_s}) and checkpoints (--save_strategy {save_s}) differ"
-            elif eval_s == "steps" and save_s == "steps" and min(eval_steps, save_steps) >= 1 and save_steps % eval_steps:
+            elif (
+                eval_s == "steps"
+                and save_s == "steps"
+                and min(eval_steps, save_steps) >= 1
+                and save_steps % eval_steps
+            ):
                 reason = f"--save_steps {save_steps} is not a multiple of --eval_steps {eval_steps}"
             if reason:
                 adjusted["load_best_model_at_end"] = False
@@ -810,6 +823,7 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
 def run_settings(model_args, data_args, training_args) -> dict:
     """What decides the result of a training run (data, starting model, model config, optimisation), as stored in
     `run_settings.json` of the output folder and compared before resuming a run found there."""
+
     def where(path):
         return os.path.abspath(path) if path and os.path.exists(path) else path
 
@@ -866,7 +880,9 @@ def _checkpoint_progress(checkpoint: str) -> str:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
         step, total = state["global_step"], state["max_steps"]
-        return f"step {step} of {total}" + ("; that run is complete, so no step is left to train" if step >= total else "")
+        return f"step {step} of {total}" + (
+            "; that run is complete, so no step is left to train" if step >= total else ""
+        )
     except (OSError, ValueError, KeyError):
         return "step unknown: no readable trainer_state.json"
 
@@ -1017,7 +1033,9 @@ def check_dataset_source(data_args) -> None:
     if not name:
         return
     files = [getattr(data_args, f"{split}_file", None) for split in ("train", "validation", "test")]
-    configs = [config for config, used in (("mentions", not any(files)), ("kb", not getattr(data_args, "kb", None))) if used]
+    configs = [
+        config for config, used in (("mentions", not any(files)), ("kb", not getattr(data_args, "kb", None))) if used
+    ]
     if not configs:
         return
     where = os.path.abspath(os.path.expanduser(name))
@@ -1157,7 +1175,11 @@ def main(argv=None):
 
     def take(split, limit):
         # Evaluation during training (any --eval_strategy but "no") turns do_eval on: it needs the validation split.
-        hint = "; pass --eval_strategy no to train without evaluation" if split == "validation" and training_args.do_train else ""
+        hint = (
+            "; pass --eval_strategy no to train without evaluation"
+            if split == "validation" and training_args.do_train
+            else ""
+        )
         if split not in mentions:
             given = "" if data_args.dataset_name else f" (give --{split}_file)"
             raise UsageError(f"{dataset_label} has no '{split}' split{given} (has: {', '.join(mentions)}){hint}")
@@ -1183,7 +1205,10 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=MELCollator(
-            processor, kb, qid_to_index, pad_to_max=training_args.world_size > 1,
+            processor,
+            kb,
+            qid_to_index,
+            pad_to_max=training_args.world_size > 1,
             kb_negatives=training_args.kb_negatives,
         ),
         processing_class=processor,
@@ -1247,7 +1272,9 @@ def main(argv=None):
             write_predictions(os.path.join(training_args.output_dir, "predictions_test.jsonl"), test, kb, result,
                               nil_threshold=model.config.nil_threshold)  # fmt: skip
 
-    if trainer.is_world_process_zero() and (training_args.do_train or training_args.do_eval or training_args.do_predict):
+    if trainer.is_world_process_zero() and (
+        training_args.do_train or training_args.do_eval or training_args.do_predict
+    ):
         os.makedirs(training_args.output_dir, exist_ok=True)
         processor.save_pretrained(training_args.output_dir)
         if training_args.do_train:
@@ -1265,7 +1292,9 @@ def main(argv=None):
     if training_args.push_to_hub and trainer.is_world_process_zero():
         from model_card import push_folder_to_hub
 
-        push_folder_to_hub(training_args.output_dir, training_args.hub_model_id or os.path.basename(training_args.output_dir))
+        push_folder_to_hub(
+            training_args.output_dir, training_args.hub_model_id or os.path.basename(training_args.output_dir)
+        )
     return all_metrics
 
 

@@ -325,8 +325,12 @@ def main():
     vision = clip.vision_config
     vit_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     results["layout_vit_b32"] = {
-        "dims": {"text_tokens": otmel.max_text_length, "visual_tokens": vit_tokens, "hidden": otmel.hidden_size,
-                 "projection": clip.projection_dim},  # fmt: skip
+        "dims": {
+            "text_tokens": otmel.max_text_length,
+            "visual_tokens": vit_tokens,
+            "hidden": otmel.hidden_size,
+            "projection": clip.projection_dim,
+        },  # fmt: skip
         "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
     }
     results["load_end"] = os.getloadavg()
@@ -340,19 +344,36 @@ def report(r: dict):
     n, build, conv, serve, ref = r["entities"], r["build"], r["convert"], r["serve"], r["reference"]
     vit = r["layout_vit_b32"]
     today = vit["bytes"]["float16"] + 2 * vit["dims"]["projection"] * 2  # float16 features + float32 stage 1 as today
-    print(f"\n## Scale: {n:,} entities, tiny model, {r['threads']} threads; load average "
-          f"{r['load_start'][0]:.1f} at the start, {r['load_end'][0]:.1f} at the end\n")
-    print(f"- KB encoding (float32 index, every entity encoded): {build['entities_per_s']:.0f} entities/s "
-          f"({build['rows_encoded_this_run']:,} rows in this run), peak RSS building {build['peak_rss_build_mb']:.0f} MB")
-    print(f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
-          f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB")
-    print(f"- bytes per entity (tiny model): float32 {build['bytes_per_entity']:.0f}, {r['dtype']} "
-          f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and IVF: {conv['disk_bytes_per_entity']:.0f})")
-    print(f"- bytes per entity at ViT-B/32 dimensions {vit['dims']}: " + ", ".join(f"{k} {v:.0f}" for k, v in vit["bytes"].items()))
-    print(f"- opening the {r['dtype']} index: {serve['open_s']:.2f} s (with sha256 verification "
-          f"{serve.get('open_verified_s', float('nan')):.2f} s); RSS model {serve['rss_model']['VmRSS']:.0f} MB -> opened "
-          f"{serve['rss_opened']['VmRSS']:.0f} MB")
-    for key, label in (("serve", f"{r['dtype']} + ANN"), ("serve_exact", f"{r['dtype']} + exact"), ("reference", "float32 + exact")):
+    print(
+        f"\n## Scale: {n:,} entities, tiny model, {r['threads']} threads; load average "
+        f"{r['load_start'][0]:.1f} at the start, {r['load_end'][0]:.1f} at the end\n"
+    )
+    print(
+        f"- KB encoding (float32 index, every entity encoded): {build['entities_per_s']:.0f} entities/s "
+        f"({build['rows_encoded_this_run']:,} rows in this run), peak RSS building {build['peak_rss_build_mb']:.0f} MB"
+    )
+    print(
+        f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
+        f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB"
+    )
+    print(
+        f"- bytes per entity (tiny model): float32 {build['bytes_per_entity']:.0f}, {r['dtype']} "
+        f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and IVF: {conv['disk_bytes_per_entity']:.0f})"
+    )
+    print(
+        f"- bytes per entity at ViT-B/32 dimensions {vit['dims']}: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in vit["bytes"].items())
+    )
+    print(
+        f"- opening the {r['dtype']} index: {serve['open_s']:.2f} s (with sha256 verification "
+        f"{serve.get('open_verified_s', float('nan')):.2f} s); RSS model {serve['rss_model']['VmRSS']:.0f} MB -> opened "
+        f"{serve['rss_opened']['VmRSS']:.0f} MB"
+    )
+    for key, label in (
+        ("serve", f"{r['dtype']} + ANN"),
+        ("serve_exact", f"{r['dtype']} + exact"),
+        ("reference", "float32 + exact"),
+    ):
         s = r[key]
         print(f"- {label}: link() {s['link_mentions_per_s']['ot']:.1f} mentions/s OT, "
               f"{s['link_mentions_per_s']['attention']:.1f} attention ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x), "
@@ -365,8 +386,10 @@ def report(r: dict):
     for a in ("ot", "attention"):
         print(f"- H@1 {a}: {r['dtype']} + ANN minus float32 + exact = {100 * (serve[f'h1_{a}'] - ref[f'h1_{a}']):+.2f} "
               f"points; same top-1 for {100 * sum(x == y for x, y in zip(serve[f'top1_{a}'], ref[f'top1_{a}'])) / len(ref[f'top1_{a}']):.1f}% of mentions")  # fmt: skip
-    print(f"- float16 today at ViT-B/32 dimensions: {today:.0f} bytes per entity; {r['dtype']}: "
-          f"{vit['bytes'][r['dtype']]:.0f} ({vit['bytes'][r['dtype']] / today:.2f} of it)")
+    print(
+        f"- float16 today at ViT-B/32 dimensions: {today:.0f} bytes per entity; {r['dtype']}: "
+        f"{vit['bytes'][r['dtype']]:.0f} ({vit['bytes'][r['dtype']] / today:.2f} of it)"
+    )
     for key in sorted(k for k in r if k.startswith("serve_") and k[6:].isdigit()):
         s, a = r[key], r[key + "_ann"]
         print(f"- {int(key[6:]):,} entities: link() OT {s['link_mentions_per_s']['ot']:.1f} / attention "

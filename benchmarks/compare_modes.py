@@ -30,8 +30,17 @@ WORLDS = {
     "default": ("demo_world", []),  # the demo's world: `make demo` generates the same folder
     "hard": ("hard_world", ["--preset", "hard"]),
 }
-SLICES = ("full name", "partial name", "with picture", "no picture", "partial, with picture", "partial, no picture",
-          "picture needed", "seen entity", "unseen entity")
+SLICES = (
+    "full name",
+    "partial name",
+    "with picture",
+    "no picture",
+    "partial, with picture",
+    "partial, no picture",
+    "picture needed",
+    "seen entity",
+    "unseen entity",
+)
 
 
 def world_dir(world: str) -> str:

@@ -83,7 +83,9 @@ def _mention_of(row) -> dict:
     return {"mention": row["name"], "sentence": row["attributes"], "image": image}
 
 
-MENTIONS = [_mention_of(r) for r in KB[:6]] + [{"mention": "zed", "sentence": "the explorer wrote books", "image": None}]
+MENTIONS = [_mention_of(r) for r in KB[:6]] + [
+    {"mention": "zed", "sentence": "the explorer wrote books", "image": None}
+]
 
 
 def _all_scores(linker, mentions, strategy="two_stage"):
@@ -253,7 +255,9 @@ def test_reordered_qids_or_names_are_refused(world, tmp_path):
     with pytest.raises(ix.IndexCorruptError, match=f"{weights}: contents do not match the sha256.*rebuild"):
         ix.EntityIndex.load(path)
     # Without the file checksum, the checksum of the qid list still catches it.
-    with pytest.raises(ix.IndexCorruptError, match=f"{weights}: the qids list does not match its checksum in {meta_path}"):
+    with pytest.raises(
+        ix.IndexCorruptError, match=f"{weights}: the qids list does not match its checksum in {meta_path}"
+    ):
         ix.EntityIndex.load(path, verify=False)
     name_a, name_b = KB[0]["name"].encode(), KB[1]["name"].encode()
     assert len(name_a) == len(name_b) and original.count(name_a + name_b) == 1
@@ -402,7 +406,9 @@ def test_compressed_indexes_link_like_float32(world, tmp_path):
         path = str(tmp_path / dtype)
         index.save(path)
         back = ix.EntityIndex.load(path, model=model, processor=processor)
-        assert torch.equal(rk.rank(model, feats, back, candidates=10).indices, rk.rank(model, feats, index, candidates=10).indices)
+        assert torch.equal(
+            rk.rank(model, feats, back, candidates=10).indices, rk.rank(model, feats, index, candidates=10).indices
+        )
     sizes["float32"] = exact.nbytes()
     order = ["float32", "float16", "int8", "res4", "res2", "res1"]
     assert [sizes[d] for d in order] == sorted(sizes.values(), reverse=True)
@@ -462,7 +468,9 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     # Updates reach the ANN structure: removed rows never come back, added ones are found.
     index.remove(["Q3", "Q7"])
     assert index.add(_encode(world, EXTRA, dtype="int8", codecs=index.codecs)) == {"added": 2, "replaced": 0}
-    queries = model.mention_stage1(rk.encode_mentions(model, processor, [_mention_of(EXTRA[1]), _mention_of(DISTINCT[3])]))
+    queries = model.mention_stage1(
+        rk.encode_mentions(model, processor, [_mention_of(EXTRA[1]), _mention_of(DISTINCT[3])])
+    )
     rows = index.ann_topk(queries.float(), 60, nprobe=4, refine=62)[1]
     assert index.qids[rows[0, 0]] == "Q101"
     assert not {"Q3", "Q7"} & {index.qids[r] for r in rows.flatten().tolist()}
@@ -477,7 +485,11 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     back.build_ann(nlist=2, code="flat")
     back.save(path)
     weights = [n for n in os.listdir(path) if n.endswith(".safetensors") and not n.endswith("-ann.safetensors")]
-    assert len(weights) == 1 and weights[0] in files and os.path.getmtime(os.path.join(path, weights[0])) == files[weights[0]]
+    assert (
+        len(weights) == 1
+        and weights[0] in files
+        and os.path.getmtime(os.path.join(path, weights[0])) == files[weights[0]]
+    )
     assert ix.EntityIndex.load(path).ann.config["nlist"] == 2
 
 
@@ -517,7 +529,9 @@ def test_sharded_build_resumes_after_a_kill(world, tmp_path, monkeypatch):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
     shards = sorted(n for n in os.listdir(os.path.join(out, "shards")) if n.startswith("shard-"))
-    assert shards == ["shard-00000-of-00005", "shard-00001-of-00005"] and not os.path.exists(os.path.join(out, ix.INDEX_META))
+    assert shards == ["shard-00000-of-00005", "shard-00001-of-00005"] and not os.path.exists(
+        os.path.join(out, ix.INDEX_META)
+    )
 
     model = OTMELModel.from_pretrained(model_dir).eval()
     processor = OTMELProcessor.from_pretrained(model_dir)
