@@ -56,17 +56,38 @@ def main():
 
     if not os.path.isfile(os.path.join(args.world_dir, "ceilings.json")):
         subprocess.run(
-            [sys.executable, os.path.join(HERE, "datasets_scripts", "make_synthetic.py"), args.world_dir,
-             "--entities", str(args.entities), "--mentions", str(args.mentions), "--seed", str(args.seed)],
+            [
+                sys.executable,
+                os.path.join(HERE, "datasets_scripts", "make_synthetic.py"),
+                args.world_dir,
+                "--entities",
+                str(args.entities),
+                "--mentions",
+                str(args.mentions),
+                "--seed",
+                str(args.seed),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     shutil.rmtree(args.output_dir, ignore_errors=True)
     extra = [a for a in args.extra if a != "--"]
     subprocess.run(
-        [sys.executable, os.path.join(HERE, "run_mel.py"), "--dataset_name", args.world_dir, "--output_dir",
-         args.output_dir, "--do_train", "--do_eval", "--do_predict", "--seed", str(args.seed), *extra],
+        [
+            sys.executable,
+            os.path.join(HERE, "run_mel.py"),
+            "--dataset_name",
+            args.world_dir,
+            "--output_dir",
+            args.output_dir,
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--seed",
+            str(args.seed),
+            *extra,
+        ],
         check=True,
-    )  # fmt: skip
+    )
 
     with open(os.path.join(args.output_dir, "all_results.json")) as f:
         results = json.load(f)

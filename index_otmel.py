@@ -390,8 +390,9 @@ class ResidualCodec:
         self.id_dtype = torch.int16 if len(self.centroids) <= 32767 else torch.int32
 
     @classmethod
-    def train(cls, vectors: torch.Tensor, bits: int, num_centroids: int | None = None, iterations: int = 10,
-              seed: int = 0) -> "ResidualCodec":  # fmt: skip
+    def train(
+        cls, vectors: torch.Tensor, bits: int, num_centroids: int | None = None, iterations: int = 10, seed: int = 0
+    ) -> "ResidualCodec":
         """k-means centroids (default: `clamp(2**floor(log2(n / 32)), 16, 1024)`) and per-dimension residual
         quantiles of `vectors (n, D)`."""
         vectors = vectors.float().reshape(-1, vectors.shape[-1])
@@ -569,9 +570,17 @@ class StringColumn(Sequence):
 
 
 _ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -733,8 +742,10 @@ class EntityIndex:
     def __repr__(self):
         dims = {k: tuple(v.shape) for k, v in self.tensors.items()}
         ann = f", ann={self.ann.config['kind']}" if self.ann is not None else ""
-        return (f"EntityIndex(n={len(self)}, retrieval={tuple(self.retrieval.shape)} {_dtype_name(self.retrieval.dtype)}, "
-                f"dtype={self.meta['dtype']}{ann}, {dims})")  # fmt: skip
+        return (
+            f"EntityIndex(n={len(self)}, retrieval={tuple(self.retrieval.shape)} {_dtype_name(self.retrieval.dtype)}, "
+            f"dtype={self.meta['dtype']}{ann}, {dims})"
+        )
 
     @property
     def splits(self) -> dict:
@@ -1080,9 +1091,15 @@ class EntityIndex:
         meta = dict(first.meta, size=sum(len(p) for p in parts))
         meta["kb"] = content_fingerprint(hashes) if hashes is not None else None
         index = cls(
-            merged.pop(_RETRIEVAL), merged, [q for p in parts for q in p.qids], [x for p in parts for x in p.names],
-            meta, row_hashes=hashes, retrieval_scale=merged.pop(_RETRIEVAL_SCALE, None), codecs=dict(first.codecs),
-        )  # fmt: skip
+            merged.pop(_RETRIEVAL),
+            merged,
+            [q for p in parts for q in p.qids],
+            [x for p in parts for x in p.names],
+            meta,
+            row_hashes=hashes,
+            retrieval_scale=merged.pop(_RETRIEVAL_SCALE, None),
+            codecs=dict(first.codecs),
+        )
         return index
 
     # ---- checks ---------------------------------------------------------------------------------------------
@@ -1515,8 +1532,13 @@ class AnnIndex:
         for start in range(0, n, block):
             rows = torch.arange(start, min(n, start + block))
             index.add_with_ids(entity_index.stage1_vectors(rows).numpy(), rows.numpy())
-        config = {"kind": "ivf", "nlist": nlist, "code": code, "nprobe": nprobe or max(16, nlist // ANN_PROBE_DIVISOR),
-                  "train_size": train_size}  # fmt: skip
+        config = {
+            "kind": "ivf",
+            "nlist": nlist,
+            "code": code,
+            "nprobe": nprobe or max(16, nlist // ANN_PROBE_DIVISOR),
+            "train_size": train_size,
+        }
         return cls(index, torch.arange(n), config)
 
     def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None) -> torch.Tensor:
@@ -1617,8 +1639,9 @@ def train_codecs(model, processor, kb, dtype: str, sample: int = 2048, batch_siz
     with inference_mode(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = processor.process_entities([view.names[i] for i in chunk], [view.attributes[i] for i in chunk],
-                                               view.image_rows(chunk))  # fmt: skip
+            batch = processor.process_entities(
+                [view.names[i] for i in chunk], [view.attributes[i] for i in chunk], view.image_rows(chunk)
+            )
             feats = model.encode_entities(**{k: v.to(model.device) for k, v in batch.items()})
             fields = {k: v.cpu() for k, v in feats.row_fields().items() if k in model.entity_index_fields()}
             example = example or fields
@@ -1655,8 +1678,9 @@ def _stored_parts(stage1: torch.Tensor, rows: dict, fields, codecs: dict, retrie
     return parts
 
 
-def _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress,
-                 stage1_dtype=None) -> EntityIndex:  # fmt: skip
+def _encode_rows(
+    model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress, stage1_dtype=None
+) -> EntityIndex:
     """[`EntityIndex`] of KB rows `start:end` (text fields padded to `max_len`, default: their longest)."""
     from tqdm.auto import tqdm
 
@@ -1700,8 +1724,16 @@ def _encode_rows(model, processor, view, start, end, dtype, codecs, max_len, bat
     }
     retrieval = stored.pop(_RETRIEVAL)
     scale = stored.pop(_RETRIEVAL + PART + "scale", None)
-    return EntityIndex(retrieval, stored, view.qids[start:end], view.names[start:end], meta, row_hashes=row_hashes,
-                       retrieval_scale=scale, codecs=codecs)  # fmt: skip
+    return EntityIndex(
+        retrieval,
+        stored,
+        view.qids[start:end],
+        view.names[start:end],
+        meta,
+        row_hashes=row_hashes,
+        retrieval_scale=scale,
+        codecs=codecs,
+    )
 
 
 def encode_kb(
@@ -1865,9 +1897,14 @@ def build_index(
     shards_dir = os.path.join(os.path.abspath(out_dir), SHARDS_DIR)
     os.makedirs(shards_dir, exist_ok=True)
     plan = {
-        "size": n, "num_shards": num_shards, "dtype": dtype, "stage1_dtype": stage1_dtype, "model": model_fingerprint(model),
-        "processor": processor_fingerprint(processor), "qids_sha256": StringColumn.from_list(view.qids).sha256(),
-    }  # fmt: skip
+        "size": n,
+        "num_shards": num_shards,
+        "dtype": dtype,
+        "stage1_dtype": stage1_dtype,
+        "model": model_fingerprint(model),
+        "processor": processor_fingerprint(processor),
+        "qids_sha256": StringColumn.from_list(view.qids).sha256(),
+    }
     plan = json.loads(json.dumps(plan))  # as read back from JSON (tuples -> lists)
     with _locked(shards_dir):
         plan_path = os.path.join(shards_dir, _PLAN)
@@ -1957,9 +1994,16 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
     hashes = lazy.pop(_ROW_HASHES, None)
     hashes = torch.cat([r[_ROW_HASHES] for r in rows]) if hashes is not None else None
     meta = dict(first.meta, size=n, kb=content_fingerprint(hashes) if hashes is not None else None)
-    merged = EntityIndex(lazy.pop(_RETRIEVAL), lazy, [q for p in parts for q in p.qids],
-                         [x for p in parts for x in p.names], meta, row_hashes=hashes,
-                         retrieval_scale=lazy.pop(_RETRIEVAL_SCALE, None), codecs=dict(first.codecs))  # fmt: skip
+    merged = EntityIndex(
+        lazy.pop(_RETRIEVAL),
+        lazy,
+        [q for p in parts for q in p.qids],
+        [x for p in parts for x in p.names],
+        meta,
+        row_hashes=hashes,
+        retrieval_scale=lazy.pop(_RETRIEVAL_SCALE, None),
+        codecs=dict(first.codecs),
+    )
     merged.save(out_dir)
     del merged
     index = EntityIndex.load(out_dir)
@@ -2000,8 +2044,14 @@ def convert_index(
     bounds = [rows.start + n * i // num_shards for i in range(num_shards + 1)]
     shards_dir = os.path.join(os.path.abspath(out_dir), SHARDS_DIR)
     os.makedirs(shards_dir, exist_ok=True)
-    plan = {"size": n, "num_shards": num_shards, "dtype": dtype, "stage1_dtype": stage1_dtype, "rows": [rows.start, rows.stop],
-            "source": src._saved["checksums"]["weights_sha256"]}  # fmt: skip
+    plan = {
+        "size": n,
+        "num_shards": num_shards,
+        "dtype": dtype,
+        "stage1_dtype": stage1_dtype,
+        "rows": [rows.start, rows.stop],
+        "source": src._saved["checksums"]["weights_sha256"],
+    }
     fields = src.fields
     with _locked(shards_dir):
         plan_path = os.path.join(shards_dir, _PLAN)
@@ -2020,8 +2070,11 @@ def convert_index(
             picked = (rows.start + torch.randperm(n, generator=g)[: min(n, sample)]).sort().values
             feats = src.gather(picked, trim_text=False)
             example = {k: v for k, v in feats.row_fields().items() if k in fields}
-            tokens = {name: example[name][example[name.replace("_queries", "_mask")].bool()]
-                      for name in TOKEN_FIELDS if name in example}  # fmt: skip
+            tokens = {
+                name: example[name][example[name.replace("_queries", "_mask")].bool()]
+                for name in TOKEN_FIELDS
+                if name in example
+            }
             codecs = default_codecs(dtype, example, tokens, seed=seed)
             states = {f"{field}/{name}": t for field, c in codecs.items() for name, t in c.state().items()}
             with _AtomicFile(codecs_path) as tmp:
@@ -2043,8 +2096,16 @@ def convert_index(
         hashes = src.row_hashes[a:b].clone() if src.row_hashes is not None else None
         meta = dict(src.meta, dtype=dtype, size=b - a, kb=content_fingerprint(hashes) if hashes is not None else None)
         retrieval, scale = parts.pop(_RETRIEVAL), parts.pop(_RETRIEVAL + PART + "scale", None)
-        part = EntityIndex(retrieval, parts, src.qids[a:b], src.names[a:b], meta, row_hashes=hashes,
-                           retrieval_scale=scale, codecs={k: c for k, c in codecs.items() if k in values})  # fmt: skip
+        part = EntityIndex(
+            retrieval,
+            parts,
+            src.qids[a:b],
+            src.names[a:b],
+            meta,
+            row_hashes=hashes,
+            retrieval_scale=scale,
+            codecs={k: c for k, c in codecs.items() if k in values},
+        )
         part.save(path)
     return merge_shards(out_dir, ann=ann)
 
@@ -2101,9 +2162,19 @@ def main(argv=None) -> int:
         model = OTMELModel.from_pretrained(args.model).eval()
         processor = OTMELProcessor.from_pretrained(args.model)
         kb = load_kb(args.kb, args.kb_columns)
-        index = build_index(model, processor, kb, args.out_dir, dtype=args.dtype, batch_size=args.batch_size,
-                            shard_size=args.shard_size, num_shards=args.num_shards, shard_index=args.shard_index,
-                            ann=ann, stage1_dtype=args.stage1_dtype)  # fmt: skip
+        index = build_index(
+            model,
+            processor,
+            kb,
+            args.out_dir,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            ann=ann,
+            stage1_dtype=args.stage1_dtype,
+        )
         if index is None:
             print(f"shard {args.shard_index} written; merge with --merge once every shard is", file=sys.stderr)
             return 0

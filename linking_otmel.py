@@ -134,9 +134,10 @@ class OTMELLinker:
         with torch.no_grad():
             model.null_visual_global.zero_()
         processor = OTMELProcessor(
-            AutoImageProcessor.from_pretrained(clip_dir_or_hub_id), AutoTokenizer.from_pretrained(clip_dir_or_hub_id),
+            AutoImageProcessor.from_pretrained(clip_dir_or_hub_id),
+            AutoTokenizer.from_pretrained(clip_dir_or_hub_id),
             max_text_length=model.config.max_text_length,
-        )  # fmt: skip
+        )
         if device is not None:
             model = model.to(device)
         return cls(model.eval(), processor)
@@ -231,11 +232,18 @@ class OTMELLinker:
             raise ValueError("the entity index is empty: build it from a KB with at least one entity")
         surfaces, sentences, images = mention_columns(mentions)  # TypeError naming the first bad mention
         mentions = [{"mention": m, "sentence": s, "image": i} for m, s, i in zip(surfaces, sentences, images)]
-        options = RankOptions(strategy=strategy, candidates=max(candidates, top_k), top_k=top_k, assignment=assignment,
-                              chunk_size=chunk_size, stage1="torch" if stage1 == "exact" else stage1)  # fmt: skip
+        options = RankOptions(
+            strategy=strategy,
+            candidates=max(candidates, top_k),
+            top_k=top_k,
+            assignment=assignment,
+            chunk_size=chunk_size,
+            stage1="torch" if stage1 == "exact" else stage1,
+        )
         threshold = self.nil_threshold(nil_threshold)
-        result = rank_mentions(self.model, self.processor, index, mentions, options, batch_size=self.batch_size,
-                               progress=progress)  # fmt: skip
+        result = rank_mentions(
+            self.model, self.processor, index, mentions, options, batch_size=self.batch_size, progress=progress
+        )
         out = []
         for scores, rows in zip(result.scores.tolist(), result.indices.tolist()):
             linked = [{"qid": index.qids[r], "name": index.names[r], "score": s} for s, r in zip(scores, rows)]
@@ -252,9 +260,10 @@ class OTMELLinker:
                 raise ValueError(f"nil_threshold must be a number, None or 'config', got {nil_threshold!r}")
             nil_threshold = getattr(self.model.config, "nil_threshold", None)
         if nil_threshold is not None and (
-            isinstance(nil_threshold, bool) or not isinstance(nil_threshold, numbers.Real)
+            isinstance(nil_threshold, bool)
+            or not isinstance(nil_threshold, numbers.Real)
             or not math.isfinite(nil_threshold)
-        ):  # fmt: skip
+        ):
             raise ValueError(f"nil_threshold must be a finite number, None or 'config', got {nil_threshold!r}")
         return None if nil_threshold is None else float(nil_threshold)
 
@@ -264,8 +273,14 @@ class OTMELLinker:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_JSON_TYPES = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
-               "NoneType": "null"}  # fmt: skip
+_JSON_TYPES = {
+    "list": "an array",
+    "str": "a string",
+    "int": "a number",
+    "float": "a number",
+    "bool": "a boolean",
+    "NoneType": "null",
+}
 INPUT_FIELDS = ("id", "mention", "sentence", "image")
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -291,8 +306,14 @@ def _read_jsonl(path: str):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield number, None, (f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + offset + 1}"
-                                     "); save the file as UTF-8")  # fmt: skip
+                yield (
+                    number,
+                    None,
+                    (
+                        f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + offset + 1}"
+                        "); save the file as UTF-8"
+                    ),
+                )
                 continue
             if not line.strip():
                 continue
@@ -394,8 +415,10 @@ def _refuse_paths(args) -> str | None:
         return f"--output {args.output} is a folder: give the path of the results file"
     for flag, path in (("--input", args.input), ("--kb", args.kb)):
         if _same_file(args.output, path):
-            return (f"--output {args.output} is the same file as {flag} {path}: refusing to overwrite it; give "
-                    "another --output")  # fmt: skip
+            return (
+                f"--output {args.output} is the same file as {flag} {path}: refusing to overwrite it; give "
+                "another --output"
+            )
     if args.index_dir and os.path.realpath(args.index_dir) == os.path.realpath(args.output):
         return f"--output {args.output} is also --index_dir: give them different paths"
     folder = os.path.dirname(os.path.abspath(args.output))
@@ -450,9 +473,12 @@ def main(argv=None) -> int:
         choices=INDEX_DTYPES,
         help="index storage: float32 (exact), float16, int8, res4 / res2 / res1 (residual codes)",
     )
-    parser.add_argument("--stage1", default="auto", choices=("auto", "exact", "ann"),
-                        help="stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from "
-                        f"{ANN_MIN_ROWS:,} entities on)")  # fmt: skip
+    parser.add_argument(
+        "--stage1",
+        default="auto",
+        choices=("auto", "exact", "ann"),
+        help=f"stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from {ANN_MIN_ROWS:,} entities on)",
+    )
     parser.add_argument("--top_k", type=_positive_int, default=5)
     parser.add_argument("--strategy", default="two_stage", choices=("two_stage", "exhaustive"))
     parser.add_argument("--candidates", type=_positive_int, default=50)
@@ -465,9 +491,13 @@ def main(argv=None) -> int:
         default=None,
         help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)",
     )
-    parser.add_argument("--nil_threshold", type=_nil_threshold_arg, default="config",
-                        help="answer NIL (not in the KB) below this best score: a number, 'config' (the model's saved "
-                        "threshold, the default) or 'none' (never NIL)")  # fmt: skip
+    parser.add_argument(
+        "--nil_threshold",
+        type=_nil_threshold_arg,
+        default="config",
+        help="answer NIL (not in the KB) below this best score: a number, 'config' (the model's saved "
+        "threshold, the default) or 'none' (never NIL)",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse printed the usage error (status 2) or the help (0)
@@ -496,8 +526,11 @@ def _run(args) -> int:
         linker = OTMELLinker.from_pretrained(args.model)
     except Exception as err:  # noqa: BLE001 - any loading failure is a bad --model
         where = "" if os.path.isdir(args.model) else "no such local folder, and as a Hub id: "
-        print(f"error: --model {args.model}: could not load an OT-MEL model and processor ({where}"
-              f"{type(err).__name__}: {err})", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --model {args.model}: could not load an OT-MEL model and processor ({where}"
+            f"{type(err).__name__}: {err})",
+            file=sys.stderr,
+        )
         return 2
     if args.device is not None:
         try:
@@ -531,8 +564,11 @@ def _run(args) -> int:
         print(f"error: --kb {args.kb} holds no entities", file=sys.stderr)
         return 2
     if args.top_k > n_entities:
-        print(f"warning: --top_k {args.top_k} is more than the {n_entities} entities of the KB; each mention gets "
-              f"{n_entities} candidates", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: --top_k {args.top_k} is more than the {n_entities} entities of the KB; each mention gets "
+            f"{n_entities} candidates",
+            file=sys.stderr,
+        )
 
     from tqdm.auto import tqdm
 
@@ -542,8 +578,14 @@ def _run(args) -> int:
     bad, failed, extra_lines, extra_fields = [], [], 0, set()
     no_image = linked = last_read = last_written = 0
     pending = []
-    options = dict(top_k=args.top_k, strategy=args.strategy, candidates=args.candidates, assignment=args.assignment,
-                   nil_threshold=args.nil_threshold, stage1=args.stage1)  # fmt: skip
+    options = dict(
+        top_k=args.top_k,
+        strategy=args.strategy,
+        candidates=args.candidates,
+        assignment=args.assignment,
+        nil_threshold=args.nil_threshold,
+        stage1=args.stage1,
+    )
 
     def flush(out):
         """Links the pending mentions and writes them (flushed: a later crash keeps them). A batch that fails is
@@ -558,8 +600,11 @@ def _run(args) -> int:
         except Exception as err:  # noqa: BLE001 - reported and counted; the other mentions go on
             done = []
             if len(batch) > 1:
-                tqdm.write(f"lines {batch[0][0]}-{batch[-1][0]}: linking failed ({type(err).__name__}: {err}); "
-                           "retrying them one by one", file=sys.stderr)  # fmt: skip
+                tqdm.write(
+                    f"lines {batch[0][0]}-{batch[-1][0]}: linking failed ({type(err).__name__}: {err}); "
+                    "retrying them one by one",
+                    file=sys.stderr,
+                )
             for number, rec in batch:
                 error = err
                 if len(batch) > 1:
@@ -569,8 +614,9 @@ def _run(args) -> int:
                     except Exception as one:  # noqa: BLE001
                         error = one
                 failed.append(number)
-                tqdm.write(f"line {number}: linking failed ({type(error).__name__}: {error}); not linked",
-                           file=sys.stderr)  # fmt: skip
+                tqdm.write(
+                    f"line {number}: linking failed ({type(error).__name__}: {error}); not linked", file=sys.stderr
+                )
         for (number, rec), cands in done:
             row = {"line": number, "mention": rec["mention"], "candidates": cands}
             if "id" in rec:
@@ -598,9 +644,12 @@ def _run(args) -> int:
                 extra = set(rec) - set(INPUT_FIELDS)
                 if extra:
                     if not extra_lines:
-                        tqdm.write(f"line {number}: field(s) {', '.join(sorted(extra))} not used (only "
-                                   f"{', '.join(INPUT_FIELDS)} are read; id is copied to the output); further lines "
-                                   "with unused fields are counted in the summary", file=sys.stderr)  # fmt: skip
+                        tqdm.write(
+                            f"line {number}: field(s) {', '.join(sorted(extra))} not used (only "
+                            f"{', '.join(INPUT_FIELDS)} are read; id is copied to the output); further lines "
+                            "with unused fields are counted in the summary",
+                            file=sys.stderr,
+                        )
                     extra_lines += 1
                     extra_fields |= extra
                 if rec["image"] is not None:

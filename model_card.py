@@ -374,11 +374,14 @@ def nil_metrics_markdown(metrics: dict | None) -> str:
     for split_key, split in (("eval", "validation"), ("test", "test")):
         m = metrics or {}
         if f"{split_key}_nil_f1" in m:
-            cells = [m.get(f"{split_key}_{k}") for k in ("nil_precision", "nil_recall", "nil_f1", "inkb_hits@1",
-                                                          "nil_accuracy")]  # fmt: skip
+            cells = [
+                m.get(f"{split_key}_{k}")
+                for k in ("nil_precision", "nil_recall", "nil_f1", "inkb_hits@1", "nil_accuracy")
+            ]
             counts = f"{m.get(f'{split_key}_n_nil', '-')} / {m.get(f'{split_key}_n_inkb', '-')}"
-            rows.append(f"| {split} | {counts} | " + " | ".join("-" if c is None else f"{100 * c:.2f}" for c in cells)
-                        + " |")  # fmt: skip
+            rows.append(
+                f"| {split} | {counts} | " + " | ".join("-" if c is None else f"{100 * c:.2f}" for c in cells) + " |"
+            )
     if not rows:
         return ""
     return (

@@ -647,11 +647,25 @@ class OTMELModel(OTMELPreTrainedModel):
         mode = mode or self.assignment_mode(self.config.fusion_assignment)
         maps = {}
         for name, layer, own, own_mask, other, other_mask, own_value in (
-            ("v2t", self.text_from_visual, tokens.text_tokens, tokens.text_mask, tokens.visual_tokens,
-             tokens.visual_mask, self.text_value),
-            ("t2v", self.visual_from_text, tokens.visual_tokens, tokens.visual_mask, tokens.text_tokens,
-             tokens.text_mask, self.visual_value),
-        ):  # fmt: skip
+            (
+                "v2t",
+                self.text_from_visual,
+                tokens.text_tokens,
+                tokens.text_mask,
+                tokens.visual_tokens,
+                tokens.visual_mask,
+                self.text_value,
+            ),
+            (
+                "t2v",
+                self.visual_from_text,
+                tokens.visual_tokens,
+                tokens.visual_mask,
+                tokens.text_tokens,
+                tokens.text_mask,
+                self.visual_value,
+            ),
+        ):
             q, k = layer.query(own), layer.key(other)
             assignment, plan, logits = layer.assign(q, k, own_mask, other_mask, mode)
             g = assignment @ layer.value(other)  # (B, L_own, D)
@@ -802,15 +816,29 @@ class OTMELModel(OTMELPreTrainedModel):
             mode = assignment or self.assignment_mode(mode)
         want_kd = self.training and cfg.distillation != "off"
         s_t, kd_t, maps_t = self._unimodal(
-            self.text_matching, entity_side(entities.text_queries), entity_side(entities.text_mask),
-            mentions.text_keys, mentions.text_values, mentions.text_mask, entity_side(entities.text_global_small),
-            mode, want_kd, output_maps,
-        )  # fmt: skip
+            self.text_matching,
+            entity_side(entities.text_queries),
+            entity_side(entities.text_mask),
+            mentions.text_keys,
+            mentions.text_values,
+            mentions.text_mask,
+            entity_side(entities.text_global_small),
+            mode,
+            want_kd,
+            output_maps,
+        )
         s_v, kd_v, maps_v = self._unimodal(
-            self.visual_matching, entity_side(entities.visual_queries), entity_side(entities.visual_mask),
-            mentions.visual_keys, mentions.visual_values, mentions.visual_mask,
-            entity_side(entities.visual_global_small), mode, want_kd, output_maps,
-        )  # fmt: skip
+            self.visual_matching,
+            entity_side(entities.visual_queries),
+            entity_side(entities.visual_mask),
+            mentions.visual_keys,
+            mentions.visual_values,
+            mentions.visual_mask,
+            entity_side(entities.visual_global_small),
+            mode,
+            want_kd,
+            output_maps,
+        )
         out.text = (s_t + text_global) / 2
         out.visual = (s_v + visual_global) / 2
         out.overall = self._combine(out.fusion, out.text, out.visual)

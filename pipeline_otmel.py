@@ -119,10 +119,15 @@ class OTMELPipeline(Pipeline):
     ):
         forward = {
             name: value
-            for name, value in (("top_k", top_k), ("strategy", strategy), ("candidates", candidates),
-                                ("assignment", assignment), ("chunk_size", chunk_size))
+            for name, value in (
+                ("top_k", top_k),
+                ("strategy", strategy),
+                ("candidates", candidates),
+                ("assignment", assignment),
+                ("chunk_size", chunk_size),
+            )
             if value is not None
-        }  # fmt: skip
+        }
         if nil_threshold is not _UNSET:
             forward["nil_threshold"] = nil_threshold
         return {}, forward, {}

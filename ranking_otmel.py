@@ -179,13 +179,16 @@ def mention_columns(mentions) -> tuple[list, list, list]:
             raise TypeError("mentions is a pandas DataFrame: pass df.to_dict('records'), a list of mention dicts")
         if isinstance(mentions, (str, bytes, Mapping)) or not hasattr(mentions, "__iter__"):
             what = "a DatasetDict (pass one split)" if hasattr(mentions, "column_names") else type(mentions).__name__
-            raise TypeError(f"mentions must be a list of mention dicts, got {what}: pass a list of mention dicts, "
-                            f"even for one ([{{'mention': ..., 'sentence': ...}}]); {MENTION_HELP}")  # fmt: skip
+            raise TypeError(
+                f"mentions must be a list of mention dicts, got {what}: pass a list of mention dicts, "
+                f"even for one ([{{'mention': ..., 'sentence': ...}}]); {MENTION_HELP}"
+            )
         mentions = list(mentions)
         for i, m in enumerate(mentions):
             if not isinstance(m, Mapping):
-                raise TypeError(f"mention {i} is {type(m).__name__} {str(m)[:60]!r}: pass a list of mention dicts; "
-                                f"{MENTION_HELP}")  # fmt: skip
+                raise TypeError(
+                    f"mention {i} is {type(m).__name__} {str(m)[:60]!r}: pass a list of mention dicts; {MENTION_HELP}"
+                )
         surfaces = [m.get("mention") for m in mentions]
         sentences = [m.get("sentence") for m in mentions]
         images = [m.get("image") for m in mentions]
@@ -426,7 +429,10 @@ def rank_mentions(
     bar = tqdm(range(start, end, batch_size), desc="Ranking mentions", disable=not progress or (world > 1 and start))
     for first in bar:
         last = min(end, first + batch_size)
-        batch = [{"mention": s, "sentence": t, "image": i} for s, t, i in zip(surfaces[first:last], sentences[first:last], images[first:last])]  # fmt: skip
+        batch = [
+            {"mention": s, "sentence": t, "image": i}
+            for s, t, i in zip(surfaces[first:last], sentences[first:last], images[first:last])
+        ]
         feats = encode_mentions(model, processor, batch, batch_size=batch_size)
         gold = None
         if gold_qids is not None:

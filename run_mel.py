@@ -86,31 +86,39 @@ class ModelArguments:
     tiny_vocab_size: int = field(default=4000, metadata={"help": "Offline tiny CLIP: tokenizer vocabulary."})
     allow_untrained: bool = field(
         default=False,
-        metadata={"help": "Let --do_eval / --do_predict rank with a model that was never trained (neither "
-                  "--model_name_or_path nor --do_train): random OT-MEL weights, a baseline only."},
-    )  # fmt: skip
+        metadata={
+            "help": "Let --do_eval / --do_predict rank with a model that was never trained (neither "
+            "--model_name_or_path nor --do_train): random OT-MEL weights, a baseline only."
+        },
+    )
 
 
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id, converted dataset folder, or raw MIMIC-layout folder (mentions and KB). "
-                  "Or give your own files: --train_file / --validation_file / --test_file and --kb."},
-    )  # fmt: skip
+        metadata={
+            "help": "Hub dataset id, converted dataset folder, or raw MIMIC-layout folder (mentions and KB). "
+            "Or give your own files: --train_file / --validation_file / --test_file and --kb."
+        },
+    )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Training mentions: a CSV, TSV, JSONL, JSON or Parquet file with columns mention, sentence, "
-                  "image (path relative to the file), answer (gold qid), id (optional). See data_otmel.py."},
-    )  # fmt: skip
+        metadata={
+            "help": "Training mentions: a CSV, TSV, JSONL, JSON or Parquet file with columns mention, sentence, "
+            "image (path relative to the file), answer (gold qid), id (optional). See data_otmel.py."
+        },
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Validation mentions (as --train_file)."})
     test_file: str | None = field(default=None, metadata={"help": "Test mentions (as --train_file)."})
     kb: str | None = field(
         default=None,
-        metadata={"help": "The KB: a CSV, TSV, JSONL, JSON or Parquet file (columns qid, name, attributes, image: "
-                  "paths relative to the file, several separated by ';'), a dataset folder or Hub id with a 'kb' "
-                  "config, or a raw MIMIC-layout folder. Default: the KB of --dataset_name."},
-    )  # fmt: skip
+        metadata={
+            "help": "The KB: a CSV, TSV, JSONL, JSON or Parquet file (columns qid, name, attributes, image: "
+            "paths relative to the file, several separated by ';'), a dataset folder or Hub id with a 'kb' "
+            "config, or a raw MIMIC-layout folder. Default: the KB of --dataset_name."
+        },
+    )
     kb_columns: str | None = field(
         default=None,
         metadata={"help": "Map the KB's column names: qid=id,name=title,attributes=description,image=image_path."},
@@ -126,9 +134,11 @@ class DataArguments:
     max_predict_samples: int | None = None
     strategy: str = field(
         default="two_stage",
-        metadata={"help": "two_stage (rank all entities by S_R, re-rank the top candidates with S_O) or exhaustive "
-                  "(S_O for every mention-entity pair: the paper's protocol, slow on a large KB)."},
-    )  # fmt: skip
+        metadata={
+            "help": "two_stage (rank all entities by S_R, re-rank the top candidates with S_O) or exhaustive "
+            "(S_O for every mention-entity pair: the paper's protocol, slow on a large KB)."
+        },
+    )
     candidates: int = field(default=50, metadata={"help": "Two-stage: entities re-ranked with the full S_O."})
     predict_top_k: int = field(default=10, metadata={"help": "Entities written per mention by --do_predict."})
     kb_batch_size: int = field(default=256, metadata={"help": "Batch size for encoding the KB and mentions."})
@@ -158,15 +168,19 @@ class OTMELTrainingArguments(TrainingArguments):
     eval_every_epochs: int = field(default=5, metadata={"help": "With eval_strategy=epoch: evaluate every N epochs."})
     kb_negatives: int = field(
         default=0,
-        metadata={"help": "Per training mention, this many namesakes of its gold entity drawn from the KB join the batch "
-                  "as extra negatives (MELCollator), so that words alone cannot tell the batch's entities apart."},
-    )  # fmt: skip
+        metadata={
+            "help": "Per training mention, this many namesakes of its gold entity drawn from the KB join the batch "
+            "as extra negatives (MELCollator), so that words alone cannot tell the batch's entities apart."
+        },
+    )
     # TrainingArguments 5.x has no overwrite_output_dir: without it, --do_train resumes a run found in --output_dir.
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start training afresh in an --output_dir that holds checkpoints of another run (they are "
-                  "deleted) instead of resuming (the default when the run's settings match) or refusing (otherwise)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Start training afresh in an --output_dir that holds checkpoints of another run (they are "
+            "deleted) instead of resuming (the default when the run's settings match) or refusing (otherwise)."
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,18 +264,28 @@ def keep_linkable(
         else:
             unknown.append(i)
     if nil and keep_nil:
-        logger.info("%s: %d of %d mentions are NIL (entity not in the KB): kept for NIL evaluation",
-                    split_name, len(nil), len(answers))  # fmt: skip
+        logger.info(
+            "%s: %d of %d mentions are NIL (entity not in the KB): kept for NIL evaluation",
+            split_name,
+            len(nil),
+            len(answers),
+        )
     elif nil:
         logger.warning(
             "%s: %d of %d mentions have a NIL answer (entity not in the KB) and are skipped: training needs a gold "
-            "entity", split_name, len(nil), len(answers),
-        )  # fmt: skip
+            "entity",
+            split_name,
+            len(nil),
+            len(answers),
+        )
     if unknown:
         logger.warning(
             "%s: %d of %d mentions have an answer absent from the KB (e.g. %r) and are skipped",
-            split_name, len(unknown), len(answers), answers[unknown[0]],
-        )  # fmt: skip
+            split_name,
+            len(unknown),
+            len(answers),
+            answers[unknown[0]],
+        )
     if len(keep) < len(answers):
         split = split.select(keep)
     return split
@@ -286,9 +310,14 @@ class MELCollator:
     """
 
     def __init__(
-        self, processor, kb, qid_to_index: dict, pad_to_max: bool = False, image_cache_mb: int = 1024,
+        self,
+        processor,
+        kb,
+        qid_to_index: dict,
+        pad_to_max: bool = False,
+        image_cache_mb: int = 1024,
         kb_negatives: int = 0,
-    ):  # fmt: skip
+    ):
         if kb_negatives < 0:
             raise ValueError(f"--kb_negatives must be >= 0, got {kb_negatives}")
         self.processor = processor
@@ -342,8 +371,10 @@ class MELCollator:
         return out
 
     def _pixels(self, images: list) -> dict:
-        keys = [hashlib.blake2b(image["bytes"], digest_size=16).digest() if image and image.get("bytes") else None
-                for image in images]  # fmt: skip
+        keys = [
+            hashlib.blake2b(image["bytes"], digest_size=16).digest() if image and image.get("bytes") else None
+            for image in images
+        ]
         todo = [i for i, key in enumerate(keys) if key is None or key not in self.cache]
         rows = {}
         if todo:
@@ -443,9 +474,16 @@ class OTMELTrainer(Trainer):
         index = encode_kb(model, processor, self.kb, batch_size=self.kb_batch_size, progress=main, distributed=True)
         options = RankOptions(**{**self.rank_options.__dict__, "top_k": top_k})
         return rank_mentions(
-            model, processor, index, split, options, gold_qids=list(split["answer"]), batch_size=self.kb_batch_size,
-            progress=main, distributed=True,
-        )  # fmt: skip
+            model,
+            processor,
+            index,
+            split,
+            options,
+            gold_qids=list(split["answer"]),
+            batch_size=self.kb_batch_size,
+            progress=main,
+            distributed=True,
+        )
 
     def ranking_metrics(self, result, prefix: str, answers: list | None = None) -> dict:
         """`{prefix}_hits@k`, `_mrr`, `_stage1_recall@k` of `result`. With `answers` (the gold qids), NIL mentions
@@ -477,8 +515,11 @@ class OTMELTrainer(Trainer):
         if not any(is_nil):
             config.nil_threshold = None
             why = "has no NIL mention" if split is not None else "is not used in this run"
-            logger.info("The validation split %s: no NIL threshold is chosen (nil_threshold=None: the model always "
-                        "answers its best entity)", why)  # fmt: skip
+            logger.info(
+                "The validation split %s: no NIL threshold is chosen (nil_threshold=None: the model always "
+                "answers its best entity)",
+                why,
+            )
             return None
         result = self.rank_split(split)
         top, correct = result.scores[:, 0], result.gold_ranks == 1
@@ -487,10 +528,15 @@ class OTMELTrainer(Trainer):
         off = nil_metrics(top, is_nil, correct, None)
         logger.info(
             "NIL threshold on the best S_O, chosen on the validation split (%d NIL of %d mentions): %s; NIL-aware "
-            "accuracy %.4f (%.4f without NIL answers), NIL precision %.4f, recall %.4f", sum(is_nil), len(is_nil),
-            config.nil_threshold, chosen["nil_accuracy"], off["nil_accuracy"], chosen["nil_precision"],
+            "accuracy %.4f (%.4f without NIL answers), NIL precision %.4f, recall %.4f",
+            sum(is_nil),
+            len(is_nil),
+            config.nil_threshold,
+            chosen["nil_accuracy"],
+            off["nil_accuracy"],
+            chosen["nil_precision"],
             chosen["nil_recall"],
-        )  # fmt: skip
+        )
         self._kept_ranking = (split._fingerprint, result)
         return config.nil_threshold
 
@@ -533,10 +579,18 @@ def tiny_clip_for(mentions, kb, model_args, seed: int, cache_dir: str) -> str:
     from tiny_clip import build_tiny_clip
 
     key = "-".join(
-        str(x) for x in (kb._fingerprint, mentions["train"]._fingerprint, model_args.tiny_hidden_size,
-                         model_args.tiny_layers, model_args.tiny_image_size, model_args.tiny_patch_size,
-                         model_args.tiny_vocab_size, seed)
-    )  # fmt: skip
+        str(x)
+        for x in (
+            kb._fingerprint,
+            mentions["train"]._fingerprint,
+            model_args.tiny_hidden_size,
+            model_args.tiny_layers,
+            model_args.tiny_image_size,
+            model_args.tiny_patch_size,
+            model_args.tiny_vocab_size,
+            seed,
+        )
+    )
     path = os.path.join(cache_dir, "tiny_clip", _stable_hash(key))
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
@@ -544,10 +598,16 @@ def tiny_clip_for(mentions, kb, model_args, seed: int, cache_dir: str) -> str:
     texts += [f"{m} {s}" for m, s in zip(mentions["train"]["mention"], mentions["train"]["sentence"])]
     tmp = f"{path}.tmp{os.getpid()}"
     build_tiny_clip(
-        tmp, texts, vocab_size=model_args.tiny_vocab_size, hidden_size=model_args.tiny_hidden_size,
-        num_layers=model_args.tiny_layers, image_size=model_args.tiny_image_size,
-        patch_size=model_args.tiny_patch_size, projection_dim=model_args.tiny_hidden_size, seed=seed,
-    )  # fmt: skip
+        tmp,
+        texts,
+        vocab_size=model_args.tiny_vocab_size,
+        hidden_size=model_args.tiny_hidden_size,
+        num_layers=model_args.tiny_layers,
+        image_size=model_args.tiny_image_size,
+        patch_size=model_args.tiny_patch_size,
+        projection_dim=model_args.tiny_hidden_size,
+        seed=seed,
+    )
     os.replace(tmp, path)
     return path
 
@@ -593,10 +653,23 @@ def load_model_and_processor(model_args, data_args, training_args, mentions, kb)
 
 # Training arguments that change what a run learns: a run found in --output_dir is resumed only if they match.
 TRAINING_SETTINGS = (
-    "learning_rate", "weight_decay", "num_train_epochs", "max_steps", "seed", "data_seed", "lr_scheduler_type",
-    "warmup_steps", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "gradient_accumulation_steps", "bf16", "fp16",
-)  # fmt: skip
+    "learning_rate",
+    "weight_decay",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "data_seed",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+)
 RUN_SETTINGS_NAME = "run_settings.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -635,12 +708,22 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
         eval_s, save_s = str(value("eval_strategy")), str(value("save_strategy"))
         if "eval_strategy" in given and "save_strategy" not in given and eval_s in ("steps", "epoch"):
             save_s = adjusted["save_strategy"] = eval_s
-            notes.append((logging.INFO, f"--save_strategy {save_s}: follows --eval_strategy (a checkpoint at each "
-                                        "evaluation, which --load_best_model_at_end needs)"))  # fmt: skip
+            notes.append(
+                (
+                    logging.INFO,
+                    f"--save_strategy {save_s}: follows --eval_strategy (a checkpoint at each "
+                    "evaluation, which --load_best_model_at_end needs)",
+                )
+            )
         elif "save_strategy" in given and "eval_strategy" not in given and save_s in ("steps", "epoch"):
             eval_s = adjusted["eval_strategy"] = save_s
-            notes.append((logging.INFO, f"--eval_strategy {eval_s}: follows --save_strategy (an evaluation at each "
-                                        "checkpoint, which --load_best_model_at_end needs)"))  # fmt: skip
+            notes.append(
+                (
+                    logging.INFO,
+                    f"--eval_strategy {eval_s}: follows --save_strategy (an evaluation at each "
+                    "checkpoint, which --load_best_model_at_end needs)",
+                )
+            )
         eval_steps, save_steps = value("eval_steps") or value("logging_steps"), value("save_steps")
         if eval_s == save_s == "steps":
             if "save_steps" not in given:
@@ -724,12 +807,16 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
     if data_args.strategy not in STRATEGIES:
         raise UsageError(f"--strategy {data_args.strategy!r} is invalid; allowed: {', '.join(STRATEGIES)}")
     at_least_one = {
-        "candidates": data_args.candidates, "predict_top_k": data_args.predict_top_k,
-        "kb_batch_size": data_args.kb_batch_size, "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
-        "eval_every_epochs": training_args.eval_every_epochs, "max_text_length": data_args.max_text_length,
-        "max_train_samples": data_args.max_train_samples, "max_eval_samples": data_args.max_eval_samples,
+        "candidates": data_args.candidates,
+        "predict_top_k": data_args.predict_top_k,
+        "kb_batch_size": data_args.kb_batch_size,
+        "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "eval_every_epochs": training_args.eval_every_epochs,
+        "max_text_length": data_args.max_text_length,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
         "max_predict_samples": data_args.max_predict_samples,
-    }  # fmt: skip
+    }
     if do_train:
         at_least_one["per_device_train_batch_size"] = training_args.per_device_train_batch_size
     for name, number in at_least_one.items():
@@ -749,16 +836,20 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
                 f"--per_device_train_batch_size {training_args.per_device_train_batch_size} on {world} process(es): "
                 "training contrasts each mention with the other gold entities of its batch, so a batch needs at "
                 "least 2 mentions"
-            )  # fmt: skip
+            )
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UsageError(f"--resume_from_checkpoint {checkpoint}: no such folder")
     if "eval_every_epochs" in given and training_args.eval_strategy != "epoch":
-        logger.warning("--eval_every_epochs %d is ignored: it applies to --eval_strategy epoch, not %s",
-                       training_args.eval_every_epochs, training_args.eval_strategy.value)  # fmt: skip
+        logger.warning(
+            "--eval_every_epochs %d is ignored: it applies to --eval_strategy epoch, not %s",
+            training_args.eval_every_epochs,
+            training_args.eval_strategy.value,
+        )
     if "candidates" in given and data_args.strategy != "two_stage":
-        logger.warning("--candidates %d is ignored: --strategy %s scores every entity", data_args.candidates,
-                       data_args.strategy)  # fmt: skip
+        logger.warning(
+            "--candidates %d is ignored: --strategy %s scores every entity", data_args.candidates, data_args.strategy
+        )
     if model_args.model_name_or_path and model_args.clip_model:
         raise UsageError(
             "--model_name_or_path (a trained OT-MEL checkpoint) and --clip_model (a CLIP checkpoint to start a new "
@@ -766,8 +857,9 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
         )
     ignored = sorted(f"--{name}" for name in given if name.startswith("tiny_"))
     if ignored and (model_args.model_name_or_path or model_args.clip_model):
-        logger.warning("%s only shape the offline tiny CLIP: ignored with --model_name_or_path / --clip_model",
-                       ", ".join(ignored))  # fmt: skip
+        logger.warning(
+            "%s only shape the offline tiny CLIP: ignored with --model_name_or_path / --clip_model", ", ".join(ignored)
+        )
 
     overrides = build_config_overrides(model_args, data_args)
     config = None
@@ -778,21 +870,29 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=True)
         except (OSError, ValueError) as error:  # not found locally nor on the Hub, offline, not a model folder
-            raise UsageError(f"--model_name_or_path {name}: no OT-MEL checkpoint there ({type(error).__name__}: "
-                             f"{error})") from None  # fmt: skip
+            raise UsageError(
+                f"--model_name_or_path {name}: no OT-MEL checkpoint there ({type(error).__name__}: {error})"
+            ) from None
         if getattr(config, "model_type", None) != OTMELConfig.model_type:
-            raise UsageError(f"--model_name_or_path {name} is a {config.model_type!r} checkpoint, not an OT-MEL one; to "
-                             "start a new OT-MEL from a CLIP checkpoint, use --clip_model")  # fmt: skip
+            raise UsageError(
+                f"--model_name_or_path {name} is a {config.model_type!r} checkpoint, not an OT-MEL one; to "
+                "start a new OT-MEL from a CLIP checkpoint, use --clip_model"
+            )
     try:
         if config is not None:
-            changed = {key: (getattr(config, key, None), setting) for key, setting in overrides.items()
-                       if getattr(config, key, None) != setting}  # fmt: skip
+            changed = {
+                key: (getattr(config, key, None), setting)
+                for key, setting in overrides.items()
+                if getattr(config, key, None) != setting
+            }
             if changed:
                 logger.warning(
                     "--model_name_or_path %s: these settings of its config are replaced (--mode %s and the "
-                    "command line): %s", model_args.model_name_or_path, model_args.mode,
+                    "command line): %s",
+                    model_args.model_name_or_path,
+                    model_args.mode,
                     "; ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changed.items()),
-                )  # fmt: skip
+                )
             for key, setting in overrides.items():
                 setattr(config, key, setting)
             config.check_settings()
@@ -806,8 +906,10 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
         if model_args.clip_model and model_args.mode == "clip":
             logger.warning(
                 "Zero-shot evaluation: %s ranks with the pretrained CLIP %s as it is (--mode clip: global features "
-                "only), without any OT-MEL training", flags, model_args.clip_model,
-            )  # fmt: skip
+                "only), without any OT-MEL training",
+                flags,
+                model_args.clip_model,
+            )
         elif model_args.allow_untrained:
             logger.warning("%s ranks with an untrained model (--allow_untrained): random OT-MEL weights", flags)
         else:
@@ -817,7 +919,7 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
                 f"OT-MEL weights on {base}). Pass --model_name_or_path with a trained OT-MEL checkpoint, or add "
                 "--do_train; for the zero-shot CLIP baseline pass --clip_model <a CLIP checkpoint> --mode clip; "
                 "--allow_untrained ranks with the untrained model anyway"
-            )  # fmt: skip
+            )
 
 
 def run_settings(model_args, data_args, training_args) -> dict:
@@ -840,14 +942,16 @@ def run_settings(model_args, data_args, training_args) -> dict:
         if value is not None:
             settings[name] = where(value) if name in ("train_file", "validation_file", "kb") else value
     if not (model_args.model_name_or_path or model_args.clip_model):
-        settings.update({f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)
-                         if f.name.startswith("tiny_")})  # fmt: skip
+        settings.update(
+            {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name.startswith("tiny_")}
+        )
     settings.update(build_config_overrides(model_args, data_args))
     settings.update({name: getattr(training_args, name) for name in TRAINING_SETTINGS})
     settings["total_train_batch_size"] = (
-        training_args.per_device_train_batch_size * max(1, training_args.world_size)
+        training_args.per_device_train_batch_size
+        * max(1, training_args.world_size)
         * training_args.gradient_accumulation_steps
-    )  # fmt: skip
+    )
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
@@ -869,10 +973,13 @@ def _settings_differences(before: dict, now: dict) -> str:
 
 def _checkpoints(folder: str) -> list[str]:
     return sorted(
-        (os.path.join(folder, name) for name in os.listdir(folder)
-         if _CHECKPOINT_DIR.match(name) and os.path.isdir(os.path.join(folder, name))),
+        (
+            os.path.join(folder, name)
+            for name in os.listdir(folder)
+            if _CHECKPOINT_DIR.match(name) and os.path.isdir(os.path.join(folder, name))
+        ),
         key=lambda path: int(_CHECKPOINT_DIR.match(os.path.basename(path)).group(1)),
-    )  # fmt: skip
+    )
 
 
 def _checkpoint_progress(checkpoint: str) -> str:
@@ -900,8 +1007,12 @@ def resume_point(training_args, settings: dict) -> str | None:
         checkpoint = training_args.resume_from_checkpoint
         before = _read_run_settings(os.path.dirname(os.path.abspath(checkpoint)))
         differences = _settings_differences(before, settings) if before is not None else ""
-        logger.warning("Resuming from %s (%s), as --resume_from_checkpoint asks%s", checkpoint,
-                       _checkpoint_progress(checkpoint), f", with other settings: {differences}" if differences else "")  # fmt: skip
+        logger.warning(
+            "Resuming from %s (%s), as --resume_from_checkpoint asks%s",
+            checkpoint,
+            _checkpoint_progress(checkpoint),
+            f", with other settings: {differences}" if differences else "",
+        )
         return checkpoint
     if not os.path.isdir(out):
         return None
@@ -910,21 +1021,28 @@ def resume_point(training_args, settings: dict) -> str | None:
     differences = _settings_differences(before, settings) if before is not None else ""
     if training_args.overwrite_output_dir:
         if checkpoints:
-            logger.warning("--overwrite_output_dir: training afresh in %s; its %d checkpoint(s) are deleted when "
-                           "training starts", out, len(checkpoints))  # fmt: skip
+            logger.warning(
+                "--overwrite_output_dir: training afresh in %s; its %d checkpoint(s) are deleted when training starts",
+                out,
+                len(checkpoints),
+            )
         return None
     if not checkpoints:
         if differences:
-            logger.warning("%s holds the outputs of a run with other settings (%s): this run replaces them", out,
-                           differences)  # fmt: skip
+            logger.warning(
+                "%s holds the outputs of a run with other settings (%s): this run replaces them", out, differences
+            )
         return None
     checkpoint = checkpoints[-1]
     if before is None:
         logger.warning(
             "Resuming the run in %s from %s (%s). Its settings cannot be compared with this run's (no %s: an older "
-            "run_mel.py wrote it); pass --overwrite_output_dir to train afresh", out, checkpoint,
-            _checkpoint_progress(checkpoint), RUN_SETTINGS_NAME,
-        )  # fmt: skip
+            "run_mel.py wrote it); pass --overwrite_output_dir to train afresh",
+            out,
+            checkpoint,
+            _checkpoint_progress(checkpoint),
+            RUN_SETTINGS_NAME,
+        )
         return checkpoint
     if differences:
         raise UsageError(
@@ -933,8 +1051,13 @@ def resume_point(training_args, settings: dict) -> str | None:
             f"settings. Pass --overwrite_output_dir to delete its checkpoints and train afresh, choose another "
             f"--output_dir, or pass --resume_from_checkpoint {checkpoint} to continue it anyway"
         )
-    logger.warning("Resuming the run in %s from %s (%s): its settings match this run's. Pass --overwrite_output_dir to "
-                   "train afresh", out, checkpoint, _checkpoint_progress(checkpoint))  # fmt: skip
+    logger.warning(
+        "Resuming the run in %s from %s (%s): its settings match this run's. Pass --overwrite_output_dir to "
+        "train afresh",
+        out,
+        checkpoint,
+        _checkpoint_progress(checkpoint),
+    )
     return checkpoint
 
 
@@ -966,8 +1089,12 @@ def reuse_finished_run(trainer, checkpoint: str | None, settings: dict):
     from transformers.trainer_utils import TrainOutput
 
     out = trainer.args.output_dir
-    if (checkpoint is None or trainer.args.resume_from_checkpoint or _read_run_settings(out) != settings
-            or os.path.dirname(os.path.abspath(checkpoint)) != os.path.abspath(out)):  # fmt: skip
+    if (
+        checkpoint is None
+        or trainer.args.resume_from_checkpoint
+        or _read_run_settings(out) != settings
+        or os.path.dirname(os.path.abspath(checkpoint)) != os.path.abspath(out)
+    ):
         return None
     try:
         last = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
@@ -990,8 +1117,12 @@ def reuse_finished_run(trainer, checkpoint: str | None, settings: dict):
         return None
     trainer.state = final
     metrics.pop("train_samples", None)
-    logger.warning("The run in %s is complete (step %d of %d): no step is trained; its final model is used", out,
-                   last.global_step, last.max_steps)  # fmt: skip
+    logger.warning(
+        "The run in %s is complete (step %d of %d): no step is trained; its final model is used",
+        out,
+        last.global_step,
+        last.max_steps,
+    )
     return TrainOutput(final.global_step, metrics.get("train_loss", float("nan")), metrics)
 
 
@@ -1011,8 +1142,13 @@ def fit_batch_to_data(training_args, n_train: int) -> None:
     logger.warning(
         "Only %d training mentions, fewer than one batch of %d (--per_device_train_batch_size %d x %d process(es)): "
         "the incomplete last batch is dropped (dataloader_drop_last), so no step would run. Training with batches of "
-        "%d per process", n_train, batch * world, batch, world, fitted,
-    )  # fmt: skip
+        "%d per process",
+        n_train,
+        batch * world,
+        batch,
+        world,
+        fitted,
+    )
     training_args.per_device_train_batch_size = fitted
 
 
@@ -1046,8 +1182,10 @@ def check_dataset_source(data_args) -> None:
             return
         problem = f"the folder {where} is not a dataset this script reads"
     elif os.path.exists(name):
-        raise UsageError(f"--dataset_name {name}: {where} is a file, not a dataset (for mention and KB table files use "
-                         f"--train_file / --validation_file / --test_file and --kb). {_DATASET_EXPECTED}")  # fmt: skip
+        raise UsageError(
+            f"--dataset_name {name}: {where} is a file, not a dataset (for mention and KB table files use "
+            f"--train_file / --validation_file / --test_file and --kb). {_DATASET_EXPECTED}"
+        )
     else:
         first = name.split("/")[0]
         if not _HUB_ID.fullmatch(name) or (first != name and os.path.isdir(first)):
@@ -1057,8 +1195,9 @@ def check_dataset_source(data_args) -> None:
         try:
             datasets.load_dataset_builder(name, config)
         except (OSError, ValueError) as error:  # not found, offline, or no such config
-            raise UsageError(f"--dataset_name {name}: {problem} ({type(error).__name__}: {error}). "
-                             f"{_DATASET_EXPECTED}") from None  # fmt: skip
+            raise UsageError(
+                f"--dataset_name {name}: {problem} ({type(error).__name__}: {error}). {_DATASET_EXPECTED}"
+            ) from None
 
 
 def _without_picture(data: datasets.Dataset) -> int | None:
@@ -1085,8 +1224,10 @@ def complete_columns(mentions: datasets.DatasetDict, kb: datasets.Dataset, label
     def complete(data, what, items, required, optional):
         missing = [column for column in required if column not in data.column_names]
         if missing:
-            raise UsageError(f"{label}: the {what} lack(s) the column(s) {', '.join(missing)}; columns found: "
-                             f"{', '.join(data.column_names) or 'none'}")  # fmt: skip
+            raise UsageError(
+                f"{label}: the {what} lack(s) the column(s) {', '.join(missing)}; columns found: "
+                f"{', '.join(data.column_names) or 'none'}"
+            )
         n = len(data)
         for column, fill, meaning in optional:
             if column not in data.column_names:
@@ -1112,13 +1253,18 @@ def complete_columns(mentions: datasets.DatasetDict, kb: datasets.Dataset, label
     if duplicates:
         logger.warning(
             "KB: %d row(s) repeat the qid of an earlier row (e.g. %r): the first row of each qid is the gold entity of "
-            "its mentions; the repeats stay in the KB and are ranked too", len(duplicates), duplicates[0],
-        )  # fmt: skip
+            "its mentions; the repeats stay in the KB and are ranked too",
+            len(duplicates),
+            duplicates[0],
+        )
     for split in list(mentions):
         mentions[split] = complete(
-            mentions[split], f"'{split}' mentions", "mentions", ("mention", "answer"),
+            mentions[split],
+            f"'{split}' mentions",
+            "mentions",
+            ("mention", "answer"),
             [("sentence", lambda i: "", "with an empty sentence"), ("id", str, "numbered by row")],
-        )  # fmt: skip
+        )
     return mentions, kb
 
 
@@ -1156,10 +1302,15 @@ def main(argv=None):
     check_dataset_source(data_args)
 
     mentions, kb, _ = load_mel_dataset(
-        data_args.dataset_name, data_args.data_cache_dir, train_file=data_args.train_file,
-        validation_file=data_args.validation_file, test_file=data_args.test_file, kb=data_args.kb,
-        kb_columns=data_args.kb_columns, mention_columns=data_args.mention_columns,
-    )  # fmt: skip
+        data_args.dataset_name,
+        data_args.data_cache_dir,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        kb=data_args.kb,
+        kb_columns=data_args.kb_columns,
+        mention_columns=data_args.mention_columns,
+    )
     # What the data is called in messages and the model card: the dataset, or the first mention file.
     dataset_label = data_args.dataset_name or next(
         f for f in (data_args.train_file, data_args.validation_file, data_args.test_file) if f
@@ -1269,8 +1420,13 @@ def main(argv=None):
         trainer.save_metrics("test", metrics)
         all_metrics.update(metrics)
         if trainer.is_world_process_zero():
-            write_predictions(os.path.join(training_args.output_dir, "predictions_test.jsonl"), test, kb, result,
-                              nil_threshold=model.config.nil_threshold)  # fmt: skip
+            write_predictions(
+                os.path.join(training_args.output_dir, "predictions_test.jsonl"),
+                test,
+                kb,
+                result,
+                nil_threshold=model.config.nil_threshold,
+            )
 
     if trainer.is_world_process_zero() and (
         training_args.do_train or training_args.do_eval or training_args.do_predict

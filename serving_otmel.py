@@ -337,8 +337,11 @@ class ModelCore:
 
     @staticmethod
     def state(snapshot: IndexSnapshot) -> dict:
-        return {"index_size": len(snapshot.index), "index_version": snapshot.version,
-                "index_fingerprint": snapshot.fingerprint}  # fmt: skip
+        return {
+            "index_size": len(snapshot.index),
+            "index_version": snapshot.version,
+            "index_fingerprint": snapshot.fingerprint,
+        }
 
     def info(self) -> dict:
         """The model and index facts of `GET /info`."""
@@ -459,8 +462,10 @@ def _worker_main(conn, spec: dict):
     index save runs on a thread while links go on against the old snapshot."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop (a "stop" message or EOF)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=spec.get("log_level", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=spec.get("log_level", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
+    )
     try:
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
@@ -535,10 +540,26 @@ class ProcessWorker:
     Requests go over a pipe and are answered in order; a reader thread hands the answers to the event loop. Mentions
     travel with their pictures as encoded bytes (decoded again by `OTMELLinker.link` there, as in-process)."""
 
-    def __init__(self, model: str, index: str | None = None, kb: str | None = None, device=None, threads=None,
-                 batch_size: int = 64, log_level: str = "warning", start_timeout: float = 900):  # fmt: skip
-        self.spec = {"model": model, "index": index, "kb": kb, "device": device, "threads": threads,
-                     "batch_size": batch_size, "log_level": log_level}  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        index: str | None = None,
+        kb: str | None = None,
+        device=None,
+        threads=None,
+        batch_size: int = 64,
+        log_level: str = "warning",
+        start_timeout: float = 900,
+    ):
+        self.spec = {
+            "model": model,
+            "index": index,
+            "kb": kb,
+            "device": device,
+            "threads": threads,
+            "batch_size": batch_size,
+            "log_level": log_level,
+        }
         self.start_timeout = start_timeout
         self._proc = self._conn = self._reader = self._loop = None
         self._pending, self._ids, self._dead = {}, itertools.count(), None
@@ -634,8 +655,20 @@ class ProcessWorker:
 
     async def link(self, groups: list) -> tuple:
         # Pictures travel encoded (a few kB) rather than decoded; link() decodes them again there.
-        groups = [(key, [{"mention": m["mention"], "sentence": m.get("sentence", ""), "image": m.get("image_bytes", m.get("image"))}
-                         for m in mentions]) for key, mentions in groups]  # fmt: skip
+        groups = [
+            (
+                key,
+                [
+                    {
+                        "mention": m["mention"],
+                        "sentence": m.get("sentence", ""),
+                        "image": m.get("image_bytes", m.get("image")),
+                    }
+                    for m in mentions
+                ],
+            )
+            for key, mentions in groups
+        ]
         result = await self._call("link", groups)
         self._keep_state(result[0])
         return result
@@ -677,8 +710,16 @@ class LinkingService:
         self.model_name = model_name
         self._queue = self._batcher = self._write_lock = self._carry = None
         self.queued_mentions = 0
-        self.stats = {"requests": 0, "mentions": 0, "batches": 0, "batched_mentions": 0, "largest_batch": 0,
-                      "model_seconds": 0.0, "model_cpu_seconds": 0.0, "entity_changes": 0}  # fmt: skip
+        self.stats = {
+            "requests": 0,
+            "mentions": 0,
+            "batches": 0,
+            "batched_mentions": 0,
+            "largest_batch": 0,
+            "model_seconds": 0.0,
+            "model_cpu_seconds": 0.0,
+            "entity_changes": 0,
+        }
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -710,9 +751,10 @@ class LinkingService:
         limit = self.settings.max_queue_mentions
         if self.queued_mentions and self.queued_mentions + len(mentions) > limit:
             raise ServiceError(
-                429, f"server busy: {self.queued_mentions} mentions queued (limit {limit}); retry later",
+                429,
+                f"server busy: {self.queued_mentions} mentions queued (limit {limit}); retry later",
                 headers={"Retry-After": "1"},
-            )  # fmt: skip
+            )
         future = asyncio.get_running_loop().create_future()
         self.queued_mentions += len(mentions)
         await self._queue.put(_Job(mentions, (top_k, candidates, assignment), future))
@@ -826,7 +868,7 @@ class LinkingService:
                 **{k: worker[k] for k in index_keys},
                 "dtype": worker.get("index_dtype"),
                 "directory": self.settings.index_dir,
-            },  # fmt: skip
+            },
             "settings": asdict(self.settings),
             "stats": dict(self.stats, queued_mentions=self.queued_mentions),
         }
@@ -970,8 +1012,11 @@ def create_app(service: LinkingService) -> FastAPI:
         ok = [p for p in prepared if not isinstance(p, str)]
         errors = [{"error": f"mention {i}: {p}"} if isinstance(p, str) else None for i, p in enumerate(prepared)]
         if not ok:
-            raise ServiceError(422, "no mention of the request could be linked: " + "; ".join(e["error"] for e in errors),
-                               results=errors)  # fmt: skip
+            raise ServiceError(
+                422,
+                "no mention of the request could be linked: " + "; ".join(e["error"] for e in errors),
+                results=errors,
+            )
         service.stats["requests"] += 1
         service.stats["mentions"] += len(ok)
         results, state = await service.link(ok, top_k, candidates, body.assignment)
@@ -1081,8 +1126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "DELETE /entities/{qid}.",
     )
     p.add_argument("--model", required=True, help="OT-MEL folder or Hub id (model and processor)")
-    p.add_argument("--index", help="entity index folder: loaded if it holds one, else built from --kb and saved "
-                                   "there; entity changes are saved there (without it they are refused)")  # fmt: skip
+    p.add_argument(
+        "--index",
+        help="entity index folder: loaded if it holds one, else built from --kb and saved "
+        "there; entity changes are saved there (without it they are refused)",
+    )
     p.add_argument("--kb", help="dataset folder with a 'kb' config (or an index folder), when --index holds none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
@@ -1090,15 +1138,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch_size", type=int, default=64, help="mentions per forward pass inside a batch")
-    p.add_argument("--worker", default="thread", choices=("thread", "process"),
-                   help="run the model on one thread of the server process (default) or in a worker process (the "
-                   "model then never shares a GIL with the HTTP loop; startup is slower)")  # fmt: skip
-    for name in ("max_batch_mentions", "max_queue_mentions", "max_request_bytes", "max_mentions_per_request",
-                 "max_entities_per_request", "max_image_pixels", "max_top_k", "max_candidates"):  # fmt: skip
+    p.add_argument(
+        "--worker",
+        default="thread",
+        choices=("thread", "process"),
+        help="run the model on one thread of the server process (default) or in a worker process (the "
+        "model then never shares a GIL with the HTTP loop; startup is slower)",
+    )
+    for name in (
+        "max_batch_mentions",
+        "max_queue_mentions",
+        "max_request_bytes",
+        "max_mentions_per_request",
+        "max_entities_per_request",
+        "max_image_pixels",
+        "max_top_k",
+        "max_candidates",
+    ):
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     p.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms)
-    p.add_argument("--graceful_timeout", type=float, default=defaults.graceful_timeout,
-                   help="seconds a shutdown waits for running requests")  # fmt: skip
+    p.add_argument(
+        "--graceful_timeout",
+        type=float,
+        default=defaults.graceful_timeout,
+        help="seconds a shutdown waits for running requests",
+    )
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no_access_log", action="store_true", help="no log line per request")
     return p
@@ -1128,8 +1192,9 @@ def main(argv=None) -> int:
     try:
         check_sources(args.index, args.kb)
         if args.worker == "process":
-            worker = ProcessWorker(args.model, args.index, args.kb, args.device, args.threads, args.batch_size,
-                                   args.log_level)  # fmt: skip
+            worker = ProcessWorker(
+                args.model, args.index, args.kb, args.device, args.threads, args.batch_size, args.log_level
+            )
         else:
             worker = ThreadWorker(
                 load_linker(args.model, args.index, args.kb, args.device, args.batch_size), args.index
@@ -1142,8 +1207,12 @@ def main(argv=None) -> int:
     service = LinkingService(worker, settings, model_name=args.model)
     app = create_app(service)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=args.graceful_timeout)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, restores the handlers it found and raises the signal again:
     # these handlers note it, so the process ends normally (exit 0) after the shutdown.
     signals = []

@@ -264,8 +264,9 @@ class SinkhornKernelFunction(torch.autograd.Function):
         kernel, plan = cost.new_empty(cost.shape), cost.new_empty(cost.shape)  # contiguous
         ctx.chunks = []
         for chunk in chunk_slices(*cost.shape):
-            k = _kernel_from_cost(cost[chunk], shift[chunk], epsilon, None if valid is None else valid[chunk],
-                                  out=kernel[chunk])  # fmt: skip
+            k = _kernel_from_cost(
+                cost[chunk], shift[chunk], epsilon, None if valid is None else valid[chunk], out=kernel[chunk]
+            )
             k_t = _transpose_if_needed(k)
             u, v, history = _kernel_iterations(k, k_t, a[chunk], b[chunk], max_iter, tol, check_every, safe, True)
             torch.mul(k, u.unsqueeze(-1), out=plan[chunk]).mul_(v.unsqueeze(-2))
@@ -280,8 +281,17 @@ class SinkhornKernelFunction(torch.autograd.Function):
         kernel, plan, a, b = ctx.saved_tensors
         grad_cost = kernel.new_empty(kernel.shape)
         for chunk, k_t, history in ctx.chunks:
-            _kernel_backward(grad_plan[chunk], kernel[chunk], k_t, plan[chunk], a[chunk], b[chunk], history,
-                             ctx.epsilon, out=grad_cost[chunk])  # fmt: skip
+            _kernel_backward(
+                grad_plan[chunk],
+                kernel[chunk],
+                k_t,
+                plan[chunk],
+                a[chunk],
+                b[chunk],
+                history,
+                ctx.epsilon,
+                out=grad_cost[chunk],
+            )
         return grad_cost, None, None, None, None, None, None, None, None, None
 
 
@@ -296,10 +306,12 @@ def _sinkhorn_kernel(cost, epsilon, max_iter, tol, a, b, shift, valid, check_eve
     with torch.no_grad():
         plan = cost3.new_empty(cost3.shape)  # contiguous
         for chunk in chunk_slices(*cost3.shape):
-            k = _kernel_from_cost(cost3[chunk], shift2[chunk], epsilon, None if valid3 is None else valid3[chunk],
-                                  out=plan[chunk])  # fmt: skip
-            u, v, _ = _kernel_iterations(k, _transpose_if_needed(k), a2[chunk], b2[chunk], max_iter, tol,
-                                         check_every, safe)  # fmt: skip
+            k = _kernel_from_cost(
+                cost3[chunk], shift2[chunk], epsilon, None if valid3 is None else valid3[chunk], out=plan[chunk]
+            )
+            u, v, _ = _kernel_iterations(
+                k, _transpose_if_needed(k), a2[chunk], b2[chunk], max_iter, tol, check_every, safe
+            )
             k.mul_(u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
         return plan.reshape(cost.shape)
 

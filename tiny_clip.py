@@ -78,12 +78,16 @@ def build_tiny_clip(
     config = CLIPConfig(
         # Explicit special ids: CLIP pools the text at the first end token, and its default id (49407) is absent here.
         text_config=dict(
-            vocab_size=len(tokenizer), max_position_embeddings=77, pad_token_id=ids["<pad>"],
-            bos_token_id=ids["<|startoftext|>"], eos_token_id=ids["<|endoftext|>"], **layer,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            pad_token_id=ids["<pad>"],
+            bos_token_id=ids["<|startoftext|>"],
+            eos_token_id=ids["<|endoftext|>"],
+            **layer,
         ),
         vision_config=dict(image_size=image_size, patch_size=patch_size, **layer),
         projection_dim=projection_dim,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = CLIPModel(config)
     image_processor = CLIPImageProcessorPil(

@@ -230,10 +230,15 @@ def _overlay_panel(fig, ax, picture, values, grid, title, uniform=None, cmap="in
             for c in range(grid):
                 value = heat[r, c]
                 ax.text(
-                    (c + 0.5) * width / grid, (r + 0.5) * height / grid, f"{100 * value:.{decimals}f}%",
-                    ha="center", va="center", fontsize=8, color="white",
+                    (c + 0.5) * width / grid,
+                    (r + 0.5) * height / grid,
+                    f"{100 * value:.{decimals}f}%",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white",
                     path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
-                )  # fmt: skip
+                )
     ticks = [(i + 0.5) * width / grid for i in range(grid)]
     step = _tick_step(grid, 8)
     ax.set_xticks(ticks[::step])
@@ -291,14 +296,25 @@ def plot_correlation_maps(
     bottom = outer[1].subgridspec(1, 3)
 
     _matrix_panel(
-        fig, fig.add_subplot(top[0]), attention, tokens, "Attention: softmax(Q K^T / sqrt(D))",
-        f"attention weight (each {axis} sums to 1)", chosen, uniform,
-    )  # fmt: skip
+        fig,
+        fig.add_subplot(top[0]),
+        attention,
+        tokens,
+        "Attention: softmax(Q K^T / sqrt(D))",
+        f"attention weight (each {axis} sums to 1)",
+        chosen,
+        uniform,
+    )
     _matrix_panel(
-        fig, fig.add_subplot(top[1]), ot, tokens,
+        fig,
+        fig.add_subplot(top[1]),
+        ot,
+        tokens,
         f"OT plan (Sinkhorn, eps={maps['epsilon']:g}, at most {maps['iterations']} iterations)",
-        f"OT plan x {'L_t' if v2t else 'L_v'} (each {axis} sums to 1)", chosen, uniform,
-    )  # fmt: skip
+        f"OT plan x {'L_t' if v2t else 'L_v'} (each {axis} sums to 1)",
+        chosen,
+        uniform,
+    )
 
     ax = fig.add_subplot(bottom[0])
     ax.imshow(maps["picture"], interpolation="bilinear")
@@ -437,10 +453,15 @@ def plot_training_curves(source, out: str | None = None, title: str | None = Non
         if key == "eval_mrr":
             best = int(np.argmax(values))
             ax_eval.annotate(
-                f"best {values[best]:.4g}\n(step {steps[best]})", (steps[best], values[best]),
-                textcoords="offset points", xytext=(0, -28), ha="center", fontsize=8, color=line.get_color(),
+                f"best {values[best]:.4g}\n(step {steps[best]})",
+                (steps[best], values[best]),
+                textcoords="offset points",
+                xytext=(0, -28),
+                ha="center",
+                fontsize=8,
+                color=line.get_color(),
                 arrowprops=dict(arrowstyle="->", color=line.get_color()),
-            )  # fmt: skip
+            )
     ax_eval.set_xlabel("training step")
     ax_eval.set_ylabel("score")
     ax_eval.set_title("validation ranking (whole KB)")
@@ -531,9 +552,16 @@ def main(argv=None):
     model, processor = load_model_and_processor(args.model, args.processor)
     try:
         plot_correlation_maps(
-            model, processor, first, second, image,
-            side=args.side, direction=args.direction, token=args.token, out=args.out,
-        )  # fmt: skip
+            model,
+            processor,
+            first,
+            second,
+            image,
+            side=args.side,
+            direction=args.direction,
+            token=args.token,
+            out=args.out,
+        )
     except ValueError as err:
         parser.error(str(err))
     print(args.out)

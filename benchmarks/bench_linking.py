@@ -114,10 +114,15 @@ def child_build(args) -> dict:
         t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in index.tensors.values()
     )
     return {
-        "n": len(index), "encode_kb_s": seconds, "entities_per_s": len(index) / seconds,
-        "index_mb": index.nbytes() / 2**20, "index_fp32_mb": fp32 / 2**20, "text_len": index.tensors["text_mask"].shape[1],
-        "rss_model_mb": rss_model, "peak_rss_build_mb": peak_rss_mb(),
-    }  # fmt: skip
+        "n": len(index),
+        "encode_kb_s": seconds,
+        "entities_per_s": len(index) / seconds,
+        "index_mb": index.nbytes() / 2**20,
+        "index_fp32_mb": fp32 / 2**20,
+        "text_len": index.tensors["text_mask"].shape[1],
+        "rss_model_mb": rss_model,
+        "peak_rss_build_mb": peak_rss_mb(),
+    }
 
 
 def _best_time(fn, reps):
@@ -176,13 +181,19 @@ def child_serve(args) -> dict:
         for assignment in paths:
             res = rk.rank(model, feats, index, candidates=k, assignment=assignment, gold=gold)
             metrics = mx.ranking_metrics(res.gold_ranks)
-            out["runs"].append({
-                "strategy": "two_stage", "k": k, "assignment": assignment,
-                "mentions_per_s": len(mentions) / rank_s[assignment][0],
-                "stage2_mentions_per_s": len(mentions) / stage2_s[assignment][0],
-                "h1": metrics["hits@1"], "mrr": metrics["mrr"], "h1_subset": mx.ranking_metrics(res.gold_ranks[:n_ex])["hits@1"],
-                "stage1_recall": mx.stage1_recall(res.stage1_gold_ranks, (k,))[f"recall@{k}"],
-            })  # fmt: skip
+            out["runs"].append(
+                {
+                    "strategy": "two_stage",
+                    "k": k,
+                    "assignment": assignment,
+                    "mentions_per_s": len(mentions) / rank_s[assignment][0],
+                    "stage2_mentions_per_s": len(mentions) / stage2_s[assignment][0],
+                    "h1": metrics["hits@1"],
+                    "mrr": metrics["mrr"],
+                    "h1_subset": mx.ranking_metrics(res.gold_ranks[:n_ex])["hits@1"],
+                    "stage1_recall": mx.stage1_recall(res.stage1_gold_ranks, (k,))[f"recall@{k}"],
+                }
+            )
     if n_ex:
         sub = feats.rows(slice(0, n_ex)).trimmed()
         for assignment in args.exhaustive_assignments:
@@ -193,10 +204,18 @@ def child_serve(args) -> dict:
                 model, sub, index, strategy="exhaustive", candidates=50, assignment=assignment, gold=gold[:n_ex]
             )
             metrics = mx.ranking_metrics(res.gold_ranks)
-            out["runs"].append({
-                "strategy": "exhaustive", "k": None, "assignment": assignment, "mentions_per_s": n_ex / seconds,
-                "h1": metrics["hits@1"], "mrr": metrics["mrr"], "h1_subset": metrics["hits@1"], "mentions": n_ex,
-            })  # fmt: skip
+            out["runs"].append(
+                {
+                    "strategy": "exhaustive",
+                    "k": None,
+                    "assignment": assignment,
+                    "mentions_per_s": n_ex / seconds,
+                    "h1": metrics["hits@1"],
+                    "mrr": metrics["mrr"],
+                    "h1_subset": metrics["hits@1"],
+                    "mentions": n_ex,
+                }
+            )
     out["exhaustive_mentions"] = n_ex
     out["peak_rss_serve_mb"] = peak_rss_mb()  # before the FAISS comparison, which copies the stage-1 vectors
     # Stage 1 alone, torch vs FAISS (exact inner product), top-50, no gold.
@@ -219,10 +238,32 @@ def child_serve(args) -> dict:
 
 
 def run_child(mode: str, args, dataset: str, index_dir: str, n_exhaustive: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--model", args.model, "--_dataset", dataset,
-           "--_index_dir", index_dir, "--mentions", str(args.mentions), "--exhaustive_mentions", str(n_exhaustive),
-           "--ks", *map(str, args.ks), "--index_dtype", args.index_dtype, "--threads", str(args.threads),
-           "--reps", str(args.reps), "--exhaustive_assignments", *args.exhaustive_assignments]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        mode,
+        "--model",
+        args.model,
+        "--_dataset",
+        dataset,
+        "--_index_dir",
+        index_dir,
+        "--mentions",
+        str(args.mentions),
+        "--exhaustive_mentions",
+        str(n_exhaustive),
+        "--ks",
+        *map(str, args.ks),
+        "--index_dtype",
+        args.index_dtype,
+        "--threads",
+        str(args.threads),
+        "--reps",
+        str(args.reps),
+        "--exhaustive_assignments",
+        *args.exhaustive_assignments,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
@@ -232,8 +273,10 @@ def run_child(mode: str, args, dataset: str, index_dir: str, n_exhaustive: int) 
 
 def report(results: dict, args):
     load = os.getloadavg()
-    print(f"\n## Whole-KB linking: {args.threads} threads, index {args.index_dtype}, model {args.model_desc}; "
-          f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
+    print(
+        f"\n## Whole-KB linking: {args.threads} threads, index {args.index_dtype}, model {args.model_desc}; "
+        f"load average {load[0]:.1f} / {load[1]:.1f}\n"
+    )
     print(
         "| KB | strategy | k | assignment | mentions/s (rank) | mentions/s (stage 2) | mentions/s (end-to-end) "
         "| KD / OT speed (rank, stage 2) | speed-up vs exhaustive | stage-1 recall@k | H@1 | MRR "
@@ -261,9 +304,11 @@ def report(results: dict, args):
                     kd_speed += f", {x['stage2_mentions_per_s'] / ot['stage2_mentions_per_s']:.2f}x"
             k = x["k"] if x["k"] else "all"
             n_m = x.get("mentions", serve["mentions"])
-            print(f"| {n:,} | {x['strategy']} | {k} | {x['assignment']} | {x['mentions_per_s']:.1f} | {stage2} "
-                  f"| {e2e:.1f} | {kd_speed} | {speed} | {recall} | {100 * x['h1']:.1f} (n={n_m}) | {100 * x['mrr']:.1f} "
-                  f"| {diff} |")  # fmt: skip
+            print(
+                f"| {n:,} | {x['strategy']} | {k} | {x['assignment']} | {x['mentions_per_s']:.1f} | {stage2} "
+                f"| {e2e:.1f} | {kd_speed} | {speed} | {recall} | {100 * x['h1']:.1f} (n={n_m}) | {100 * x['mrr']:.1f} "
+                f"| {diff} |"
+            )
     print(
         "\n| KB | KD H@1 - OT H@1 (k=50) | stage 1 torch / FAISS (mentions/s, top-50) | mention encoding /s "
         "| KB encoding entities/s | index MB (fp32 MB) | text tokens | peak RSS build MB | peak RSS serve MB |"
@@ -274,10 +319,12 @@ def report(results: dict, args):
         runs = {(x["strategy"], x["k"], x["assignment"]): x for x in serve["runs"]}
         ot, kd = runs.get(("two_stage", 50, "ot")), runs.get(("two_stage", 50, "attention"))
         kd_loss = f"{100 * (kd['h1'] - ot['h1']):+.1f}" if ot and kd else ""
-        print(f"| {n:,} | {kd_loss} | {serve['stage1_torch_per_s']:.0f} / {serve['stage1_faiss_per_s']:.0f} "
-              f"| {serve['encode_mentions_per_s']:.0f} | {build['entities_per_s']:.0f} "
-              f"| {build['index_mb']:.0f} ({build['index_fp32_mb']:.0f}) | {build['text_len']} "
-              f"| {build['peak_rss_build_mb']:.0f} | {serve['peak_rss_serve_mb']:.0f} |")  # fmt: skip
+        print(
+            f"| {n:,} | {kd_loss} | {serve['stage1_torch_per_s']:.0f} / {serve['stage1_faiss_per_s']:.0f} "
+            f"| {serve['encode_mentions_per_s']:.0f} | {build['entities_per_s']:.0f} "
+            f"| {build['index_mb']:.0f} ({build['index_fp32_mb']:.0f}) | {build['text_len']} "
+            f"| {build['peak_rss_build_mb']:.0f} | {serve['peak_rss_serve_mb']:.0f} |"
+        )
 
 
 def main():

@@ -113,15 +113,28 @@ def child_build(args) -> dict:
 
     ix._encode_rows = timed
     start = time.perf_counter()
-    index = ix.build_index(model, processor, view, args._index_dir, dtype="float32", batch_size=128,
-                           shard_size=args.shard_size, ann=False, progress=False)  # fmt: skip
+    index = ix.build_index(
+        model,
+        processor,
+        view,
+        args._index_dir,
+        dtype="float32",
+        batch_size=128,
+        shard_size=args.shard_size,
+        ann=False,
+        progress=False,
+    )
     total = time.perf_counter() - start
     return {
-        "n": len(index), "rows_encoded_this_run": encoded["rows"], "encode_s": encoded["seconds"],
-        "entities_per_s": encoded["rows"] / encoded["seconds"] if encoded["rows"] else None, "build_total_s": total,
-        "bytes_per_entity": index.nbytes() / len(index), "text_len": index.tensors["text_mask"].shape[1],
+        "n": len(index),
+        "rows_encoded_this_run": encoded["rows"],
+        "encode_s": encoded["seconds"],
+        "entities_per_s": encoded["rows"] / encoded["seconds"] if encoded["rows"] else None,
+        "build_total_s": total,
+        "bytes_per_entity": index.nbytes() / len(index),
+        "text_len": index.tensors["text_mask"].shape[1],
         "peak_rss_build_mb": peak_rss_mb(),
-    }  # fmt: skip
+    }
 
 
 def child_convert(args) -> dict:
@@ -207,8 +220,13 @@ def child_serve(args) -> dict:
     search = args._stage1
     sample = mentions.select(range(min(len(mentions), args.link_mentions)))
     linker.link(sample.select(range(8)), top_k=5, candidates=50, stage1=search)  # warm-up
-    seconds = _best({a: (lambda a=a: linker.link(sample, top_k=5, candidates=50, assignment=a, stage1=search))
-                     for a in ("ot", "attention")}, args.reps)  # fmt: skip
+    seconds = _best(
+        {
+            a: (lambda a=a: linker.link(sample, top_k=5, candidates=50, assignment=a, stage1=search))
+            for a in ("ot", "attention")
+        },
+        args.reps,
+    )
     out["link_mentions_per_s"] = {a: len(sample) / s for a, s in seconds.items()}
     out["link_stage1"] = rk.stage1_search(rk.RankOptions(stage1=search), index)
     out["peak_rss_link_mb"], out["rss_after_link"] = peak_rss_mb(), rss_now_mb()  # serving: before the evaluation
@@ -227,9 +245,26 @@ def child_serve(args) -> dict:
 
 
 def run_child(mode: str, args, **extra) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--model", args.model or "", "--threads",
-           str(args.threads), "--mentions", str(args.mentions), "--link_mentions", str(args.link_mentions), "--reps",
-           str(args.reps), "--dtype", args.dtype, "--shard_size", str(args.shard_size)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        mode,
+        "--model",
+        args.model or "",
+        "--threads",
+        str(args.threads),
+        "--mentions",
+        str(args.mentions),
+        "--link_mentions",
+        str(args.link_mentions),
+        "--reps",
+        str(args.reps),
+        "--dtype",
+        args.dtype,
+        "--shard_size",
+        str(args.shard_size),
+    ]
     for k, v in extra.items():
         cmd += [f"--_{k}", str(v)]
     print(f"[{time.strftime('%H:%M:%S')}] {mode} {extra}", flush=True)
@@ -330,7 +365,7 @@ def main():
             "visual_tokens": vit_tokens,
             "hidden": otmel.hidden_size,
             "projection": clip.projection_dim,
-        },  # fmt: skip
+        },
         "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
     }
     results["load_end"] = os.getloadavg()
@@ -375,28 +410,36 @@ def report(r: dict):
         ("reference", "float32 + exact"),
     ):
         s = r[key]
-        print(f"- {label}: link() {s['link_mentions_per_s']['ot']:.1f} mentions/s OT, "
-              f"{s['link_mentions_per_s']['attention']:.1f} attention ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x), "
-              f"stage 1 {s['link_stage1']}; H@1 OT {100 * s['h1_ot']:.1f}, attention {100 * s['h1_attention']:.1f} "
-              f"(n={s['mentions']}); peak RSS serving {s['peak_rss_link_mb']:.0f} MB (then anon {s['rss_after_link']['RssAnon']:.0f} "
-              f"+ file {s['rss_after_link']['RssFile']:.0f} MB), with the evaluation {s['peak_rss_serve_mb']:.0f} MB")  # fmt: skip
-    print(f"- stage-1 recall@50 of ANN against exact: {100 * serve['ann_recall_of_exact_top50']:.1f}% of the exact top 50; "
-          f"gold recall@50 {100 * serve['gold_recall50_ann']:.1f} (ANN) vs {100 * serve['gold_recall50_exact']:.1f} (exact); "
-          f"stage 1 alone {serve['stage1_mentions_per_s']}")  # fmt: skip
+        print(
+            f"- {label}: link() {s['link_mentions_per_s']['ot']:.1f} mentions/s OT, "
+            f"{s['link_mentions_per_s']['attention']:.1f} attention ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x), "
+            f"stage 1 {s['link_stage1']}; H@1 OT {100 * s['h1_ot']:.1f}, attention {100 * s['h1_attention']:.1f} "
+            f"(n={s['mentions']}); peak RSS serving {s['peak_rss_link_mb']:.0f} MB (then anon {s['rss_after_link']['RssAnon']:.0f} "
+            f"+ file {s['rss_after_link']['RssFile']:.0f} MB), with the evaluation {s['peak_rss_serve_mb']:.0f} MB"
+        )
+    print(
+        f"- stage-1 recall@50 of ANN against exact: {100 * serve['ann_recall_of_exact_top50']:.1f}% of the exact top 50; "
+        f"gold recall@50 {100 * serve['gold_recall50_ann']:.1f} (ANN) vs {100 * serve['gold_recall50_exact']:.1f} (exact); "
+        f"stage 1 alone {serve['stage1_mentions_per_s']}"
+    )
     for a in ("ot", "attention"):
-        print(f"- H@1 {a}: {r['dtype']} + ANN minus float32 + exact = {100 * (serve[f'h1_{a}'] - ref[f'h1_{a}']):+.2f} "
-              f"points; same top-1 for {100 * sum(x == y for x, y in zip(serve[f'top1_{a}'], ref[f'top1_{a}'])) / len(ref[f'top1_{a}']):.1f}% of mentions")  # fmt: skip
+        print(
+            f"- H@1 {a}: {r['dtype']} + ANN minus float32 + exact = {100 * (serve[f'h1_{a}'] - ref[f'h1_{a}']):+.2f} "
+            f"points; same top-1 for {100 * sum(x == y for x, y in zip(serve[f'top1_{a}'], ref[f'top1_{a}'])) / len(ref[f'top1_{a}']):.1f}% of mentions"
+        )
     print(
         f"- float16 today at ViT-B/32 dimensions: {today:.0f} bytes per entity; {r['dtype']}: "
         f"{vit['bytes'][r['dtype']]:.0f} ({vit['bytes'][r['dtype']] / today:.2f} of it)"
     )
     for key in sorted(k for k in r if k.startswith("serve_") and k[6:].isdigit()):
         s, a = r[key], r[key + "_ann"]
-        print(f"- {int(key[6:]):,} entities: link() OT {s['link_mentions_per_s']['ot']:.1f} / attention "
-              f"{s['link_mentions_per_s']['attention']:.1f} mentions/s ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x, stage 1 {s['link_stage1']}); "
-              f"with ANN {a['link_mentions_per_s']['ot']:.1f} / {a['link_mentions_per_s']['attention']:.1f}; stage 1 alone "
-              f"exact {s['stage1_mentions_per_s']['exact']:.0f} vs ANN {a['stage1_mentions_per_s'].get('ann', 0):.0f} mentions/s; "
-              f"ANN recall of exact top 50 {100 * a.get('ann_recall_of_exact_top50', float('nan')):.1f}%")  # fmt: skip
+        print(
+            f"- {int(key[6:]):,} entities: link() OT {s['link_mentions_per_s']['ot']:.1f} / attention "
+            f"{s['link_mentions_per_s']['attention']:.1f} mentions/s ({s['link_mentions_per_s']['attention'] / s['link_mentions_per_s']['ot']:.2f}x, stage 1 {s['link_stage1']}); "
+            f"with ANN {a['link_mentions_per_s']['ot']:.1f} / {a['link_mentions_per_s']['attention']:.1f}; stage 1 alone "
+            f"exact {s['stage1_mentions_per_s']['exact']:.0f} vs ANN {a['stage1_mentions_per_s'].get('ann', 0):.0f} mentions/s; "
+            f"ANN recall of exact top 50 {100 * a.get('ann_recall_of_exact_top50', float('nan')):.1f}%"
+        )
 
 
 if __name__ == "__main__":

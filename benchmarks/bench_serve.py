@@ -95,9 +95,24 @@ class ServerProcess:
     """`serving_otmel.py` in a child process on 127.0.0.1, any free port (read from its first line)."""
 
     def __init__(self, model: str, index_dir: str, threads: int, extra=()):
-        cmd = [sys.executable, os.path.join(REPO, "serving_otmel.py"), "--model", model, "--index", index_dir,
-               "--host", "127.0.0.1", "--port", "0", "--threads", str(threads), "--no_access_log",
-               "--log_level", "warning", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "serving_otmel.py"),
+            "--model",
+            model,
+            "--index",
+            index_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+            "--no_access_log",
+            "--log_level",
+            "warning",
+            *extra,
+        ]
         self.log_path = os.path.join(os.path.dirname(index_dir), "server.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
@@ -195,10 +210,16 @@ def run_level(url, bodies, per_request, concurrency, max_seconds, expected, serv
                 total += 1
                 same += same_top_k(served, expected[i * per_request + j])
     return {
-        "concurrency": concurrency, "requests": len(done), "mentions": mentions, "seconds": out["wall"],
-        "requests_per_s": len(done) / out["wall"], "mentions_per_s": mentions / out["wall"],
-        "p50_ms": 1000 * percentile(out["latencies"], 50), "p99_ms": 1000 * percentile(out["latencies"], 99),
-        "errors": len(out["errors"]), "error_examples": out["errors"][:3],
+        "concurrency": concurrency,
+        "requests": len(done),
+        "mentions": mentions,
+        "seconds": out["wall"],
+        "requests_per_s": len(done) / out["wall"],
+        "mentions_per_s": mentions / out["wall"],
+        "p50_ms": 1000 * percentile(out["latencies"], 50),
+        "p99_ms": 1000 * percentile(out["latencies"], 99),
+        "errors": len(out["errors"]),
+        "error_examples": out["errors"][:3],
         "same_as_in_process": same / total if total else float("nan"),
         "mean_batch": (after["batched_mentions"] - before["batched_mentions"]) / max(batches, 1),
         "model_busy": (after["model_seconds"] - before["model_seconds"]) / out["wall"],
@@ -206,11 +227,19 @@ def run_level(url, bodies, per_request, concurrency, max_seconds, expected, serv
         / max(after["model_seconds"] - before["model_seconds"], 1e-9),
         "server_cpu_ms": 1000 * (cpu_after[0] - cpu_before[0]) / max(mentions, 1),
         "client_cpu_ms": 1000 * (cpu_after[1] - cpu_before[1]) / max(mentions, 1),
-    }  # fmt: skip
+    }
 
 
-async def mixed(url: str, bodies: list, concurrency: int, initial_qids: set, changes: int, new_entities: list,
-                removable: list, max_seconds: float) -> dict:  # fmt: skip
+async def mixed(
+    url: str,
+    bodies: list,
+    concurrency: int,
+    initial_qids: set,
+    changes: int,
+    new_entities: list,
+    removable: list,
+    max_seconds: float,
+) -> dict:
     """Links from `concurrency` tasks while one writer makes `changes` entity changes (add, remove, add, ...)."""
     import httpx
 
@@ -293,12 +322,20 @@ async def mixed(url: str, bodies: list, concurrency: int, initial_qids: set, cha
             violations.append(f"sent after {late} were removed, answered from version {version}")
     mentions = sum(len(body["results"]) for _, body in answers)
     return {
-        "concurrency": concurrency, "changes": len(change_ms), "links": len(answers), "mentions_per_s": mentions / wall,
-        "versions_seen": len({b["index_version"] for _, b in answers}), "violations": len(violations),
-        "violation_examples": violations[:3], "errors": len(errors), "error_examples": errors[:3],
-        "change_p50_ms": percentile(change_ms, 50), "change_max_ms": max(change_ms) if change_ms else float("nan"),
-        "added_found_top5": f"{sum(found)}/{len(found)}", "seconds": wall,
-    }  # fmt: skip
+        "concurrency": concurrency,
+        "changes": len(change_ms),
+        "links": len(answers),
+        "mentions_per_s": mentions / wall,
+        "versions_seen": len({b["index_version"] for _, b in answers}),
+        "violations": len(violations),
+        "violation_examples": violations[:3],
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "change_p50_ms": percentile(change_ms, 50),
+        "change_max_ms": max(change_ms) if change_ms else float("nan"),
+        "added_found_top5": f"{sum(found)}/{len(found)}",
+        "seconds": wall,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,9 +422,19 @@ def main():
     shutil.rmtree(serve_dir, ignore_errors=True)
     os.makedirs(serve_dir)
     shutil.copytree(index_dir, os.path.join(serve_dir, "index"))
-    server = ServerProcess(model, os.path.join(serve_dir, "index"), args.threads,
-                           ["--max_wait_ms", str(args.max_wait_ms), "--max_batch_mentions", str(args.max_batch_mentions),
-                            "--worker", args.worker])  # fmt: skip
+    server = ServerProcess(
+        model,
+        os.path.join(serve_dir, "index"),
+        args.threads,
+        [
+            "--max_wait_ms",
+            str(args.max_wait_ms),
+            "--max_batch_mentions",
+            str(args.max_batch_mentions),
+            "--worker",
+            args.worker,
+        ],
+    )
     levels, mixed_result = [], None
     try:
         asyncio.run(drive(server.url, bodies[:8], 4, args.max_seconds))  # warm-up
@@ -412,14 +459,33 @@ def main():
 
             index = ix.EntityIndex.load(index_dir)
             n_add = (args.changes + 1) // 2
-            new_entities = [{"qid": f"QNEW{i}", "name": f"{mentions[i]['mention']} the {i}th",
-                             "attributes": mentions[i]["sentence"][:200],
-                             **({"image_base64": base64.b64encode(mentions[i]["image"]).decode()} if mentions[i]["image"] else {})}
-                            for i in range(n_add)]  # fmt: skip
+            new_entities = [
+                {
+                    "qid": f"QNEW{i}",
+                    "name": f"{mentions[i]['mention']} the {i}th",
+                    "attributes": mentions[i]["sentence"][:200],
+                    **(
+                        {"image_base64": base64.b64encode(mentions[i]["image"]).decode()}
+                        if mentions[i]["image"]
+                        else {}
+                    ),
+                }
+                for i in range(n_add)
+            ]
             removable = index.qids[: args.changes // 2]
             print(f"mixed: {args.changes} entity changes under concurrency {args.mixed_concurrency} ...", flush=True)
-            mixed_result = asyncio.run(mixed(server.url, bodies, args.mixed_concurrency, set(index.qids), args.changes,
-                                             new_entities, removable, args.max_seconds))  # fmt: skip
+            mixed_result = asyncio.run(
+                mixed(
+                    server.url,
+                    bodies,
+                    args.mixed_concurrency,
+                    set(index.qids),
+                    args.changes,
+                    new_entities,
+                    removable,
+                    args.max_seconds,
+                )
+            )
             saved = ix.EntityIndex.load(os.path.join(serve_dir, "index"))
             expect = (set(index.qids) | {e["qid"] for e in new_entities}) - set(removable)
             mixed_result["saved_index_matches"] = set(saved.qids) == expect
@@ -427,31 +493,39 @@ def main():
         exit_code = server.stop()
 
     load = os.getloadavg()
-    print(f"\n## Serving: {model_desc}, {args.entities:,} entities, {args.threads} torch threads, top_k {args.top_k}, "
-          f"candidates {args.candidates}, {per} mentions per request (about half with a picture), server "
-          f"--worker {args.worker} --max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
-          f"load average {load[0]:.1f} / {load[1]:.1f}\n")  # fmt: skip
+    print(
+        f"\n## Serving: {model_desc}, {args.entities:,} entities, {args.threads} torch threads, top_k {args.top_k}, "
+        f"candidates {args.candidates}, {per} mentions per request (about half with a picture), server "
+        f"--worker {args.worker} --max_batch_mentions {args.max_batch_mentions} --max_wait_ms {args.max_wait_ms:g}; "
+        f"load average {load[0]:.1f} / {load[1]:.1f}\n"
+    )
     print(
         "| run | concurrency | requests | requests/s | mentions/s | vs in-process | p50 ms | p99 ms "
         "| errors (all rounds) | same top-k as in-process | mean batch | model thread busy (running) "
         "| CPU ms per mention: server (client) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - "
-          f"| {local_cpu_ms:.2f} |")  # fmt: skip
+    print(
+        f"| in-process `link()` | - | - | - | {local_rate:.1f} | 100% | - | - | - | - | {len(mentions)} | - "
+        f"| {local_cpu_ms:.2f} |"
+    )
     for r in levels:
-        print(f"| server | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['mentions_per_s']:.1f} "
-              f"| {100 * r['mentions_per_s'] / local_rate:.0f}% | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['errors_all_rounds']} | {100 * r['same_as_in_process']:.1f}% | {r['mean_batch']:.1f} "
-              f"| {100 * r['model_busy']:.0f}% ({100 * r['model_running']:.0f}%) "
-              f"| {r['server_cpu_ms']:.2f} ({r['client_cpu_ms']:.2f}) |")  # fmt: skip
+        print(
+            f"| server | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['mentions_per_s']:.1f} "
+            f"| {100 * r['mentions_per_s'] / local_rate:.0f}% | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+            f"| {r['errors_all_rounds']} | {100 * r['same_as_in_process']:.1f}% | {r['mean_batch']:.1f} "
+            f"| {100 * r['model_busy']:.0f}% ({100 * r['model_running']:.0f}%) "
+            f"| {r['server_cpu_ms']:.2f} ({r['client_cpu_ms']:.2f}) |"
+        )
     if mixed_result:
         m = mixed_result
-        print(f"\nMixed run: {m['links']} link requests at concurrency {m['concurrency']} while {m['changes']} entity "
-              f"changes were made ({m['versions_seen']} KB versions seen in answers; change p50 {m['change_p50_ms']:.0f} ms, "
-              f"max {m['change_max_ms']:.0f} ms): {m['mentions_per_s']:.1f} mentions/s, {m['violations']} consistency "
-              f"violations, {m['errors']} errors; added entities found in the top 5 by a mention of their name: "
-              f"{m['added_found_top5']}; saved index has the final KB: {m['saved_index_matches']}.")  # fmt: skip
+        print(
+            f"\nMixed run: {m['links']} link requests at concurrency {m['concurrency']} while {m['changes']} entity "
+            f"changes were made ({m['versions_seen']} KB versions seen in answers; change p50 {m['change_p50_ms']:.0f} ms, "
+            f"max {m['change_max_ms']:.0f} ms): {m['mentions_per_s']:.1f} mentions/s, {m['violations']} consistency "
+            f"violations, {m['errors']} errors; added entities found in the top 5 by a mention of their name: "
+            f"{m['added_found_top5']}; saved index has the final KB: {m['saved_index_matches']}."
+        )
         for x in m["violation_examples"] + m["error_examples"]:
             print(f"  {x}")
     for r in levels:
@@ -460,8 +534,19 @@ def main():
     print(f"Server exit code after SIGTERM: {exit_code}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"in_process_mentions_per_s": local_rate, "in_process_cpu_ms": local_cpu_ms, "levels": levels, "mixed": mixed_result,
-                       "exit_code": exit_code, "model": model_desc, "args": vars(args)}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "in_process_mentions_per_s": local_rate,
+                    "in_process_cpu_ms": local_cpu_ms,
+                    "levels": levels,
+                    "mixed": mixed_result,
+                    "exit_code": exit_code,
+                    "model": model_desc,
+                    "args": vars(args),
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -72,10 +72,20 @@ def bench_sinkhorn(reps, tol, max_iter):
         f"max_iter={max_iter}, median of {reps} calls (ms); err = largest row-marginal L2 error"
     )
     columns = [
-        ("shape", 15), ("eps", 5), ("ours ms", 8), ("err", 7), ("ours@POT err ms", 15), ("err", 7),
-        ("POT sinkhorn ms", 15), ("iters", 5), ("err", 7), ("POT log ms", 10), ("err", 7),
-        ("x POT sinkhorn", 14), ("x POT log", 9),
-    ]  # fmt: skip
+        ("shape", 15),
+        ("eps", 5),
+        ("ours ms", 8),
+        ("err", 7),
+        ("ours@POT err ms", 15),
+        ("err", 7),
+        ("POT sinkhorn ms", 15),
+        ("iters", 5),
+        ("err", 7),
+        ("POT log ms", 10),
+        ("err", 7),
+        ("x POT sinkhorn", 14),
+        ("x POT log", 9),
+    ]
     print("| " + " | ".join(f"{name:>{width}}" for name, width in columns) + " |")
     print("|" + "|".join("-" * (width + 2) for _, width in columns) + "|")
     ratios = []
@@ -101,10 +111,20 @@ def bench_sinkhorn(reps, tol, max_iter):
                 t_log, *_ = median_ms(lambda: pot(cost, eps, "log_sinkhorn"), max(3, reps // 3))
             ratios.append((t_kernel / t_matched, t_log / t_matched))
             values = [
-                str(shape), eps, f"{t_ours:.2f}", f"{err_ours:.1e}", f"{t_matched:.2f}", f"{err_matched:.1e}",
-                f"{t_kernel:.2f}", pot_kernel.log["n_iter"] + 1, f"{err_kernel:.1e}", f"{t_log:.2f}", f"{err_log:.1e}",
-                f"{t_kernel / t_matched:.1f}", f"{t_log / t_matched:.1f}",
-            ]  # fmt: skip
+                str(shape),
+                eps,
+                f"{t_ours:.2f}",
+                f"{err_ours:.1e}",
+                f"{t_matched:.2f}",
+                f"{err_matched:.1e}",
+                f"{t_kernel:.2f}",
+                pot_kernel.log["n_iter"] + 1,
+                f"{err_kernel:.1e}",
+                f"{t_log:.2f}",
+                f"{err_log:.1e}",
+                f"{t_kernel / t_matched:.1f}",
+                f"{t_log / t_matched:.1f}",
+            ]
             print("| " + " | ".join(f"{v!s:>{width}}" for v, (_, width) in zip(values, columns)) + " |")
     print(
         f"speed-up of ours at equal or smaller error: {min(r[0] for r in ratios):.1f}x to "
@@ -187,8 +207,10 @@ class SinkhornTimer:
 
 
 def bench_training(batch, reps, profile):
-    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-             "upsilon phi chi psi omega").split()  # fmt: skip
+    words = (
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+        "upsilon phi chi psi omega"
+    ).split()
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(50)]
     folder = build_tiny_clip(tempfile.mkdtemp(prefix="tiny_clip_bench_"), texts)
     print(

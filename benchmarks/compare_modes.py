@@ -52,8 +52,21 @@ def world_dir(world: str) -> str:
     folder, options = WORLDS[world]
     path = os.path.join(HERE, "data", folder)
     if not os.path.isfile(os.path.join(path, "ceilings.json")):
-        subprocess.run([sys.executable, os.path.join(HERE, "datasets_scripts", "make_synthetic.py"), path,
-                        "--entities", "3000", "--mentions", "6000", "--seed", "0", *options], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(HERE, "datasets_scripts", "make_synthetic.py"),
+                path,
+                "--entities",
+                "3000",
+                "--mentions",
+                "6000",
+                "--seed",
+                "0",
+                *options,
+            ],
+            check=True,
+        )
     return path
 
 
@@ -109,9 +122,25 @@ def mean_std(values):
 
 
 def run(world: str, mode: str, seed: int, out: str, epochs, extra) -> None:
-    command = [sys.executable, os.path.join(HERE, "run_mel.py"), "--dataset_name", world, "--output_dir", out,
-               "--mode", mode, "--seed", str(seed), "--do_train", "--do_eval", "--do_predict", "--save_total_limit",
-               "1", "--disable_tqdm", "true"]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(HERE, "run_mel.py"),
+        "--dataset_name",
+        world,
+        "--output_dir",
+        out,
+        "--mode",
+        mode,
+        "--seed",
+        str(seed),
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--save_total_limit",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
     if epochs is not None:
         command += ["--num_train_epochs", str(epochs)]
     with open(out + ".log", "w") as log:
@@ -171,8 +200,14 @@ def main():
                 metrics = read_json(path)
                 per_slice = slice_metrics(os.path.join(out, "predictions_test.jsonl"), slices)
                 results.setdefault(mode, []).append({"metrics": metrics, "slices": per_slice})
-                print(name, mode, seed, {k: round(metrics[k], 4) for k in KEYS},
-                      {s: round(v["h1"], 3) for s, v in per_slice.items()}, flush=True)  # fmt: skip
+                print(
+                    name,
+                    mode,
+                    seed,
+                    {k: round(metrics[k], 4) for k in KEYS},
+                    {s: round(v["h1"], 3) for s, v in per_slice.items()},
+                    flush=True,
+                )
         if results:
             report(name, world, results, args.seeds)
 

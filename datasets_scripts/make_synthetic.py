@@ -208,14 +208,27 @@ ATTRIBUTE_KINDS = ("occupation", "city", "organisation")
 VOCAB = {"occupation": OCCUPATIONS, "city": CITIES, "organisation": ORGANISATIONS}
 
 EVENTS = [
-    "gave a speech on Tuesday", "was photographed at the ceremony", "answered questions from reporters",
-    "attended the opening night", "signed a new agreement", "arrived at the airport",
-    "was interviewed last week", "spoke at the annual meeting", "received an award",
-    "posed for photographers", "visited the exhibition", "returned home after the tour",
-    "met supporters outside", "announced plans for next year", "appeared on television",
-    "waved to the crowd", "celebrated a birthday", "launched a campaign", "left the building early",
+    "gave a speech on Tuesday",
+    "was photographed at the ceremony",
+    "answered questions from reporters",
+    "attended the opening night",
+    "signed a new agreement",
+    "arrived at the airport",
+    "was interviewed last week",
+    "spoke at the annual meeting",
+    "received an award",
+    "posed for photographers",
+    "visited the exhibition",
+    "returned home after the tour",
+    "met supporters outside",
+    "announced plans for next year",
+    "appeared on television",
+    "waved to the crowd",
+    "celebrated a birthday",
+    "launched a campaign",
+    "left the building early",
     "joined the panel discussion",
-]  # fmt: skip
+]
 # Words of the sentence and attribute templates: a perfect reader must never mistake them for cues.
 TEMPLATE_WORDS = set(
     " ".join(EVENTS).lower().split()
@@ -385,17 +398,24 @@ def build_world(n_entities: int, n_mentions: int, seed: int, *, preset: str | No
             if all(a != b for a, b in zip(colours_a, colours_b)):
                 break
         for k in range(size):
-            entities.append({
-                "group": g,
-                "first": first,
-                "last": last,
-                "name": f"{first} {last}",
-                "occupation": rng.choice(OCCUPATIONS),
-                "city": rng.choice(CITIES),
-                "organisation": rng.choice(ORGANISATIONS),
-                "identity": (rng.randrange(len(SHAPES)), colours_a[k], rng.randrange(len(SHAPES)),
-                             colours_b[k], rng.randrange(len(LAYOUTS))),
-            })  # fmt: skip
+            entities.append(
+                {
+                    "group": g,
+                    "first": first,
+                    "last": last,
+                    "name": f"{first} {last}",
+                    "occupation": rng.choice(OCCUPATIONS),
+                    "city": rng.choice(CITIES),
+                    "organisation": rng.choice(ORGANISATIONS),
+                    "identity": (
+                        rng.randrange(len(SHAPES)),
+                        colours_a[k],
+                        rng.randrange(len(SHAPES)),
+                        colours_b[k],
+                        rng.randrange(len(LAYOUTS)),
+                    ),
+                }
+            )
     rng.shuffle(entities)  # so namesakes do not sit next to each other in kb_entity.json
 
     qids = rng.sample(range(100_000, 100_000 + 50 * n_entities), n_entities)
@@ -417,8 +437,11 @@ def build_world(n_entities: int, n_mentions: int, seed: int, *, preset: str | No
             )
             e["image_styles"] = [()] + [(family[(j - 1) % len(family)],) for j in range(1, n_img)]
         kb_image_count += n_img
-        sentences = [f"They work as {_article(e['occupation'])} {e['occupation']}.",
-                     f"They live in {e['city']}.", f"They work at {e['organisation']}."]  # fmt: skip
+        sentences = [
+            f"They work as {_article(e['occupation'])} {e['occupation']}.",
+            f"They live in {e['city']}.",
+            f"They work at {e['organisation']}.",
+        ]
         rng.shuffle(sentences)
         e["attr"] = f"{e['name']} is a person. " + " ".join(sentences)
 
@@ -487,12 +510,22 @@ def build_world(n_entities: int, n_mentions: int, seed: int, *, preset: str | No
                     stems.add(stem)
                     break
             img_path = f"mention_image/{stem}.jpg" if rng.random() < 0.7 else f"{stem}.jpg"
-        mentions.append({
-            "index": j, "gold": gold["id"], "surface": surface, "name_kind": name_kind, "mode": mode,
-            "sentence": sentence, "cue_words": [gold[k] for k in cue_kinds],
-            "distractor_words": list(distractors.values()), "image_kind": image_kind, "imgPath": img_path,
-            "style": (), "nil": False,
-        })  # fmt: skip
+        mentions.append(
+            {
+                "index": j,
+                "gold": gold["id"],
+                "surface": surface,
+                "name_kind": name_kind,
+                "mode": mode,
+                "sentence": sentence,
+                "cue_words": [gold[k] for k in cue_kinds],
+                "distractor_words": list(distractors.values()),
+                "image_kind": image_kind,
+                "imgPath": img_path,
+                "style": (),
+                "nil": False,
+            }
+        )
 
     order = list(range(n_mentions))
     rng.shuffle(order)
@@ -641,9 +674,16 @@ def compute_ceilings(world: dict) -> dict:
                 a[r][0] += 1.0 / n
                 a[r][1] += _harmonic(n) / n
                 a[r][2] += n == 1
-        t = {"id": _mention_id(m), "split": m["split"], "mode": m["mode"], "name_kind": m["name_kind"],
-             "cue_words": m["cue_words"], "distractor_words": m["distractor_words"],
-             "image_kind": m["image_kind"], "set_sizes": {r: len(sets[r]) for r in READERS}}  # fmt: skip
+        t = {
+            "id": _mention_id(m),
+            "split": m["split"],
+            "mode": m["mode"],
+            "name_kind": m["name_kind"],
+            "cue_words": m["cue_words"],
+            "distractor_words": m["distractor_words"],
+            "image_kind": m["image_kind"],
+            "set_sizes": {r: len(sets[r]) for r in READERS},
+        }
         if m["style"]:
             t["style"] = list(m["style"])
         if m["nil"]:
@@ -923,15 +963,32 @@ def generate(
     opts = world["options"]
 
     kb_entities = [e for e in world["entities"] if e["in_kb"]]
-    kb = [{"id": e["kb_id"], "qid": e["qid"], "type": "person", "entity_name": quote(e["name"]),
-           "attr": e["attr"], "image_list": e["image_list"]} for e in kb_entities]  # fmt: skip
+    kb = [
+        {
+            "id": e["kb_id"],
+            "qid": e["qid"],
+            "type": "person",
+            "entity_name": quote(e["name"]),
+            "attr": e["attr"],
+            "image_list": e["image_list"],
+        }
+        for e in kb_entities
+    ]
     _dump(out / "kb_entity.json", kb)
     _dump(out / "qid2id.json", {e["qid"]: e["kb_id"] for e in kb_entities})
     entities_ = world["entities"]
     for split in ("train", "dev", "test"):
-        rows = [{"id": _mention_id(m), "mentions": quote(m["surface"]), "sentence": m["sentence"],
-                 "imgPath": m["imgPath"], "answer": "nil" if m["nil"] else entities_[m["gold"]]["qid"]}
-                for m in world["mentions"] if m["split"] == split]  # fmt: skip
+        rows = [
+            {
+                "id": _mention_id(m),
+                "mentions": quote(m["surface"]),
+                "sentence": m["sentence"],
+                "imgPath": m["imgPath"],
+                "answer": "nil" if m["nil"] else entities_[m["gold"]]["qid"],
+            }
+            for m in world["mentions"]
+            if m["split"] == split
+        ]
         _dump(out / f"{DATASET_NAME}_{split}.json", rows)
 
     ceil = compute_ceilings(world)
@@ -967,12 +1024,14 @@ def generate(
         "splits": ceil["splits"],
     }
     if opts["nil_fraction"] > 0:
-        ceilings["definitions"].update({
-            "n_nil": "mentions whose entity is withheld from the KB (answer 'nil'); h1/mrr/resolved_share are "
-            "over the n_in_kb other mentions",
-            "nil_detectable": "share of NIL mentions whose set is empty: the reader can tell the entity is not "
-            "in the KB",
-        })  # fmt: skip
+        ceilings["definitions"].update(
+            {
+                "n_nil": "mentions whose entity is withheld from the KB (answer 'nil'); h1/mrr/resolved_share are "
+                "over the n_in_kb other mentions",
+                "nil_detectable": "share of NIL mentions whose set is empty: the reader can tell the entity is not "
+                "in the KB",
+            }
+        )
     _dump(out / "ceilings.json", ceilings)
     _dump(out / "synth_truth.json", ceil["truth"])
 
@@ -1009,48 +1068,81 @@ def main(argv=None) -> int:
     k = p.add_argument_group("hardness knobs (defaults: the version-1 world; explicit flags override --preset)")
     k.add_argument("--preset", choices=sorted(PRESETS), default=None)
     k.add_argument(
-        "--partial_name_fraction", "--partial-name-fraction", type=float, default=None,
+        "--partial_name_fraction",
+        "--partial-name-fraction",
+        type=float,
+        default=None,
         help="share of mentions giving only the first or only the last name (default 0.12)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--partial_name_cues", "--partial-name-cues", choices=("rich", "plain"), default=None,
+        "--partial_name_cues",
+        "--partial-name-cues",
+        choices=("rich", "plain"),
+        default=None,
         help="rich: partial-name mentions state 2-3 attributes (default); plain: cues as for full names",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--mention_image_fraction", "--mention-image-fraction", type=float, default=None,
+        "--mention_image_fraction",
+        "--mention-image-fraction",
+        type=float,
+        default=None,
         help="target share of mentions with a picture (default: text-mode mentions lack one half the time)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--style_shift", "--style-shift", type=float, default=None,
+        "--style_shift",
+        "--style-shift",
+        type=float,
+        default=None,
         help="probability that a mention picture is drawn in a shifted style (default 0)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--style_shifts", "--style-shifts", default=None,
+        "--style_shifts",
+        "--style-shifts",
+        default=None,
         help=f"comma-separated family of shifts (default: {','.join(STYLE_SHIFTS)})",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--kb_images_per_entity", "--kb-images-per-entity", type=int, default=None,
+        "--kb_images_per_entity",
+        "--kb-images-per-entity",
+        type=int,
+        default=None,
         help="pictures of every entity that has some, each in a different style (default: 1-3, one style)",
-    )  # fmt: skip
+    )
     k.add_argument(
-        "--nil_fraction", "--nil-fraction", type=float, default=None,
+        "--nil_fraction",
+        "--nil-fraction",
+        type=float,
+        default=None,
         help="share of mentions whose entity is withheld from the KB (answer 'nil'; default 0)",
-    )  # fmt: skip
+    )
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         ceilings = generate(
-            a.out_dir, a.entities, a.mentions, a.seed, a.image_size, a.workers, progress=not a.no_progress,
-            preset=a.preset, partial_name_fraction=a.partial_name_fraction, partial_name_cues=a.partial_name_cues,
-            mention_image_fraction=a.mention_image_fraction, style_shift=a.style_shift,
-            style_shifts=a.style_shifts, kb_images_per_entity=a.kb_images_per_entity, nil_fraction=a.nil_fraction,
-        )  # fmt: skip
+            a.out_dir,
+            a.entities,
+            a.mentions,
+            a.seed,
+            a.image_size,
+            a.workers,
+            progress=not a.no_progress,
+            preset=a.preset,
+            partial_name_fraction=a.partial_name_fraction,
+            partial_name_cues=a.partial_name_cues,
+            mention_image_fraction=a.mention_image_fraction,
+            style_shift=a.style_shift,
+            style_shifts=a.style_shifts,
+            kb_images_per_entity=a.kb_images_per_entity,
+            nil_fraction=a.nil_fraction,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(_format_ceilings(ceilings))
-    print(f"wrote {a.out_dir} ({a.entities} entities, {a.mentions} mentions, "
-          f"{ceilings['world']['kb_images']} KB pictures) in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    print(
+        f"wrote {a.out_dir} ({a.entities} entities, {a.mentions} mentions, "
+        f"{ceilings['world']['kb_images']} KB pictures) in {time.perf_counter() - t0:.1f}s"
+    )
     return 0
 
 

@@ -47,13 +47,17 @@ def make_batch(processor, n=4, pictures="mixed", offset=0, padding="longest") ->
     has = {"all": [True] * n, "none": [False] * n, "mixed": [i % 2 == 0 for i in range(n)]}[pictures]
     ids = range(offset, offset + n)
     m = processor.process_mentions(
-        [f"obama {i}" for i in ids], [f"obama spoke in paris about item {i}" + " again" * (i % 3) for i in ids],
-        [picture(i) if h else None for i, h in zip(ids, has)], padding=padding,
-    )  # fmt: skip
+        [f"obama {i}" for i in ids],
+        [f"obama spoke in paris about item {i}" + " again" * (i % 3) for i in ids],
+        [picture(i) if h else None for i, h in zip(ids, has)],
+        padding=padding,
+    )
     e = processor.process_entities(
-        [f"barack obama {i}" for i in ids], [f"president number {i} of the united states" for i in ids],
-        [picture(1000 + i) if h else None for i, h in zip(ids, has)], padding=padding,
-    )  # fmt: skip
+        [f"barack obama {i}" for i in ids],
+        [f"president number {i} of the united states" for i in ids],
+        [picture(1000 + i) if h else None for i, h in zip(ids, has)],
+        padding=padding,
+    )
     batch = {f"mention_{k}": v for k, v in m.items()}
     batch.update({f"entity_{k}": v for k, v in e.items()})
     batch["entity_ids"] = torch.tensor(list(ids))
@@ -156,8 +160,11 @@ def test_frozen_parameters_stay_frozen_after_loading(tiny_clip_dir, tmp_path, mo
     model = build(tiny_clip_dir, mode, **settings)
     assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
     model.save_pretrained(tmp_path)
-    loaded = [OTMELModel.from_pretrained(tmp_path), OTMELModel.from_pretrained(tmp_path, output_loading_info=True)[0],
-              AutoModel.from_pretrained(tmp_path, trust_remote_code=True)]  # fmt: skip
+    loaded = [
+        OTMELModel.from_pretrained(tmp_path),
+        OTMELModel.from_pretrained(tmp_path, output_loading_info=True)[0],
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True),
+    ]
     for model in loaded:
         assert {name for name, p in model.named_parameters() if not p.requires_grad} == frozen
 
@@ -245,10 +252,19 @@ def test_trainer_counts_input_tokens_and_flops_from_the_main_input(tiny_clip_dir
     batch = make_batch(processor, n=8, padding="max_length")
     length = batch["mention_input_ids"].shape[1]
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, report_to="none",
-        use_cpu=True, include_num_input_tokens_seen="all", save_strategy="no", logging_steps=1,
-        remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        include_num_input_tokens_seen="all",
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(batch), data_collator=_stack)
     result = trainer.train()
     assert trainer.state.num_input_tokens_seen == 2 * 4 * length
@@ -262,8 +278,12 @@ def test_trainer_counts_input_tokens_and_flops_from_the_main_input(tiny_clip_dir
 
 
 def _implementations(model) -> set:
-    return {model.config._attn_implementation, model.clip.config._attn_implementation,
-            model.clip.text_model.config._attn_implementation, model.clip.vision_model.config._attn_implementation}  # fmt: skip
+    return {
+        model.config._attn_implementation,
+        model.clip.config._attn_implementation,
+        model.clip.text_model.config._attn_implementation,
+        model.clip.vision_model.config._attn_implementation,
+    }
 
 
 def test_attention_implementations_give_the_same_scores(saved, processor):

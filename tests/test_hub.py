@@ -317,9 +317,16 @@ def test_correlation_maps_function(hub_setup, tmp_path):
     _png_ok(out)
     out = tmp_path / "maps_t2v.png"
     fig = visualize_otmel.plot_correlation_maps(
-        model, processor, KB[0][0], KB[0][1], hub_setup["kb_images"][0],
-        side="entity", direction="t2v", token=1, out=str(out),
-    )  # fmt: skip
+        model,
+        processor,
+        KB[0][0],
+        KB[0][1],
+        hub_setup["kb_images"][0],
+        side="entity",
+        direction="t2v",
+        token=1,
+        out=str(out),
+    )
     plt.close(fig)
     _png_ok(out)
     with pytest.raises(ValueError, match="not in the text"):
@@ -332,11 +339,25 @@ def test_correlation_maps_function(hub_setup, tmp_path):
 def test_maps_cli(hub_setup, tmp_path):
     out = tmp_path / "cli_maps.png"
     name, attributes, _ = KB[2]
-    code = visualize_otmel.main([
-        "maps", "--model", str(hub_setup["folder"]), "--side", "entity", "--entity_name", name,
-        "--entity_attributes", attributes, "--entity_image", hub_setup["kb_images"][2], "--token", "3",
-        "--out", str(out),
-    ])  # fmt: skip
+    code = visualize_otmel.main(
+        [
+            "maps",
+            "--model",
+            str(hub_setup["folder"]),
+            "--side",
+            "entity",
+            "--entity_name",
+            name,
+            "--entity_attributes",
+            attributes,
+            "--entity_image",
+            hub_setup["kb_images"][2],
+            "--token",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     _png_ok(out)
     with pytest.raises(SystemExit):  # the chosen side's picture is required
@@ -351,10 +372,19 @@ def test_maps_refuse_a_model_without_fusion(hub_setup, tmp_path):
     model.save_pretrained(folder)
     hub_setup["processor"].save_pretrained(folder)
     with pytest.raises(SystemExit) as exit_info:
-        visualize_otmel.main([
-            "maps", "--model", str(folder), "--mention", "Obama", "--mention_image", hub_setup["mention_images"][0],
-            "--out", str(tmp_path / "x.png"),
-        ])  # fmt: skip
+        visualize_otmel.main(
+            [
+                "maps",
+                "--model",
+                str(folder),
+                "--mention",
+                "Obama",
+                "--mention_image",
+                hub_setup["mention_images"][0],
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert not (tmp_path / "x.png").exists()
 
@@ -362,10 +392,18 @@ def test_maps_refuse_a_model_without_fusion(hub_setup, tmp_path):
 def _log_history(with_eval: bool):
     history = []
     for step in range(5, 105, 5):
-        history.append({
-            "step": step, "epoch": step / 50, "loss": 8 - step / 20, "loss_o": 2 - step / 80,
-            "loss_t": 2.5 - step / 70, "loss_v": 3 - step / 60, "loss_kd": 0.2, "learning_rate": 1e-4,
-        })  # fmt: skip
+        history.append(
+            {
+                "step": step,
+                "epoch": step / 50,
+                "loss": 8 - step / 20,
+                "loss_o": 2 - step / 80,
+                "loss_t": 2.5 - step / 70,
+                "loss_v": 3 - step / 60,
+                "loss_kd": 0.2,
+                "learning_rate": 1e-4,
+            }
+        )
         if with_eval and step % 25 == 0:
             history.append(
                 {"step": step, "epoch": step / 50, "eval_mrr": 0.3 + step / 500, "eval_hits@1": 0.2 + step / 600}

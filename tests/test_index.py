@@ -358,8 +358,10 @@ def test_interrupted_save_keeps_the_previous_index(world, tmp_path, monkeypatch)
 # ---- compressed, memory-mapped storage; approximate stage 1; sharded building ----------------------------------
 
 
-DISTINCT = [_row(i, name=f"{NAMES[i % 12]} {JOBS[i // 12 % 6]} {i}", attributes=f"number {i} works as a {JOBS[i % 6]}.")
-            for i in range(60)]  # fmt: skip
+DISTINCT = [
+    _row(i, name=f"{NAMES[i % 12]} {JOBS[i // 12 % 6]} {i}", attributes=f"number {i} works as a {JOBS[i % 6]}.")
+    for i in range(60)
+]
 EXTRA = [{**r, "qid": f"Q{100 + i}"} for i, r in enumerate(NEW)]  # NEW under qids that DISTINCT does not hold
 
 
@@ -525,8 +527,13 @@ def test_sharded_build_resumes_after_a_kill(world, tmp_path, monkeypatch):
     world["model"].save_pretrained(model_dir)
     world["processor"].save_pretrained(model_dir)
     script = KILL_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"), model=model_dir, out=out)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     shards = sorted(n for n in os.listdir(os.path.join(out, "shards")) if n.startswith("shard-"))
     assert shards == ["shard-00000-of-00005", "shard-00001-of-00005"] and not os.path.exists(
@@ -579,9 +586,15 @@ def _distributed_encode(rank, world_size, port, model_dir, out_dir):
         real_encode = model.encode_entities
         model.encode_entities = lambda *a, **k: encoded.append(k["input_ids"].shape[0]) or real_encode(*a, **k)
         index = ix.encode_kb(model, processor, DISTINCT, batch_size=8, progress=False, dtype="res2", distributed=True)
-        torch.save({"encoded": sum(encoded), "qids": list(index.qids),
-                    "vectors": index.stage1_vectors(torch.arange(len(index))),
-                    "centroids": index.codecs["text_queries"].centroids}, os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+        torch.save(
+            {
+                "encoded": sum(encoded),
+                "qids": list(index.qids),
+                "vectors": index.stage1_vectors(torch.arange(len(index))),
+                "centroids": index.codecs["text_queries"].centroids,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

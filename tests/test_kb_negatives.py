@@ -102,5 +102,7 @@ def test_mined_column_holding_the_gold_entity_is_masked(tiny_clip_dir, collator)
     plain = torch.nn.functional.cross_entropy(model.logit_scale.exp() * fusion[:1], torch.tensor([0]))
     assert torch.allclose(model.contrastive_loss(fusion[:1], other), plain) and plain > masked + 1e-3
     # Mentions 1 and 2 keep it as a negative.
-    assert torch.allclose(model.contrastive_loss(fusion[1:], batch["entity_ids"], offset=1),
-                          model.contrastive_loss(fusion[1:], other, offset=1))  # fmt: skip
+    assert torch.allclose(
+        model.contrastive_loss(fusion[1:], batch["entity_ids"], offset=1),
+        model.contrastive_loss(fusion[1:], other, offset=1),
+    )

@@ -53,12 +53,14 @@ def _kb_rows():
     rows = []
     for i in range(KB_SIZE):
         src = DUPLICATE_OF.get(i, i)
-        rows.append({
-            "qid": f"Q{100 + i}",
-            "name": f"{FIRST[src % 16]} {LAST[src % 3]}",
-            "attributes": f"works as a {JOBS[src % 12]}. lives in {CITIES[src % 6]}.",
-            "image": {"bytes": _png(src), "path": None} if src % 4 else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "qid": f"Q{100 + i}",
+                "name": f"{FIRST[src % 16]} {LAST[src % 3]}",
+                "attributes": f"works as a {JOBS[src % 12]}. lives in {CITIES[src % 6]}.",
+                "image": {"bytes": _png(src), "path": None} if src % 4 else None,
+            }
+        )
     return rows
 
 
@@ -77,12 +79,14 @@ def _mentions(n=10):
     for i in range(n):
         gold = (3 * i) % KB_SIZE
         src = DUPLICATE_OF.get(gold, gold)
-        out.append({
-            "mention": FIRST[src % 16] if i % 2 else f"{FIRST[src % 16]} {LAST[src % 3]}",
-            "sentence": f"the {JOBS[src % 12]} was seen in {CITIES[src % 6]} yesterday",
-            "image": PILImage.open(io.BytesIO(_png(src))) if i % 3 == 0 else None,
-            "answer": f"Q{100 + gold}",
-        })  # fmt: skip
+        out.append(
+            {
+                "mention": FIRST[src % 16] if i % 2 else f"{FIRST[src % 16]} {LAST[src % 3]}",
+                "sentence": f"the {JOBS[src % 12]} was seen in {CITIES[src % 6]} yesterday",
+                "image": PILImage.open(io.BytesIO(_png(src))) if i % 3 == 0 else None,
+                "answer": f"Q{100 + gold}",
+            }
+        )
     return out
 
 
@@ -104,8 +108,15 @@ def world(tmp_path_factory):
     kb = _kb_dataset(rows)
     index = ix.encode_kb(model, processor, kb, batch_size=7, progress=False)
     _make_duplicates_identical(index)
-    return {"root": root, "clip_dir": clip_dir, "model": model, "processor": processor, "model_dir": model_dir,
-            "kb": kb, "index": index}  # fmt: skip
+    return {
+        "root": root,
+        "clip_dir": clip_dir,
+        "model": model,
+        "processor": processor,
+        "model_dir": model_dir,
+        "kb": kb,
+        "index": index,
+    }
 
 
 def _make_duplicates_identical(index):
@@ -149,8 +160,17 @@ def test_two_stage_with_all_candidates_is_exhaustive(world, assignment):
     assert torch.equal(two.gold_ranks, full.gold_ranks)
     assert torch.equal(two.stage1_gold_ranks, full.stage1_gold_ranks)
     # Small chunks change nothing but the batching.
-    small = rk.rank(model, feats, index, strategy="two_stage", candidates=len(index), assignment=assignment,
-                    gold=gold, chunk_size=5, stage1_budget=3 * len(index))  # fmt: skip
+    small = rk.rank(
+        model,
+        feats,
+        index,
+        strategy="two_stage",
+        candidates=len(index),
+        assignment=assignment,
+        gold=gold,
+        chunk_size=5,
+        stage1_budget=3 * len(index),
+    )
     assert torch.equal(small.indices, two.indices) and torch.equal(small.gold_ranks, two.gold_ranks)
 
 
@@ -331,8 +351,24 @@ def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out" / "results.jsonl"
     index_dir = str(tmp_path / "index")
-    args = ["--model", world["model_dir"], "--kb", kb_dir, "--input", str(src), "--output", str(out),
-            "--index_dir", index_dir, "--top_k", "3", "--candidates", "5", "--batch_size", "2"]  # fmt: skip
+    args = [
+        "--model",
+        world["model_dir"],
+        "--kb",
+        kb_dir,
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--index_dir",
+        index_dir,
+        "--top_k",
+        "3",
+        "--candidates",
+        "5",
+        "--batch_size",
+        "2",
+    ]
     assert lk.main(args) == 0
     err = capsys.readouterr().err
     assert "line 2: invalid JSON" in err and "line 3: missing or non-string field(s) sentence" in err
@@ -345,8 +381,27 @@ def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):
     # Second run: the saved index is loaded (and checked against the KB); an index folder works as --kb too.
     assert lk.main(args) == 0
     assert "loaded entity index" in capsys.readouterr().err and out.read_text() == first
-    assert lk.main(["--model", world["model_dir"], "--kb", index_dir, "--input", str(src), "--output", str(out),
-                    "--top_k", "3", "--candidates", "5", "--batch_size", "2"]) == 0  # fmt: skip
+    assert (
+        lk.main(
+            [
+                "--model",
+                world["model_dir"],
+                "--kb",
+                index_dir,
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+                "--top_k",
+                "3",
+                "--candidates",
+                "5",
+                "--batch_size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert out.read_text() == first
     # A changed KB is refused, with the reason.
     rows = _kb_rows()

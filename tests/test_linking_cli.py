@@ -48,10 +48,14 @@ def _png(seed: int) -> bytes:
 
 def _kb_rows():
     return [
-        {"qid": f"Q{100 + i}", "name": name, "attributes": f"works as a {JOBS[i]}.",
-         "image": {"bytes": _png(i), "path": None} if i % 2 else None}
+        {
+            "qid": f"Q{100 + i}",
+            "name": name,
+            "attributes": f"works as a {JOBS[i]}.",
+            "image": {"bytes": _png(i), "path": None} if i % 2 else None,
+        }
         for i, name in enumerate(NAMES)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,15 @@ def world(tmp_path_factory):
     # A 20000 x 20000 1-bit PNG: about 90 KB on disk, 400M pixels (over twice PIL's decompression-bomb limit).
     bomb = root / "bomb.png"
     PILImage.new("1", (20000, 20000)).save(bomb, optimize=True)
-    return {"root": root, "model": model, "processor": processor, "model_dir": model_dir, "index": index,
-            "index_dir": index_dir, "bomb": str(bomb)}  # fmt: skip
+    return {
+        "root": root,
+        "model": model,
+        "processor": processor,
+        "model_dir": model_dir,
+        "index": index,
+        "index_dir": index_dir,
+        "bomb": str(bomb),
+    }
 
 
 def _line(mention, image=None, **extra):
@@ -88,8 +99,23 @@ def _run(world, tmp_path, lines, *extra, output=None, batch_size="2"):
     else:
         src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     out = output or tmp_path / "out" / "results.jsonl"
-    args = ["--model", world["model_dir"], "--kb", world["index_dir"], "--input", str(src), "--output", str(out),
-            "--top_k", "3", "--candidates", "4", "--batch_size", batch_size, *extra]  # fmt: skip
+    args = [
+        "--model",
+        world["model_dir"],
+        "--kb",
+        world["index_dir"],
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--top_k",
+        "3",
+        "--candidates",
+        "4",
+        "--batch_size",
+        batch_size,
+        *extra,
+    ]
     status = lk.main(args)
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()] if os.path.isfile(out) else None
     return status, rows
@@ -162,8 +188,10 @@ def test_cli_a_failing_mention_loses_only_itself(world, tmp_path, capsys, monkey
     assert [r["line"] for r in rows] == [1, 2, 4, 5]
     assert "lines 3-4: linking failed (RuntimeError: kaboom); retrying them one by one" in err
     assert "line 3: linking failed (RuntimeError: kaboom); not linked" in err
-    assert "linked 4 mention(s), skipped 0 bad line(s), 0 unreadable image(s) linked without image, " \
-           "1 mention(s) failed to link (line 3)" in err  # fmt: skip
+    assert (
+        "linked 4 mention(s), skipped 0 bad line(s), 0 unreadable image(s) linked without image, "
+        "1 mention(s) failed to link (line 3)" in err
+    )
     # One mention per batch: nothing to retry, the same lines (scores may differ in the last bits: other padding).
     status, single = _run(world, tmp_path, lines, batch_size="1")
     assert status == 1 and [r["line"] for r in single] == [1, 2, 4, 5]
@@ -254,8 +282,9 @@ def test_cli_input_without_mentions(world, tmp_path, capsys, content):
     src = tmp_path / "empty.jsonl"
     src.write_text(content)
     out = tmp_path / "o.jsonl"
-    status = lk.main(["--model", world["model_dir"], "--kb", world["index_dir"], "--input", str(src),
-                      "--output", str(out)])  # fmt: skip
+    status = lk.main(
+        ["--model", world["model_dir"], "--kb", world["index_dir"], "--input", str(src), "--output", str(out)]
+    )
     err = capsys.readouterr().err
     assert status == 0 and out.read_text() == ""
     assert f"warning: --input {src} holds no mentions (empty, or blank lines only)" in err
@@ -281,8 +310,18 @@ def test_cli_input_without_mentions(world, tmp_path, capsys, content):
 def test_cli_refuses_non_positive_counts(world, tmp_path, capsys, flag, value, message):
     src = tmp_path / "m.jsonl"
     src.write_text(_line("ada smith") + "\n")
-    args = ["--model", world["model_dir"], "--kb", world["index_dir"], "--input", str(src), "--output",
-            str(tmp_path / "o.jsonl"), flag, value]  # fmt: skip
+    args = [
+        "--model",
+        world["model_dir"],
+        "--kb",
+        world["index_dir"],
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        flag,
+        value,
+    ]
     assert lk.main(args) == 2
     assert f"argument {flag}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
@@ -308,8 +347,12 @@ def test_cli_refuses_bad_paths(world, tmp_path, capsys):
     src = tmp_path / "m.jsonl"
     src.write_text(_line("ada smith") + "\n")
     (tmp_path / "afile").write_text("x")
-    base = {"--model": world["model_dir"], "--kb": world["index_dir"], "--input": str(src),
-            "--output": str(tmp_path / "o.jsonl")}  # fmt: skip
+    base = {
+        "--model": world["model_dir"],
+        "--kb": world["index_dir"],
+        "--input": str(src),
+        "--output": str(tmp_path / "o.jsonl"),
+    }
     nested = tmp_path / "afile" / "sub" / "o.jsonl"
     cases = [
         ({"--input": str(tmp_path / "missing.jsonl")}, f"error: --input {tmp_path / 'missing.jsonl'}: no such file"),
@@ -317,13 +360,15 @@ def test_cli_refuses_bad_paths(world, tmp_path, capsys):
         ({"--output": str(tmp_path)}, f"error: --output {tmp_path} is a folder"),
         ({"--output": str(nested)}, f"error: --output {nested}: cannot create its folder {nested.parent}"),
         ({"--model": str(tmp_path / "no_model")}, f"error: --model {tmp_path / 'no_model'}: no such folder"),
-        ({"--model": "no_such_org/no_such_model"},
-         "error: --model no_such_org/no_such_model: could not load an OT-MEL model and processor (no such local folder, "
-         "and as a Hub id: "),
+        (
+            {"--model": "no_such_org/no_such_model"},
+            "error: --model no_such_org/no_such_model: could not load an OT-MEL model and processor (no such local folder, "
+            "and as a Hub id: ",
+        ),
         ({"--model": str(tmp_path / "afile")}, f"error: --model {tmp_path / 'afile'} is a file"),
         ({"--kb": str(tmp_path / "no_kb")}, f"error: --kb {tmp_path / 'no_kb'}"),
         ({"--index_dir": str(tmp_path / "afile")}, f"error: --index_dir {tmp_path / 'afile'} is a file"),
-    ]  # fmt: skip
+    ]
     for change, message in cases:
         args = [x for k, v in {**base, **change}.items() for x in (k, v)]
         assert lk.main(args) == 2, change
@@ -378,8 +423,13 @@ def test_link_counts_an_unsupported_image_as_none(world, caplog):
 def test_link_and_rank_options_check_counts(world):
     linker = lk.OTMELLinker(world["model"], world["processor"], world["index"], batch_size=4)
     mention = [{"mention": "ada smith", "sentence": "a doctor"}]
-    for kw, name in [({"top_k": 0}, "top_k"), ({"top_k": -3}, "top_k"), ({"top_k": True}, "top_k"),
-                     ({"top_k": "5"}, "top_k"), ({"candidates": 0}, "candidates")]:  # fmt: skip
+    for kw, name in [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -3}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"top_k": "5"}, "top_k"),
+        ({"candidates": 0}, "candidates"),
+    ]:
         with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
             linker.link(mention, **kw)
     linker.batch_size = 0
@@ -403,13 +453,17 @@ def test_cli_more_refusals(world, tmp_path, capsys):
     out = str(tmp_path / "o.jsonl")
     base = {"--model": world["model_dir"], "--kb": world["index_dir"], "--input": str(src), "--output": out}
     cases = [
-        ({"--input": str(utf16)}, f"error: --input {utf16} is UTF-16 or UTF-32 encoded (it starts with a byte-order "
-                                  "mark): save it as UTF-8"),
+        (
+            {"--input": str(utf16)},
+            f"error: --input {utf16} is UTF-16 or UTF-32 encoded (it starts with a byte-order mark): save it as UTF-8",
+        ),
         ({"--index_dir": out}, f"error: --output {out} is also --index_dir"),
         ({"--device": "no_such_device"}, "error: --device no_such_device: "),
-        ({"--model": str(tmp_path / "empty_model")},
-         f"error: --model {tmp_path / 'empty_model'}: could not load an OT-MEL model and processor ("),
-    ]  # fmt: skip
+        (
+            {"--model": str(tmp_path / "empty_model")},
+            f"error: --model {tmp_path / 'empty_model'}: could not load an OT-MEL model and processor (",
+        ),
+    ]
     for change, message in cases:
         args = [x for k, v in {**base, **change}.items() for x in (k, v)]
         assert lk.main(args) == 2, change
@@ -424,8 +478,10 @@ def test_cli_nan_and_url_lines(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 0 and [r["line"] for r in rows] == [2]
     assert "line 1: invalid JSON (NaN is not a JSON value); skipped" in err
-    assert "line 2: unsupported image URL https://example.org/a.jpg (only local files are read: download it first); " \
-           "linked without image" in err  # fmt: skip
+    assert (
+        "line 2: unsupported image URL https://example.org/a.jpg (only local files are read: download it first); "
+        "linked without image" in err
+    )
 
 
 def test_link_refuses_a_dataframe(world):
@@ -439,8 +495,10 @@ def test_link_refuses_a_dataframe(world):
 def test_cli_nil_threshold(world, tmp_path, capsys):
     lines = [_line("ada smith"), _line("bob jones")]
     status, rows = _run(world, tmp_path, lines, "--nil_threshold", "2.0")  # above any cosine score: always NIL
-    assert status == 0 and all(r["candidates"][0] == {"qid": None, "name": None, "nil": True,
-                                                      "score": r["candidates"][1]["score"]} for r in rows)  # fmt: skip
+    assert status == 0 and all(
+        r["candidates"][0] == {"qid": None, "name": None, "nil": True, "score": r["candidates"][1]["score"]}
+        for r in rows
+    )
     assert all(len(r["candidates"]) == 3 for r in rows)
     status, plain = _run(world, tmp_path, lines, "--nil_threshold", "none")
     assert status == 0 and not any(c.get("nil") for r in plain for c in r["candidates"])

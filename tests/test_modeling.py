@@ -85,9 +85,14 @@ def ref_sinkhorn(cost, epsilon):
     """POT, uniform marginals, converged."""
     n, m = cost.shape
     plan = ot.sinkhorn(
-        np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost.numpy(), epsilon,
-        method="sinkhorn_log", numItermax=100000, stopThr=1e-13,
-    )  # fmt: skip
+        np.full(n, 1.0 / n),
+        np.full(m, 1.0 / m),
+        cost.numpy(),
+        epsilon,
+        method="sinkhorn_log",
+        numItermax=100000,
+        stopThr=1e-13,
+    )
     return torch.from_numpy(plan)
 
 
@@ -160,10 +165,15 @@ def reference_scores(model, mentions, entities, fusion_mode, unimodal_mode):
 
     def items(batch):
         return [
-            ref_item(model, batch["input_ids"][i], batch["attention_mask"][i], batch["pixel_values"][i],
-                     bool(batch["has_image"][i]))
+            ref_item(
+                model,
+                batch["input_ids"][i],
+                batch["attention_mask"][i],
+                batch["pixel_values"][i],
+                bool(batch["has_image"][i]),
+            )
             for i in range(batch["input_ids"].shape[0])
-        ]  # fmt: skip
+        ]
 
     ms, es = items(mentions), items(entities)
     if fusion_mode != "off":
@@ -178,10 +188,26 @@ def reference_scores(model, mentions, entities, fusion_mode, unimodal_mode):
                 s_text, s_visual = text_global, visual_global
                 retrieval_terms = [text_global, visual_global]
             else:
-                s_t = ref_unimodal(model.text_matching, model.text_global_small, mi["T"], ej["T"], ej["t"],
-                                   unimodal_mode, pooling, epsilon)  # fmt: skip
-                s_v = ref_unimodal(model.visual_matching, model.visual_global_small, mi["V"], ej["V"], ej["v"],
-                                   unimodal_mode, pooling, epsilon)  # fmt: skip
+                s_t = ref_unimodal(
+                    model.text_matching,
+                    model.text_global_small,
+                    mi["T"],
+                    ej["T"],
+                    ej["t"],
+                    unimodal_mode,
+                    pooling,
+                    epsilon,
+                )
+                s_v = ref_unimodal(
+                    model.visual_matching,
+                    model.visual_global_small,
+                    mi["V"],
+                    ej["V"],
+                    ej["v"],
+                    unimodal_mode,
+                    pooling,
+                    epsilon,
+                )
                 s_text, s_visual = (s_t + text_global) / 2, (s_v + visual_global) / 2
                 retrieval_terms = [text_global / 2, visual_global / 2]
             enabled = [s for s in (fusion, s_text, s_visual) if s is not None]
@@ -211,10 +237,18 @@ def assert_scores_equal_reference(scores, reference, atol):
 def test_scores_match_reference(tiny_clip_dir, batches, fusion, unimodal, pooling):
     mentions, entities = batches
     assert not bool(mentions["has_image"].all()) and not bool(entities["has_image"].all())
-    model = build(
-        tiny_clip_dir, fusion_assignment=fusion, unimodal_assignment=unimodal, pooling=pooling,
-        sinkhorn_iterations=5000, sinkhorn_tolerance=1e-11,
-    ).double().eval()  # fmt: skip
+    model = (
+        build(
+            tiny_clip_dir,
+            fusion_assignment=fusion,
+            unimodal_assignment=unimodal,
+            pooling=pooling,
+            sinkhorn_iterations=5000,
+            sinkhorn_tolerance=1e-11,
+        )
+        .double()
+        .eval()
+    )
     scores = model_scores(model, mentions, entities)
     reference = reference_scores(model, mentions, entities, fusion, unimodal)
     assert_scores_equal_reference(scores, reference, atol=1e-7)
@@ -380,12 +414,16 @@ def test_kd_loss_of_the_model_reaches_the_attention_logits_only(tiny_clip_dir, b
     mentions, entities = batches
     model = build(tiny_clip_dir, distillation="kl").train()
     out = model(
-        mention_input_ids=mentions["input_ids"], mention_attention_mask=mentions["attention_mask"],
-        mention_pixel_values=mentions["pixel_values"], mention_has_image=mentions["has_image"],
-        entity_input_ids=entities["input_ids"][:3], entity_attention_mask=entities["attention_mask"][:3],
-        entity_pixel_values=entities["pixel_values"][:3], entity_has_image=entities["has_image"][:3],
+        mention_input_ids=mentions["input_ids"],
+        mention_attention_mask=mentions["attention_mask"],
+        mention_pixel_values=mentions["pixel_values"],
+        mention_has_image=mentions["has_image"],
+        entity_input_ids=entities["input_ids"][:3],
+        entity_attention_mask=entities["attention_mask"][:3],
+        entity_pixel_values=entities["pixel_values"][:3],
+        entity_has_image=entities["has_image"][:3],
         output_maps=True,
-    )  # fmt: skip
+    )
     assert out.loss_kd is not None and out.loss_kd.item() > 0
     fusion_maps = [f.fusion_maps[d] for f in (out.mention_features, out.entity_features) for d in ("v2t", "t2v")]
     plans = [m["plan"] for m in fusion_maps] + [out.scores.unimodal_maps[k]["plan"] for k in ("text", "visual")]
@@ -453,10 +491,13 @@ def test_save_load_round_trip_and_remote_code(tiny_clip_dir, processor, tmp_path
         return paths
 
     data = {
-        "mentions": [r[0] for r in MENTIONS], "sentences": [r[1] for r in MENTIONS],
-        "names": [r[0] for r in ENTITIES], "attributes": [r[1] for r in ENTITIES],
-        "mention_images": save_images("m", MENTIONS, 100), "entity_images": save_images("e", ENTITIES, 200),
-    }  # fmt: skip
+        "mentions": [r[0] for r in MENTIONS],
+        "sentences": [r[1] for r in MENTIONS],
+        "names": [r[0] for r in ENTITIES],
+        "attributes": [r[1] for r in ENTITIES],
+        "mention_images": save_images("m", MENTIONS, 100),
+        "entity_images": save_images("e", ENTITIES, 200),
+    }
     mentions, entities = mention_inputs(processor), entity_inputs(processor)
     expected = model_scores(model, mentions, entities)
 
@@ -482,8 +523,12 @@ def test_save_load_round_trip_and_remote_code(tiny_clip_dir, processor, tmp_path
     run_dir.mkdir()
     result = subprocess.run(
         [sys.executable, str(tmp_path / "remote.py"), str(copy), str(tmp_path / "data.json")],
-        cwd=run_dir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["classes"][1:] == ["OTMELModel", "OTMELProcessor"]
@@ -543,16 +588,27 @@ def test_each_mode_overfits_eight_examples(tiny_clip_dir, processor, mode):
     }[mode]
     model = build(tiny_clip_dir, hidden_size=32, **settings).train()
     has = [i % 3 != 2 for i in range(8)]  # a third of the items without image
-    m = processor(mentions=[p[0] for p in OVERFIT_PAIRS], sentences=[p[1] for p in OVERFIT_PAIRS],
-                  images=[make_image(300 + i) if h else None for i, h in enumerate(has)])  # fmt: skip
-    e = processor(names=[p[2] for p in OVERFIT_PAIRS], attributes=[p[3] for p in OVERFIT_PAIRS],
-                  images=[make_image(400 + i) if h else None for i, h in enumerate(has[::-1])])  # fmt: skip
+    m = processor(
+        mentions=[p[0] for p in OVERFIT_PAIRS],
+        sentences=[p[1] for p in OVERFIT_PAIRS],
+        images=[make_image(300 + i) if h else None for i, h in enumerate(has)],
+    )
+    e = processor(
+        names=[p[2] for p in OVERFIT_PAIRS],
+        attributes=[p[3] for p in OVERFIT_PAIRS],
+        images=[make_image(400 + i) if h else None for i, h in enumerate(has[::-1])],
+    )
     inputs = dict(
-        mention_input_ids=m["input_ids"], mention_attention_mask=m["attention_mask"],
-        mention_pixel_values=m["pixel_values"], mention_has_image=m["has_image"],
-        entity_input_ids=e["input_ids"], entity_attention_mask=e["attention_mask"],
-        entity_pixel_values=e["pixel_values"], entity_has_image=e["has_image"], entity_ids=torch.arange(8),
-    )  # fmt: skip
+        mention_input_ids=m["input_ids"],
+        mention_attention_mask=m["attention_mask"],
+        mention_pixel_values=m["pixel_values"],
+        mention_has_image=m["has_image"],
+        entity_input_ids=e["input_ids"],
+        entity_attention_mask=e["attention_mask"],
+        entity_pixel_values=e["pixel_values"],
+        entity_has_image=e["has_image"],
+        entity_ids=torch.arange(8),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(60):

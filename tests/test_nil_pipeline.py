@@ -109,8 +109,11 @@ def test_trainer_metrics_split_nil_from_in_kb():
     )
     answers = ["Q0", "nil", "Q0", "NIL"]
     model = SimpleNamespace(config=SimpleNamespace(nil_threshold=0.5))
-    fake = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model,
-                           rank_options=SimpleNamespace(strategy="two_stage"))  # fmt: skip
+    fake = SimpleNamespace(
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        model=model,
+        rank_options=SimpleNamespace(strategy="two_stage"),
+    )
     metrics = OTMELTrainer.ranking_metrics(fake, result, "test", answers=answers)
     assert metrics["test_n"] == 2 and metrics["test_hits@1"] == 0.5 and metrics["test_mrr"] == pytest.approx(0.75)
     assert metrics["test_n_nil"] == 2 and metrics["test_nil_threshold"] == 0.5
@@ -184,10 +187,14 @@ def test_zero_shot_linker_scores_are_clip_cosines(zero_shot, tiny_clip_dir):
         image = torch.nn.functional.normalize(image.pooler_output, dim=-1) * batch["has_image"][:, None]
         return text, image
 
-    e_text, e_image = features(proc.process_entities([e["name"] for e in KB], [e["attributes"] for e in KB],
-                                                     [e["image"] for e in KB]))  # fmt: skip
-    m_text, m_image = features(proc.process_mentions([m["mention"] for m in MENTIONS],
-                                                     [m["sentence"] for m in MENTIONS], [m["image"] for m in MENTIONS]))  # fmt: skip
+    e_text, e_image = features(
+        proc.process_entities([e["name"] for e in KB], [e["attributes"] for e in KB], [e["image"] for e in KB])
+    )
+    m_text, m_image = features(
+        proc.process_mentions(
+            [m["mention"] for m in MENTIONS], [m["sentence"] for m in MENTIONS], [m["image"] for m in MENTIONS]
+        )
+    )
     expected = (m_text @ e_text.T + m_image @ e_image.T) / 2
     results = linker.link(MENTIONS, top_k=len(KB), strategy="exhaustive", nil_threshold=None)
     qid_row = {e["qid"]: i for i, e in enumerate(KB)}
@@ -243,8 +250,20 @@ def test_cli_answers_nil_first(zero_shot, tmp_path):
     threshold = sorted(tops)[1]
     for flag, expected_nil in (("none", [False] * 3), (repr(threshold), [t < threshold for t in tops])):
         out = tmp_path / f"links-{flag}.jsonl"
-        args = ["--model", str(folder), "--kb", str(index_dir), "--input", str(src), "--output", str(out),
-                "--top_k", "2", "--nil_threshold", flag]  # fmt: skip
+        args = [
+            "--model",
+            str(folder),
+            "--kb",
+            str(index_dir),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--top_k",
+            "2",
+            "--nil_threshold",
+            flag,
+        ]
         assert lk.main(args) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["candidates"][0].get("nil", False) for r in rows] == expected_nil
@@ -270,12 +289,43 @@ def nil_run(tmp_path_factory):
     generate(root / "world", entities=100, mentions=240, seed=2, workers=1, nil_fraction=0.15)
     out = root / "run"
     args = [
-        os.path.join(ROOT, "run_mel.py"), "--dataset_name", str(root / "world"), "--data_cache_dir", str(root / "cache"),
-        "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict", "--num_train_epochs", "2",
-        "--eval_every_epochs", "2", "--tiny_hidden_size", "32", "--tiny_vocab_size", "600", "--hidden_size", "16",
-        "--per_device_train_batch_size", "16", "--kb_batch_size", "64", "--learning_rate", "2e-3",
-        "--warmup_steps", "0", "--logging_steps", "5", "--seed", "3", "--report_to", "none", "--log_level", "info",
-    ]  # fmt: skip
+        os.path.join(ROOT, "run_mel.py"),
+        "--dataset_name",
+        str(root / "world"),
+        "--data_cache_dir",
+        str(root / "cache"),
+        "--output_dir",
+        str(out),
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--num_train_epochs",
+        "2",
+        "--eval_every_epochs",
+        "2",
+        "--tiny_hidden_size",
+        "32",
+        "--tiny_vocab_size",
+        "600",
+        "--hidden_size",
+        "16",
+        "--per_device_train_batch_size",
+        "16",
+        "--kb_batch_size",
+        "64",
+        "--learning_rate",
+        "2e-3",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "5",
+        "--seed",
+        "3",
+        "--report_to",
+        "none",
+        "--log_level",
+        "info",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -327,8 +377,17 @@ def test_remote_code_imports_only_common_packages():
     folder does not carry (datasets_scripts)."""
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "datasets", "pyarrow", "safetensors", "tqdm",
-                                               "PIL", "numpy", "huggingface_hub"}  # fmt: skip
+    allowed = set(sys.stdlib_module_names) | {
+        "torch",
+        "transformers",
+        "datasets",
+        "pyarrow",
+        "safetensors",
+        "tqdm",
+        "PIL",
+        "numpy",
+        "huggingface_hub",
+    }
     start = os.path.join(ROOT, "pipeline_otmel.py")
     for path in [start, *get_relative_import_files(start)]:
         assert set(get_imports(path)) <= allowed, (path, set(get_imports(path)) - allowed)
@@ -386,10 +445,21 @@ def test_pipeline_from_the_saved_folder_in_a_fresh_process(nil_run, tmp_path):
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1",
-               OMP_NUM_THREADS="1")  # fmt: skip
-    proc = subprocess.run([sys.executable, str(script), str(args), ROOT], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        PYTHONNOUSERSITE="1",
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(args), ROOT],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
 

@@ -17,8 +17,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TINY = ["--tiny_hidden_size", "32", "--tiny_vocab_size", "600", "--hidden_size", "16", "--report_to", "none"]
-SCHEDULE = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--kb_batch_size", "64",
-            "--learning_rate", "2e-3", "--warmup_steps", "0", "--logging_steps", "2", "--seed", "3"]  # fmt: skip
+SCHEDULE = [
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "64",
+    "--kb_batch_size",
+    "64",
+    "--learning_rate",
+    "2e-3",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "2",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +63,24 @@ def run(args, cache, env_extra=None, launcher=None):
 def test_train_eval_predict_outputs(world, tmp_path):
     out = tmp_path / "run"
     cache = str(tmp_path / "cache")
-    run(["--dataset_name", world, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
-         "--num_train_epochs", "2", "--eval_every_epochs", "1", *TINY, *SCHEDULE], cache)  # fmt: skip
+    run(
+        [
+            "--dataset_name",
+            world,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--num_train_epochs",
+            "2",
+            "--eval_every_epochs",
+            "1",
+            *TINY,
+            *SCHEDULE,
+        ],
+        cache,
+    )
     results = json.loads((out / "all_results.json").read_text())
     for split in ("eval", "test"):
         for key in ("hits@1", "hits@3", "hits@5", "hits@10", "hits@20", "mrr", "stage1_recall@50"):
@@ -81,17 +111,39 @@ def test_train_eval_predict_outputs(world, tmp_path):
         "p = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, type(p).__name__)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd="/", env={**env, "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        cwd="/",
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert proc.stdout.split() == ["OTMELModel", "OTMELProcessor"], proc.stderr[-2000:]
     assert (out / "sinkhorn_otmel.py").is_file()  # the solver module travels with the remote code
 
 
 def test_resume_matches_uninterrupted(world, tmp_path):
     cache = str(tmp_path / "cache")
-    common = ["--dataset_name", world, "--do_train", "--do_eval", "--max_steps", "6", "--eval_strategy", "no",
-              "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "5",
-              "--load_best_model_at_end", "false", *TINY, *SCHEDULE]  # fmt: skip
+    common = [
+        "--dataset_name",
+        world,
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "6",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--save_total_limit",
+        "5",
+        "--load_best_model_at_end",
+        "false",
+        *TINY,
+        *SCHEDULE,
+    ]
     full = tmp_path / "full"
     run(common + ["--output_dir", str(full)], cache)
     interrupted = tmp_path / "interrupted"
@@ -166,8 +218,14 @@ def test_in_batch_negatives_gathered_across_processes(tiny_clip_dir, tmp_path, p
         mask = torch.zeros((n, pad), dtype=torch.long)
         ids[:, : inputs["input_ids"].shape[1]] = inputs["input_ids"]
         mask[:, : inputs["attention_mask"].shape[1]] = inputs["attention_mask"]
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask,
-                      f"{side}_pixel_values": inputs["pixel_values"], f"{side}_has_image": inputs["has_image"]})  # fmt: skip
+        batch.update(
+            {
+                f"{side}_input_ids": ids,
+                f"{side}_attention_mask": mask,
+                f"{side}_pixel_values": inputs["pixel_values"],
+                f"{side}_has_image": inputs["has_image"],
+            }
+        )
     batch["entity_ids"] = torch.tensor([i % 6 for i in range(n)])  # duplicates across the two halves
     model.train()
     expected = model(**batch).loss.item()
@@ -188,10 +246,40 @@ def test_whole_kb_evaluation_split_across_processes(world, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo on CPU) evaluates with the metrics of a single process."""
     cache = str(tmp_path / "cache")
     trained = tmp_path / "trained"
-    run(["--dataset_name", world, "--output_dir", str(trained), "--do_train", "--max_steps", "2",
-         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", *TINY, *SCHEDULE], cache)  # fmt: skip
-    evaluate = ["--dataset_name", world, "--model_name_or_path", str(trained), "--do_eval", "--do_predict",
-                "--report_to", "none", "--kb_batch_size", "16", "--per_device_eval_batch_size", "16"]  # fmt: skip
+    run(
+        [
+            "--dataset_name",
+            world,
+            "--output_dir",
+            str(trained),
+            "--do_train",
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            *TINY,
+            *SCHEDULE,
+        ],
+        cache,
+    )
+    evaluate = [
+        "--dataset_name",
+        world,
+        "--model_name_or_path",
+        str(trained),
+        "--do_eval",
+        "--do_predict",
+        "--report_to",
+        "none",
+        "--kb_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "16",
+    ]
     single = tmp_path / "single"
     run(evaluate + ["--output_dir", str(single)], cache)
     double = tmp_path / "double"
@@ -270,27 +358,66 @@ OUT = ["--output_dir", "/nonexistent/otmel-out"]  # never written: every command
         (["--dataset_name", "x", "--do_train"], "--output_dir is required"),
         (["--dataset_name", "x", *OUT, "--do_train", "--mode", "otx"], "invalid choice: 'otx'"),
         (["--dataset_name", "x", *OUT], "nothing to do: pass --do_train, --do_eval and/or --do_predict"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "-2"], "--num_train_epochs -2 trains nothing"),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "0"],
+            "--num_train_epochs 0 trains nothing",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--num_train_epochs", "-2"],
+            "--num_train_epochs -2 trains nothing",
+        ),
         (["--dataset_name", "x", *OUT, "--do_train", "--candidates", "0"], "--candidates 0: must be a positive"),
         (["--dataset_name", "x", *OUT, "--do_train", "--max_train_samples", "0"], "--max_train_samples 0: must be"),
         (["--dataset_name", "x", *OUT, "--do_train", "--eval_every_epochs", "0"], "--eval_every_epochs 0: must be"),
         (["--dataset_name", "x", *OUT, "--do_train", "--predict_top_k", "0"], "--predict_top_k 0: must be"),
         (["--dataset_name", "x", *OUT, "--do_train", "--learning_rate", "0"], "--learning_rate 0.0: must be > 0"),
         (["--dataset_name", "x", *OUT, "--do_train", "--strategy", "fast"], "--strategy 'fast' is invalid"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--lerning_rate", "1"], "not used by the HfArgumentParser: ['--lerning_rate'"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--fusion_assignment", "otx"], "fusion_assignment='otx' is invalid"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--clip_model", "a", "--model_name_or_path", "b"], "exclude each other"),
-        (["--dataset_name", "x", *OUT, "--do_predict"], "--do_predict without --do_train or --model_name_or_path would rank with an untrained model"),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--lerning_rate", "1"],
+            "not used by the HfArgumentParser: ['--lerning_rate'",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--fusion_assignment", "otx"],
+            "fusion_assignment='otx' is invalid",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--clip_model", "a", "--model_name_or_path", "b"],
+            "exclude each other",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_predict"],
+            "--do_predict without --do_train or --model_name_or_path would rank with an untrained model",
+        ),
         (["--dataset_name", "x", *OUT, "--do_eval", "--do_predict"], "--do_eval and --do_predict without --do_train"),
-        (["--dataset_name", "x", *OUT, "--do_eval", "--model_name_or_path", "/nonexistent/model"], "--model_name_or_path /nonexistent/model: no OT-MEL checkpoint there"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--eval_strategy", "steps", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
-         "--load_best_model_at_end requires the save and eval strategy to match"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--per_device_train_batch_size", "1"], "a batch needs at least 2 mentions"),
-        (["--dataset_name", "x", *OUT, "--do_train", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"],
-         "--resume_from_checkpoint /nonexistent/checkpoint-3: no such folder"),
+        (
+            ["--dataset_name", "x", *OUT, "--do_eval", "--model_name_or_path", "/nonexistent/model"],
+            "--model_name_or_path /nonexistent/model: no OT-MEL checkpoint there",
+        ),
+        (
+            [
+                "--dataset_name",
+                "x",
+                *OUT,
+                "--do_train",
+                "--eval_strategy",
+                "steps",
+                "--save_strategy",
+                "epoch",
+                "--load_best_model_at_end",
+                "true",
+            ],
+            "--load_best_model_at_end requires the save and eval strategy to match",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--per_device_train_batch_size", "1"],
+            "a batch needs at least 2 mentions",
+        ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"],
+            "--resume_from_checkpoint /nonexistent/checkpoint-3: no such folder",
+        ),
     ],
-)  # fmt: skip
+)
 def test_refused_before_anything_is_loaded(argv, message, capsys):
     assert message in usage_error(argv, capsys)
 
@@ -343,8 +470,23 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
     path, cache = converted
     out = tmp_path / "run"
     # (--load_best_model_at_end false: needless now, but lets run_mel.py before this check reach the resume.)
-    argv = ["--dataset_name", path, "--output_dir", str(out), "--do_train", "--max_steps", "2", "--eval_strategy", "no",
-            "--save_strategy", "steps", "--save_steps", "2", "--load_best_model_at_end", "false"]  # fmt: skip
+    argv = [
+        "--dataset_name",
+        path,
+        "--output_dir",
+        str(out),
+        "--do_train",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "false",
+    ]
     in_process(argv, cache)
     first = load_file(str(out / "model.safetensors"))
 
@@ -353,9 +495,15 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
     settings = json.loads((out / "run_settings.json").read_text())
     assert settings["learning_rate"] == 2e-3 and settings["mode"] == "ot" and settings["total_train_batch_size"] == 16
     message = str(refused.value)
-    for part in (f"--output_dir {out} holds checkpoints of a run with other settings", "learning_rate: 0.002 there, 5e-05 now",
-                 "mode: 'ot' there, 'att' now", "fusion_assignment: unset there, 'attention' now", "step 2 of 2",
-                 "--overwrite_output_dir", f"--resume_from_checkpoint {out / 'checkpoint-2'}"):  # fmt: skip
+    for part in (
+        f"--output_dir {out} holds checkpoints of a run with other settings",
+        "learning_rate: 0.002 there, 5e-05 now",
+        "mode: 'ot' there, 'att' now",
+        "fusion_assignment: unset there, 'attention' now",
+        "step 2 of 2",
+        "--overwrite_output_dir",
+        f"--resume_from_checkpoint {out / 'checkpoint-2'}",
+    ):
         assert part in message
     assert json.loads((out / "run_settings.json").read_text()) == settings  # nothing written
 
@@ -390,8 +538,17 @@ def test_small_training_split_shrinks_the_batch(converted, tmp_path, caplog):
     import run_mel
 
     path, cache = converted
-    argv = ["--dataset_name", path, "--do_train", "--num_train_epochs", "2", "--eval_strategy", "no",
-            "--load_best_model_at_end", "false"]  # fmt: skip
+    argv = [
+        "--dataset_name",
+        path,
+        "--do_train",
+        "--num_train_epochs",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+    ]
     with caplog.at_level(logging.WARNING):
         metrics = in_process(argv + ["--output_dir", str(tmp_path / "a"), "--max_train_samples", "10"], cache)
     assert any("Only 10 training mentions, fewer than one batch of 16" in r.getMessage() for r in caplog.records)
@@ -406,8 +563,22 @@ def test_one_evaluation_flag_sets_the_saving_to_match(converted, tmp_path):
     follow, instead of contradicting it."""
     path, cache = converted
     out = tmp_path / "run"
-    in_process(["--dataset_name", path, "--output_dir", str(out), "--do_train", "--max_steps", "4",
-                "--eval_strategy", "steps", "--eval_steps", "2"], cache)  # fmt: skip
+    in_process(
+        [
+            "--dataset_name",
+            path,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--max_steps",
+            "4",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+        ],
+        cache,
+    )
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "eval_mrr" in e] == [2, 4]
     assert sorted(os.listdir(out / "checkpoint-2")) and (out / "checkpoint-4").is_dir()
@@ -430,21 +601,41 @@ def test_explicit_strategies_that_differ_turn_load_best_off(tmp_path):
             "3",
             "--save_strategy",
             "epoch",
-        ]  # fmt: skip
+        ]
     )
     assert not args.load_best_model_at_end and args.eval_strategy == "steps" and args.save_strategy == "epoch"
     assert any(level == logging.WARNING and "--load_best_model_at_end false" in note for level, note in notes)
     # --save_strategy steps alone: evaluation follows, at the same steps.
-    _, _, args, _, _ = parse_arguments(["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_train",
-                                        "--save_strategy", "steps", "--save_steps", "6"])  # fmt: skip
+    _, _, args, _, _ = parse_arguments(
+        [
+            "--dataset_name",
+            "x",
+            "--output_dir",
+            str(tmp_path),
+            "--do_train",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "6",
+        ]
+    )
     assert (args.eval_strategy, args.eval_steps, args.save_steps, args.load_best_model_at_end) == ("steps", 6, 6, True)
     # Without --do_train nothing is evaluated unless asked (the epoch default turned --do_eval on).
     _, _, args, _, _ = parse_arguments(["--dataset_name", "x", "--output_dir", str(tmp_path), "--do_predict"])
     assert not args.do_eval and args.eval_strategy == "no"
     # The same from a JSON file of settings.
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"dataset_name": "x", "output_dir": str(tmp_path), "do_train": True,
-                                    "eval_strategy": "steps", "eval_steps": 4}))  # fmt: skip
+    settings.write_text(
+        json.dumps(
+            {
+                "dataset_name": "x",
+                "output_dir": str(tmp_path),
+                "do_train": True,
+                "eval_strategy": "steps",
+                "eval_steps": 4,
+            }
+        )
+    )
     _, _, args, given, _ = parse_arguments([str(settings)])
     assert (args.save_strategy, args.save_steps, args.load_best_model_at_end) == ("steps", 4, True)
     settings.write_text(json.dumps({"dataset_name": "x", "do_train": True}))
@@ -456,10 +647,27 @@ def test_explicit_strategies_that_differ_turn_load_best_off(tmp_path):
 def test_bf16_on_a_cpu_only_machine_runs_on_the_cpu(converted, tmp_path, caplog):
     path, cache = converted
     with caplog.at_level(logging.INFO, logger="run_mel"):
-        metrics = in_process(["--dataset_name", path, "--output_dir", str(tmp_path), "--do_train", "--max_steps", "1",
-                              "--eval_strategy", "no", "--bf16", "--log_level", "info"], cache)  # fmt: skip
-    assert any("--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+        metrics = in_process(
+            [
+                "--dataset_name",
+                path,
+                "--output_dir",
+                str(tmp_path),
+                "--do_train",
+                "--max_steps",
+                "1",
+                "--eval_strategy",
+                "no",
+                "--bf16",
+                "--log_level",
+                "info",
+            ],
+            cache,
+        )
+    assert any(
+        "--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)" in r.getMessage()
+        for r in caplog.records
+    )
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
 
 
@@ -487,8 +695,11 @@ def test_dirty_dataset_folders(converted, tmp_path, caplog, monkeypatch):
     no_answer = write_dataset(
         tmp_path / "no_answer", {k: v.remove_columns(["answer"]) for k, v in mentions.items()}, kb
     )
-    with pytest.raises(run_mel.UsageError, match=r"no_answer: the 'train' mentions lack\(s\) the column\(s\) answer; "
-                                                 r"columns found: id, mention, sentence, image"):  # fmt: skip
+    with pytest.raises(
+        run_mel.UsageError,
+        match=r"no_answer: the 'train' mentions lack\(s\) the column\(s\) answer; "
+        r"columns found: id, mention, sentence, image",
+    ):
         in_process(["--dataset_name", no_answer, "--output_dir", str(tmp_path / "b"), *common], cache)
 
     # Every validation answer absent from the KB: the split is empty once those are skipped.
@@ -516,17 +727,50 @@ def test_ignored_flags_and_replaced_checkpoint_settings_are_said(converted, tmp_
     )
     trained = tmp_path / "trained"
     with caplog.at_level(logging.WARNING):
-        in_process(["--dataset_name", doubled, "--output_dir", str(trained), "--do_train", "--max_steps", "1",
-                    "--eval_strategy", "no", "--load_best_model_at_end", "false", "--eval_every_epochs", "2",
-                    "--strategy", "exhaustive", "--candidates", "20"], cache)  # fmt: skip
+        in_process(
+            [
+                "--dataset_name",
+                doubled,
+                "--output_dir",
+                str(trained),
+                "--do_train",
+                "--max_steps",
+                "1",
+                "--eval_strategy",
+                "no",
+                "--load_best_model_at_end",
+                "false",
+                "--eval_every_epochs",
+                "2",
+                "--strategy",
+                "exhaustive",
+                "--candidates",
+                "20",
+            ],
+            cache,
+        )
     said = " | ".join(r.getMessage() for r in caplog.records)
     assert "--eval_every_epochs 2 is ignored: it applies to --eval_strategy epoch, not no" in said
     assert "--candidates 20 is ignored: --strategy exhaustive scores every entity" in said
     assert f"KB: 3 row(s) repeat the qid of an earlier row (e.g. {kb[0]['qid']!r})" in said
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        in_process(["--dataset_name", path, "--output_dir", str(tmp_path / "eval"), "--do_eval",
-                    "--model_name_or_path", str(trained), "--mode", "att", "--pairwise_negatives", "3"], cache)  # fmt: skip
+        in_process(
+            [
+                "--dataset_name",
+                path,
+                "--output_dir",
+                str(tmp_path / "eval"),
+                "--do_eval",
+                "--model_name_or_path",
+                str(trained),
+                "--mode",
+                "att",
+                "--pairwise_negatives",
+                "3",
+            ],
+            cache,
+        )
     said = " | ".join(r.getMessage() for r in caplog.records)
     assert f"--model_name_or_path {trained}: these settings of its config are replaced" in said
     assert "fusion_assignment 'ot' -> 'attention'" in said and "pairwise_negatives 15 -> 3" in said
@@ -537,8 +781,20 @@ def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(
 ):
     path, cache = converted
     with caplog.at_level(logging.WARNING):
-        metrics = in_process(["--dataset_name", path, "--output_dir", str(tmp_path), "--do_predict",
-                              "--clip_model", tiny_clip_dir, "--mode", "clip"], cache)  # fmt: skip
+        metrics = in_process(
+            [
+                "--dataset_name",
+                path,
+                "--output_dir",
+                str(tmp_path),
+                "--do_predict",
+                "--clip_model",
+                tiny_clip_dir,
+                "--mode",
+                "clip",
+            ],
+            cache,
+        )
     assert any(
         "Zero-shot evaluation: --do_predict ranks with the pretrained CLIP" in r.getMessage() for r in caplog.records
     )

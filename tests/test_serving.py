@@ -65,10 +65,14 @@ def _b64(data: bytes) -> str:
 
 def _kb_rows():
     return [
-        {"qid": f"Q{100 + i}", "name": name, "attributes": f"works as a {JOBS[i]}. lives in {CITIES[i % 6]}.",
-         "image": _png(i) if i % 3 else None}
+        {
+            "qid": f"Q{100 + i}",
+            "name": name,
+            "attributes": f"works as a {JOBS[i]}. lives in {CITIES[i % 6]}.",
+            "image": _png(i) if i % 3 else None,
+        }
         for i, name in enumerate(NAMES)
-    ]  # fmt: skip
+    ]
 
 
 def _huge_png_header(width=100_000, height=100_000) -> bytes:
@@ -105,8 +109,14 @@ def world(tmp_path_factory):
     os.symlink(outside / "secret.png", image_root / "link.png")
     reference = lk.OTMELLinker.from_pretrained(model_dir)
     reference.load_index(index_dir)
-    return {"root": root, "rows": rows, "model_dir": model_dir, "index_dir": index_dir, "image_root": str(image_root),
-            "reference": reference}  # fmt: skip
+    return {
+        "root": root,
+        "rows": rows,
+        "model_dir": model_dir,
+        "index_dir": index_dir,
+        "image_root": str(image_root),
+        "reference": reference,
+    }
 
 
 class ServerThread:
@@ -117,8 +127,9 @@ class ServerThread:
 
         sock = sv.bind_socket("127.0.0.1", 0)  # as otmel-serve does
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=graceful_timeout)  # fmt: skip
+        config = uvicorn.Config(
+            app, log_level="warning", log_config=None, access_log=False, timeout_graceful_shutdown=graceful_timeout
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -147,8 +158,15 @@ def _start(world, index_dir=None, worker="thread", **settings):
 @pytest.fixture(scope="module")
 def server(world):
     """A read-only server (no --index: entity changes refused) with small limits."""
-    srv, service = _start(world, max_request_bytes=300_000, max_mentions_per_request=16, max_image_pixels=100_000,
-                          max_wait_ms=5, max_top_k=20, max_candidates=30)  # fmt: skip
+    srv, service = _start(
+        world,
+        max_request_bytes=300_000,
+        max_mentions_per_request=16,
+        max_image_pixels=100_000,
+        max_wait_ms=5,
+        max_top_k=20,
+        max_candidates=30,
+    )
     srv.service = service
     with httpx.Client(base_url=srv.url, timeout=60) as client:
         srv.client = client
@@ -225,8 +243,12 @@ def test_link_matches_in_process_link(server, world, assignment):
         assert len(served) == 4
         _assert_same(served, exp)
     # The picture counts: the same text with another picture scores differently.
-    assert body["results"][5] != server.client.post("/link", json={"mentions": [_mention(6)], "top_k": 4,
-                                                              "candidates": 8, "assignment": assignment}).json()["results"][0]  # fmt: skip
+    assert (
+        body["results"][5]
+        != server.client.post(
+            "/link", json={"mentions": [_mention(6)], "top_k": 4, "candidates": 8, "assignment": assignment}
+        ).json()["results"][0]
+    )
 
 
 def test_process_worker(world, tmp_path):
@@ -379,8 +401,12 @@ def test_entities_added_replaced_removed_and_saved(writable, world):
     served_before = writable.service.worker.core.snapshot.index if thread else None
     qids_before = list(world["reference"].index.qids)
     retrieval_before = served_before.retrieval.clone() if thread else None
-    new = {"qid": "Q900", "name": "zed quux", "attributes": "works as a sailor. lives in lima.",
-           "image_base64": _b64(_png(42))}  # fmt: skip
+    new = {
+        "qid": "Q900",
+        "name": "zed quux",
+        "attributes": "works as a sailor. lives in lima.",
+        "image_base64": _b64(_png(42)),
+    }
     r = client.post("/entities", json={"entities": [new]})
     assert r.status_code == 200, r.text
     state = r.json()
@@ -435,16 +461,24 @@ def test_copy_for_write_leaves_the_served_index_untouched(world, with_ann):
     served = linker.load_index(world["index_dir"])
     if with_ann:
         served.ann = ix.AnnIndex.build(served, nlist=1, code="flat")
-    before = {"qids": list(served.qids), "names": list(served.names), "meta": json_copy(served.meta),
-              "tensors": {k: v.clone() for k, v in _row_tensors(served).items()}}  # fmt: skip
+    before = {
+        "qids": list(served.qids),
+        "names": list(served.names),
+        "meta": json_copy(served.meta),
+        "tensors": {k: v.clone() for k, v in _row_tensors(served).items()},
+    }
     if with_ann:
         before["ann"] = (served.ann.slot_rows.clone(), served.ann.index.ntotal, served.ann.version)
     for change in ("add", "remove"):
         new = sv.copy_for_write(served)
         linker.index = new
         if change == "add":
-            linker.add_entities([{"qid": "Q100", "name": "ada replaced", "attributes": ""},
-                                 {"qid": "Q999", "name": "zed quux", "attributes": "", "image": _png(3)}])  # fmt: skip
+            linker.add_entities(
+                [
+                    {"qid": "Q100", "name": "ada replaced", "attributes": ""},
+                    {"qid": "Q999", "name": "zed quux", "attributes": "", "image": _png(3)},
+                ]
+            )
             assert new.qids[-1] == "Q999" and new.names[0] == "ada replaced"
         else:
             linker.remove_entities(["Q101", "Q102"])
@@ -583,8 +617,21 @@ def test_command_line(world, tmp_path, capsys):
         sv.main(["--model", world["model_dir"], "--index", world["index_dir"], "--image_root", str(tmp_path / "x")])
         == 2
     )
-    cmd = [sys.executable, os.path.join(REPO, "serving_otmel.py"), "--model", world["model_dir"], "--index",
-           world["index_dir"], "--port", "0", "--threads", "1", "--no_access_log", "--log_level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "serving_otmel.py"),
+        "--model",
+        world["model_dir"],
+        "--index",
+        world["index_dir"],
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--no_access_log",
+        "--log_level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
     try:
         line = proc.stdout.readline()  # blocks until the server prints its address (or exits)

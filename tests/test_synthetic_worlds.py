@@ -74,8 +74,13 @@ def test_preset_and_explicit_flags_compose():
     mixed = ms.resolve_options("hard", style_shift=0.0, style_shifts="jpeg, rotate", nil_fraction=0.1)
     assert mixed["style_shift"] == 0.0 and mixed["style_shifts"] == ("rotate", "jpeg") and mixed["nil_fraction"] == 0.1
     assert mixed["partial_name_fraction"] == 0.5 and mixed["kb_images_per_entity"] == 2
-    for bad in ({"style_shifts": "sepia"}, {"partial_name_fraction": 1.5}, {"nil_fraction": 1.0},
-                {"kb_images_per_entity": -1}, {"partial_name_cues": "rare"}):  # fmt: skip
+    for bad in (
+        {"style_shifts": "sepia"},
+        {"partial_name_fraction": 1.5},
+        {"nil_fraction": 1.0},
+        {"kb_images_per_entity": -1},
+        {"partial_name_cues": "rare"},
+    ):
         with pytest.raises(ValueError):
             ms.resolve_options(**bad)
     with pytest.raises(ValueError):
@@ -86,8 +91,26 @@ def test_preset_and_explicit_flags_compose():
 
 def test_cli_preset_with_override(tmp_path, capsys):
     out = tmp_path / "w"
-    args = [str(out), "--entities", "16", "--mentions", "40", "--seed", "1", "--image-size", "16", "--workers", "1",
-            "--no-progress", "--preset", "hard", "--style_shift", "0", "--nil-fraction", "0.2"]  # fmt: skip
+    args = [
+        str(out),
+        "--entities",
+        "16",
+        "--mentions",
+        "40",
+        "--seed",
+        "1",
+        "--image-size",
+        "16",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--preset",
+        "hard",
+        "--style_shift",
+        "0",
+        "--nil-fraction",
+        "0.2",
+    ]
     assert ms.main(args) == 0
     assert "NIL mentions" in capsys.readouterr().out
     options = _load(out, "ceilings.json")["world"]["options"]
