@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import datasets
 import torch
@@ -37,6 +38,7 @@ from transformers import (
     set_seed,
 )
 
+from augmentation_otmel import AUGMENT_CHOICES, augment_pictures, drop_words, pseudo_mention
 from configuration_otmel import PAPER_MODELS, OTMELConfig
 from index_otmel import encode_kb
 from metrics_otmel import choose_nil_threshold, is_nil_answer, nil_metrics
@@ -173,6 +175,26 @@ class OTMELTrainingArguments(TrainingArguments):
             "as extra negatives (MELCollator), so that words alone cannot tell the batch's entities apart."
         },
     )
+    pseudo_mentions: float = field(
+        default=0.0,
+        metadata={
+            "help": "Per training mention, this many pseudo-mentions made from KB entities join each batch "
+            "(MELCollator): an entity's full name or one word of it, some words of its description, its KB picture "
+            "augmented; gold = that entity. Teaches the name part + attribute rule for every KB entity."
+        },
+    )
+    augment_pictures: str = field(
+        default="none",
+        metadata={
+            "help": "Identity-keeping augmentation of training pictures (scale, position, rotation, colour, hue, "
+            "channel order, greyscale, blur, JPEG): none | mention (the mentions') | both (mentions' and entities'). "
+            "Pseudo-mentions' pictures are always augmented."
+        },
+    )
+    word_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Each word of a training mention's sentence is dropped with this probability."},
+    )
     # TrainingArguments 5.x has no overwrite_output_dir: without it, --do_train resumes a run found in --output_dir.
     overwrite_output_dir: bool = field(
         default=False,
@@ -304,9 +326,18 @@ class MELCollator:
     own gold entity. The draw uses the global torch random state, which the Trainer seeds and restores on resume; the
     number of rows is fixed (`B * (1 + n)`), as gathering across processes needs.
 
+    With `pseudo_mentions = r > 0`, `round(B * r)` *pseudo-mentions* follow the B real mentions: each is made from a KB
+    entity drawn at random (any entity, named by a training mention or not) out of its own text
+    (`augmentation_otmel.pseudo_mention`: its full name or one word of it, some of its description's words, set in
+    words of a real mention of the batch), with, as often as the batch's real mentions have one, its KB picture
+    augmented (`augment_pictures`), and that entity as gold. `augment = "mention"` also augments the real mentions'
+    pictures, `"both"` the entities' pictures too; `word_dropout = p` removes each word of a real mention's sentence
+    with probability p. All draws use the global torch random state, as the namesakes do.
+
     Images stay undecoded in the datasets (`decode=False`) and are decoded here, so a corrupt file becomes "no image".
     Preprocessed pictures are kept (float16) up to `image_cache_mb`: every epoch shows the same pictures again, and
-    decoding plus resizing them cost about as much as a training step of the tiny model.
+    decoding plus resizing them cost about as much as a training step of the tiny model; augmentations act on the
+    preprocessed tensors.
     """
 
     def __init__(
@@ -317,9 +348,23 @@ class MELCollator:
         pad_to_max: bool = False,
         image_cache_mb: int = 1024,
         kb_negatives: int = 0,
+        pseudo_mentions: float = 0.0,
+        augment: str = "none",
+        word_dropout: float = 0.0,
     ):
         if kb_negatives < 0:
             raise ValueError(f"--kb_negatives must be >= 0, got {kb_negatives}")
+        if not pseudo_mentions >= 0:
+            raise ValueError(f"--pseudo_mentions must be >= 0, got {pseudo_mentions}")
+        if augment not in AUGMENT_CHOICES:
+            raise ValueError(f"--augment_pictures must be one of {', '.join(AUGMENT_CHOICES)}, got {augment!r}")
+        if not 0 <= word_dropout < 1:
+            raise ValueError(f"--word_dropout must be in [0, 1), got {word_dropout}")
+        if pseudo_mentions and len(kb) == 0:
+            raise ValueError("--pseudo_mentions needs a KB with at least one entity")
+        self.pseudo_mentions = pseudo_mentions
+        self.augment = augment
+        self.word_dropout = word_dropout
         self.processor = processor
         self.kb = kb
         self.qid_to_index = qid_to_index
@@ -392,16 +437,50 @@ class MELCollator:
                 pixel_values[i] = pixels.float()
         return {"pixel_values": pixel_values, "has_image": torch.tensor([r is not None for r in rows])}
 
+    def _augmented(self, pixels: dict, rows: torch.Tensor) -> dict:
+        rows = rows & pixels["has_image"]
+        if bool(rows.any()):
+            image_processor = self.processor.image_processor
+            pixels["pixel_values"] = augment_pictures(
+                pixels["pixel_values"], image_processor.image_mean, image_processor.image_std, rows=rows
+            )
+        return pixels
+
     def __call__(self, rows: list[dict]) -> dict:
         entity_index = [self.qid_to_index[row["answer"]] for row in rows]
+        surfaces = [r["mention"] for r in rows]
+        sentences = [r["sentence"] for r in rows]
+        if self.word_dropout:
+            sentences = [drop_words(s, self.word_dropout) for s in sentences]
+        n_real, n_pseudo = len(rows), int(round(len(rows) * self.pseudo_mentions))
+        if n_pseudo:
+            picked = torch.randint(len(self.kb), (n_pseudo,)).tolist()
+            sources = self.kb[picked]
+            contexts = torch.randint(n_real, (n_pseudo,)).tolist()
+            for name, description, c in zip(sources["name"], sources["attributes"], contexts):
+                surface, sentence = pseudo_mention(unquote(name or ""), description, rows[c]["sentence"], surfaces[c])
+                surfaces.append(surface)
+                sentences.append(sentence)
+            entity_index += picked
         if self.kb_negatives:
-            entity_index += self.mine_negatives([r["mention"] for r in rows], entity_index)
+            entity_index += self.mine_negatives(surfaces, entity_index)
         entities = self.kb[entity_index]
         proc = self.processor
-        m = proc.process_mentions([r["mention"] for r in rows], [r["sentence"] for r in rows], padding=self.padding)
+        m = proc.process_mentions(surfaces, sentences, padding=self.padding)
         e = proc.process_entities(entities["name"], entities["attributes"], padding=self.padding)
-        m.update(self._pixels([r["image"] for r in rows]))
+        images = [r["image"] for r in rows]
+        if n_pseudo:
+            # As often as the real mentions of the batch show a picture, a pseudo-mention shows its entity's.
+            share = sum(bool(i and (i.get("bytes") or i.get("path"))) for i in images) / n_real
+            show = (torch.rand(n_pseudo) < share).tolist()
+            images += [image if s else None for image, s in zip(entities["image"][n_real : n_real + n_pseudo], show)]
+        m.update(self._pixels(images))
         e.update(self._pixels(entities["image"]))
+        if n_pseudo or self.augment != "none":
+            mention_rows = torch.arange(n_real + n_pseudo) >= (0 if self.augment != "none" else n_real)
+            m = self._augmented(m, mention_rows)
+            if self.augment == "both":
+                e = self._augmented(e, torch.ones(len(entity_index), dtype=torch.bool))
         batch = {f"mention_{k}": v for k, v in m.items()}
         batch.update({f"entity_{k}": v for k, v in e.items()})
         batch["entity_ids"] = torch.tensor(entity_index)
@@ -837,6 +916,16 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
                 "training contrasts each mention with the other gold entities of its batch, so a batch needs at "
                 "least 2 mentions"
             )
+        if training_args.kb_negatives < 0:
+            raise UsageError(f"--kb_negatives {training_args.kb_negatives}: must be >= 0")
+        if not training_args.pseudo_mentions >= 0:
+            raise UsageError(f"--pseudo_mentions {training_args.pseudo_mentions}: must be >= 0")
+        if training_args.augment_pictures not in AUGMENT_CHOICES:
+            raise UsageError(
+                f"--augment_pictures {training_args.augment_pictures!r} is invalid; allowed: {', '.join(AUGMENT_CHOICES)}"
+            )
+        if not 0 <= training_args.word_dropout < 1:
+            raise UsageError(f"--word_dropout {training_args.word_dropout}: must be in [0, 1)")
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UsageError(f"--resume_from_checkpoint {checkpoint}: no such folder")
@@ -947,6 +1036,10 @@ def run_settings(model_args, data_args, training_args) -> dict:
         )
     settings.update(build_config_overrides(model_args, data_args))
     settings.update({name: getattr(training_args, name) for name in TRAINING_SETTINGS})
+    # What the collator adds to the batches: recorded only when on, so settings stored before they existed still compare.
+    for name, off in (("kb_negatives", 0), ("pseudo_mentions", 0), ("augment_pictures", "none"), ("word_dropout", 0)):
+        if getattr(training_args, name, off) != off:
+            settings[name] = getattr(training_args, name)
     settings["total_train_batch_size"] = (
         training_args.per_device_train_batch_size
         * max(1, training_args.world_size)
@@ -1361,6 +1454,9 @@ def main(argv=None):
             qid_to_index,
             pad_to_max=training_args.world_size > 1,
             kb_negatives=training_args.kb_negatives,
+            pseudo_mentions=training_args.pseudo_mentions,
+            augment=training_args.augment_pictures,
+            word_dropout=training_args.word_dropout,
         ),
         processing_class=processor,
         callbacks=[EvaluateEveryEpochs(training_args.eval_every_epochs)],
