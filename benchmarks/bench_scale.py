@@ -244,6 +244,109 @@ def child_serve(args) -> dict:
     return out
 
 
+def cached_child(name: str, mode: str, args, **extra) -> dict:
+    """`run_child`, or the result a previous run saved for this step when its index is still there (so a rerun, e.g.
+    with other `--threads`, measures serving again without building again). An index left by a run that saved no
+    result is reused as it is, with its size only (`"reused": True`): no figure is made up for it."""
+    path = os.path.join(args.work_dir, f"step-{name}.json")
+    index_dir = extra["index_dir"]
+    done = os.path.isfile(os.path.join(index_dir, "entity_index.json"))
+    if os.path.isfile(path) and done:
+        with open(path) as f:
+            return json.load(f)
+    if done and mode in ("build", "convert"):
+        import index_otmel as ix
+
+        index = ix.EntityIndex.load(index_dir, verify=False)
+        files = [os.path.join(index_dir, f) for f in os.listdir(index_dir)]
+        return {
+            "n": len(index),
+            "reused": True,
+            "bytes_per_entity": index.nbytes() / len(index),
+            "disk_bytes_per_entity": sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / len(index),
+            "ann": index.ann.config if index.ann is not None else None,
+        }
+    out = run_child(mode, args, **extra)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def child_build_rate(args) -> dict:
+    """KB encoding speed with 1 process (`--threads` threads) and with 2 processes (1 thread each), measured with the
+    public command `python index_otmel.py ... --num_shards N --shard_index I` (the way a user spreads a build over
+    processes or machines): one shard alone, then two other shards at once. Peak RSS of the largest process."""
+    num_shards = max(2, args.entities // args.rate_rows)
+    out_dir = os.path.join(args.work_dir, f"build-rate-{args.entities}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+    def run(shards: list, threads: int) -> float:
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(REPO, "index_otmel.py"),
+                    "--model",
+                    args.model,
+                    "--kb",
+                    args._dataset,
+                    "--out_dir",
+                    out_dir,
+                    "--dtype",
+                    "float32",
+                    "--batch_size",
+                    "128",
+                    "--num_shards",
+                    str(num_shards),
+                    "--shard_index",
+                    str(s),
+                    "--threads",
+                    str(threads),
+                ],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for s in shards
+        ]
+        encode_s = []
+        for proc in procs:
+            _, err = proc.communicate()
+            end = time.time()
+            if proc.returncode != 0:
+                raise SystemExit(f"index_otmel.py failed:\n{err[-3000:]}")
+            begun = [line for line in err.splitlines() if "encoding shard" in line]  # logged as the encoding starts
+            stamp = time.mktime(time.strptime(begun[0].split(",")[0], "%Y-%m-%d %H:%M:%S"))
+            encode_s.append(end - stamp)
+        return time.perf_counter() - start, max(encode_s)
+
+    rows = args.entities // num_shards
+    one, one_encode = run([0], args.threads)
+    two, two_encode = run([1, 2], 1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {
+        "rows_per_shard": rows,
+        "one_process": {
+            "threads": args.threads,
+            "seconds": one,
+            "encode_s": one_encode,
+            "entities_per_s": rows / one_encode,
+        },
+        "two_processes": {
+            "threads": 1,
+            "seconds": two,
+            "encode_s": two_encode,
+            "entities_per_s": 2 * rows / two_encode,
+        },
+        "peak_rss_build_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "note": "entities/s from the 'encoding shard' log line to the end of the process (shard written); 'seconds' "
+        "also counts loading the model and the KB",
+    }
+
+
 def run_child(mode: str, args, **extra) -> dict:
     cmd = [
         sys.executable,
@@ -264,6 +367,12 @@ def run_child(mode: str, args, **extra) -> dict:
         args.dtype,
         "--shard_size",
         str(args.shard_size),
+        "--entities",
+        str(args.entities),
+        "--rate_rows",
+        str(args.rate_rows),
+        "--work_dir",
+        args.work_dir,
     ]
     for k, v in extra.items():
         cmd += [f"--_{k}", str(v)]
@@ -316,18 +425,25 @@ def main():
     p.add_argument("--dtype", default="res2")
     p.add_argument("--shard_size", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rate_rows", type=int, default=20_000, help="rows per shard of the 1- vs 2-process build measure")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--work_dir", default=os.path.join(REPO, "data", "bench_scale"))
     p.add_argument("--model", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--report", default=None, help="only print the report of a --json file written earlier")
     for hidden in ("_child", "_dataset", "_index_dir", "_source", "_rows", "_ann", "_stage1"):
         p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args._rows = int(args._rows) if args._rows else None
     args._ann = args._ann == "True"
     if args._child:
-        fn = {"build": child_build, "convert": child_convert, "serve": child_serve}[args._child]
+        fn = {"build": child_build, "build_rate": child_build_rate, "convert": child_convert, "serve": child_serve}
+        fn = fn[args._child]
         print(json.dumps(fn(args)))
+        return
+    if args.report:
+        with open(args.report) as f:
+            report(json.load(f))
         return
 
     os.makedirs(args.work_dir, exist_ok=True)
@@ -339,12 +455,17 @@ def main():
         args.model = build_tiny_model(args.work_dir, [dataset])
     results = {"entities": n, "threads": args.threads, "dtype": args.dtype, "load_start": os.getloadavg()}
     f32 = os.path.join(args.work_dir, f"index-{n}-float32")
-    results["build"] = run_child("build", args, dataset=dataset, index_dir=f32)
+    results["build"] = cached_child(f"build-{n}", "build", args, dataset=dataset, index_dir=f32)
+    results["build_rate"] = cached_child(f"build-rate-{n}", "build_rate", args, dataset=dataset, index_dir=f32)
     compressed = os.path.join(args.work_dir, f"index-{n}-{args.dtype}")
-    results["convert"] = run_child("convert", args, source=f32, index_dir=compressed, ann=True)
+    results["convert"] = cached_child(
+        f"convert-{n}-{args.dtype}", "convert", args, source=f32, index_dir=compressed, ann=True
+    )
     for m in args.smaller:
         small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}")
-        results[f"convert_{m}"] = run_child("convert", args, source=f32, index_dir=small, rows=m, ann=True)
+        results[f"convert_{m}"] = cached_child(
+            f"convert-{m}-{args.dtype}", "convert", args, source=f32, index_dir=small, rows=m, ann=True
+        )
     results["serve"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="ann")
     results["serve_exact"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="torch")
     results["reference"] = run_child("serve", args, dataset=dataset, index_dir=f32, stage1="torch")
@@ -378,19 +499,33 @@ def main():
 def report(r: dict):
     n, build, conv, serve, ref = r["entities"], r["build"], r["convert"], r["serve"], r["reference"]
     vit = r["layout_vit_b32"]
-    today = vit["bytes"]["float16"] + 2 * vit["dims"]["projection"] * 2  # float16 features + float32 stage 1 as today
+    today = vit["bytes"]["float16"]  # float16 features, float32 stage-1 vectors: today's layout
     print(
         f"\n## Scale: {n:,} entities, tiny model, {r['threads']} threads; load average "
         f"{r['load_start'][0]:.1f} at the start, {r['load_end'][0]:.1f} at the end\n"
     )
-    print(
-        f"- KB encoding (float32 index, every entity encoded): {build['entities_per_s']:.0f} entities/s "
-        f"({build['rows_encoded_this_run']:,} rows in this run), peak RSS building {build['peak_rss_build_mb']:.0f} MB"
-    )
-    print(
-        f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
-        f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB"
-    )
+    if build.get("reused"):
+        print(f"- KB encoding: the float32 index of an earlier run was reused ({build['n']:,} entities; no figure)")
+    else:
+        print(
+            f"- KB encoding (float32 index, every entity encoded): {build['entities_per_s']:.0f} entities/s "
+            f"({build['rows_encoded_this_run']:,} rows in this run), peak RSS building {build['peak_rss_build_mb']:.0f} MB"
+        )
+    rate = r.get("build_rate")
+    if rate:
+        one, two = rate["one_process"], rate["two_processes"]
+        print(
+            f"- KB encoding speed ({rate['rows_per_shard']:,} rows per shard, `index_otmel.py --shard_index`): 1 process "
+            f"({one['threads']} threads) {one['entities_per_s']:.0f} entities/s, 2 processes (1 thread each) "
+            f"{two['entities_per_s']:.0f} entities/s ({two['entities_per_s'] / one['entities_per_s']:.2f}x); start-up "
+            f"(model, KB, plan) {one['seconds'] - one['encode_s']:.0f} s; peak RSS of a building process "
+            f"{rate['peak_rss_build_mb']:.0f} MB"
+        )
+    if not conv.get("reused"):
+        print(
+            f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
+            f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB"
+        )
     print(
         f"- bytes per entity (tiny model): float32 {build['bytes_per_entity']:.0f}, {r['dtype']} "
         f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and IVF: {conv['disk_bytes_per_entity']:.0f})"
