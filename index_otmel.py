@@ -4,7 +4,8 @@
 - [`encode_kb`]: encodes a KB with a model into an [`EntityIndex`].
 - [`EntityIndex`]: the stage-1 vectors (`retrieval`) and the features stage 2 reads, with [`~EntityIndex.gather`],
   [`~EntityIndex.save`] and [`~EntityIndex.load`] (which refuses an index built from another model, processor or KB).
-- Fingerprints of models, processors and KBs ([`model_fingerprint`], [`processor_fingerprint`], [`kb_fingerprint`]).
+- Fingerprints of models, processors and KBs ([`model_fingerprint`], [`processor_fingerprint`], [`kb_fingerprint`]);
+  [`index_towers`]: the precision of the CLIP towers that encoded an index (`towers_otmel`).
 
 Which features are stored is the model's decision ([`~OTMELModel.stage1_weights`],
 [`~OTMELModel.entity_index_fields`]); this module stores whatever the model names.
@@ -97,13 +98,28 @@ def model_fingerprint(model) -> dict:
 
     Two models give the same fingerprint iff their weights are bit-identical and their scoring settings agree (so a
     model reloaded with `from_pretrained` matches the one that built the index).
+
+    A model whose CLIP towers were optimised for inference (`towers_otmel.optimize_towers`: int8 or bfloat16) gives
+    the `weights` of the float32 model it came from, plus `"towers": <precision>` (a float32 model has no such key,
+    so its fingerprint is unchanged): its features differ from the float32 model's within a measured tolerance, so it
+    matches an index of that model, and the index records how its entities were encoded ([`index_towers`]).
     """
+    towers = getattr(model, "otmel_towers", None)  # set by towers_otmel.optimize_towers
+    if towers:
+        settings = {k: getattr(model.config, k, None) for k in SCORE_SETTINGS}
+        return {"weights": towers["weights"], "settings": settings, "towers": towers["precision"]}
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(_tensor_bytes(tensor))
     settings = {k: getattr(model.config, k, None) for k in SCORE_SETTINGS}
     return {"weights": h.hexdigest(), "settings": settings}
+
+
+def index_towers(model_meta: dict) -> str:
+    """The precision of the CLIP towers that encoded an index's entities, from its `meta["model"]`: `"float32"`,
+    `"int8"`, `"bfloat16"`, or several joined by `+` (sorted) after [`~EntityIndex.add`] mixed them."""
+    return model_meta.get("towers", "float32")
 
 
 def processor_fingerprint(processor) -> dict:
@@ -1034,6 +1050,9 @@ class EntityIndex:
             changed = torch.cat([replace_rows, torch.arange(old_n, old_n + len(append_from))])
             self.ann.set_rows(changed, self.stage1_vectors(changed))
         added, replaced = len(append_from), len(other) - len(append_from)
+        towers = set(index_towers(self.meta["model"]).split("+")) | set(index_towers(other.meta["model"]).split("+"))
+        if towers != {"float32"}:  # rows encoded by other towers than the index's: recorded (a float32 index has none)
+            self.meta = dict(self.meta, model=dict(self.meta["model"], towers="+".join(sorted(towers))))
         self._changed(added=added, replaced=replaced)
         return {"added": added, "replaced": replaced}
 
@@ -1121,6 +1140,13 @@ class EntityIndex:
                 problems.append(
                     f"model weights differ (index built with weights sha256 {self.meta['model']['weights'][:12]}..., "
                     f"given model {fp['weights'][:12]}...)"
+                )
+            elif index_towers(fp) != index_towers(self.meta["model"]):
+                # Not a mismatch: the same trained weights, features within the tolerance of towers_otmel.
+                logger.info(
+                    "entity index encoded with %s towers, mentions will be encoded with %s towers (same weights)",
+                    index_towers(self.meta["model"]),
+                    index_towers(fp),
                 )
         if processor is not None and self.meta.get("processor") is not None:
             problems += _diff("processor", self.meta["processor"], processor_fingerprint(processor))
@@ -2202,6 +2228,7 @@ __all__ = [
     "content_fingerprint",
     "convert_index",
     "encode_kb",
+    "index_towers",
     "inference_mode",
     "kb_fingerprint",
     "kb_row_hashes",
