@@ -1488,11 +1488,12 @@ def _fit_text(tensors: dict, length: int) -> dict:
 # Below this many entities `stage1="auto"` searches exactly (benchmarks/bench_scale.py: on 2 CPU cores the exact
 # chunked product is as fast as IVF search up to about this size, and has no recall loss).
 ANN_MIN_ROWS = 200_000
-# Default share of the IVF lists searched per query (1 / 16). Measured at 1M entities (tiny random model, res2 index,
-# 4,096 lists, PQ80 codes, 1,000 mentions; benchmarks/bench_scale.py --nprobe): 512 lists gave 176 queries/s, 90.9% of
-# the exact top 50 and gold recall@50 13.2 (exact: 13.7); 256 lists 290 queries/s, 90.7%, 13.1; 128 lists 648/s,
-# 89.3%, 12.5 (more than 1 point lost).
-ANN_PROBE_DIVISOR = 16
+# Default share of the IVF lists searched per query (1 / 8). On a random model at 1M entities (4,096 lists, PQ80,
+# benchmarks/bench_scale.py --nprobe) 256 lists lost no recall against 512 and searched 1.65x faster, but a trained
+# model's mention queries fall in other lists than their gold entity far more often (bench_scale.py --accuracy_model,
+# 3,000 entities, 76 lists: gold recall@50 96.6 exact, 92.1 with 1/4 of the lists, 89.8 with 16 lists), so the default
+# stays on the side of recall; `RankOptions.ann_nprobe` sets it per query.
+ANN_PROBE_DIVISOR = 8
 
 
 class AnnIndex:
