@@ -1106,20 +1106,26 @@ class EntityIndex:
                 raise IndexMismatchError("cannot concatenate entity indexes of different models")
         merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         hashes = merged.pop(_ROW_HASHES, None) if all(p.row_hashes is not None for p in parts) else None
-        merged.pop(_ROW_HASHES, None)
+        return cls.joined(parts, merged, hashes)
+
+    @classmethod
+    def joined(cls, parts: list, tensors: dict, row_hashes: torch.Tensor | None) -> "EntityIndex":
+        """The index holding the rows of `parts` in order, given their joined stored `tensors` (stage-1 vectors and
+        scales included, as the index stores them; consumed) and row hashes (None when a part has none)."""
+        first = parts[0]
+        tensors.pop(_ROW_HASHES, None)
         meta = dict(first.meta, size=sum(len(p) for p in parts))
-        meta["kb"] = content_fingerprint(hashes) if hashes is not None else None
-        index = cls(
-            merged.pop(_RETRIEVAL),
-            merged,
+        meta["kb"] = content_fingerprint(row_hashes) if row_hashes is not None else None
+        return cls(
+            tensors.pop(_RETRIEVAL),
+            tensors,
             [q for p in parts for q in p.qids],
             [x for p in parts for x in p.names],
             meta,
-            row_hashes=hashes,
-            retrieval_scale=merged.pop(_RETRIEVAL_SCALE, None),
+            row_hashes=row_hashes,
+            retrieval_scale=tensors.pop(_RETRIEVAL_SCALE, None),
             codecs=dict(first.codecs),
         )
-        return index
 
     # ---- checks ---------------------------------------------------------------------------------------------
 
@@ -2022,17 +2028,7 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
         lazy[key] = _Chunks(t.dtype, shape, (lambda key=key: chunks(key)))
     hashes = lazy.pop(_ROW_HASHES, None)
     hashes = torch.cat([r[_ROW_HASHES] for r in rows]) if hashes is not None else None
-    meta = dict(first.meta, size=n, kb=content_fingerprint(hashes) if hashes is not None else None)
-    merged = EntityIndex(
-        lazy.pop(_RETRIEVAL),
-        lazy,
-        [q for p in parts for q in p.qids],
-        [x for p in parts for x in p.names],
-        meta,
-        row_hashes=hashes,
-        retrieval_scale=lazy.pop(_RETRIEVAL_SCALE, None),
-        codecs=dict(first.codecs),
-    )
+    merged = EntityIndex.joined(parts, lazy, hashes)
     merged.save(out_dir)
     del merged
     index = EntityIndex.load(out_dir)
