@@ -17,7 +17,11 @@ Command line:
         [--index_dir DIR] [--rebuild_index] [--index_dtype float32|float16|int8|res2] [--stage1 auto|exact|ann] \
         [--top_k 5] \
         [--strategy two_stage|exhaustive] [--candidates 50] [--assignment ot|attention] [--batch_size 64] [--threads N] \
-        [--nil_threshold config|none|FLOAT]
+        [--nil_threshold config|none|FLOAT] [--quantize auto|none|int8|bfloat16]
+
+`--quantize` (default `auto`: int8 towers on the CPU, float32 elsewhere; `towers_otmel`) chooses the precision of the
+CLIP towers that encode mentions (and the entities of an index built here); the scores stay within the tolerance
+stated in docs/benchmarks.md ("Full-size towers"), and an index of the float32 model serves them.
 
 Input lines: `{"mention": ..., "sentence": ..., "image": "pics/a.jpg" (optional, relative to the JSONL file), "id": ...
 (optional)}`. Output lines: `{"id", "line", "mention", "candidates": [{"qid", "name", "score"}, ...]}`; when the best
@@ -57,6 +61,7 @@ try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .modeling_otmel import OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
     from .ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
+    from .towers_otmel import QUANTIZE_CHOICES, optimize_towers, resolve_quantize, towers_precision
 except ImportError:
     from configuration_otmel import PAPER_MODELS
     from data_otmel import load_kb
@@ -64,6 +69,7 @@ except ImportError:
     from modeling_otmel import OTMELModel
     from processing_otmel import OTMELProcessor, read_image
     from ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
+    from towers_otmel import QUANTIZE_CHOICES, optimize_towers, resolve_quantize, towers_precision
 
 
 logger = logging.getLogger(__name__)
@@ -88,9 +94,25 @@ class OTMELLinker:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, model_dir_or_hub_id: str, trust_remote_code: bool = True, device=None, **kwargs):
+    def from_pretrained(
+        cls,
+        model_dir_or_hub_id: str,
+        trust_remote_code: bool = True,
+        device=None,
+        quantize: str | None = "auto",
+        **kwargs,
+    ):
         """Loads the model and processor: the classes of this checkout when the folder holds an OT-MEL, else through
-        `AutoModel` / `AutoProcessor` with `trust_remote_code`."""
+        `AutoModel` / `AutoProcessor` with `trust_remote_code`.
+
+        `quantize`: the precision of the CLIP towers at inference ([`~towers_otmel.optimize_towers`]): `"auto"`
+        (default: `"int8"` on the CPU, float32 on other devices; [`~towers_otmel.default_towers_precision`]), `None` /
+        `"none"` (float32, the model as trained), `"int8"` (dynamic quantisation of the towers' linear layers, CPU
+        only) or `"bfloat16"` (for GPUs). The heads stay float32, the scores move within the tolerance stated in
+        docs/benchmarks.md ("Full-size towers"), and an index built with the float32 model matches. The linker's
+        model is then inference-only (it refuses `train()` and `save_pretrained()`).
+        """
+        precision = resolve_quantize(quantize, device if device is not None else "cpu")  # a bad value fails first
         try:
             model = OTMELModel.from_pretrained(model_dir_or_hub_id, **kwargs)
             processor = OTMELProcessor.from_pretrained(model_dir_or_hub_id)
@@ -102,10 +124,17 @@ class OTMELLinker:
             processor = AutoProcessor.from_pretrained(model_dir_or_hub_id, trust_remote_code=trust_remote_code)
         if device is not None:
             model = model.to(device)
-        return cls(model, processor)
+        return cls(optimize_towers(model, precision), processor)
 
     @classmethod
-    def from_clip(cls, clip_dir_or_hub_id: str, device=None, max_text_length: int | None = None, **overrides):
+    def from_clip(
+        cls,
+        clip_dir_or_hub_id: str,
+        device=None,
+        max_text_length: int | None = None,
+        quantize: str | None = "auto",
+        **overrides,
+    ):
         """A zero-shot linker from any CLIP checkpoint (`openai/clip-vit-base-patch32`, a local folder, ...), for
         users without training data: the CLIP baseline of the paper (`run_mel.py --mode clip`), untrained.
 
@@ -123,8 +152,10 @@ class OTMELLinker:
         ```
 
         `overrides` are further [`OTMELConfig`] settings; `max_text_length` the token budget (default the config's,
-        40; CLIP reads at most 77 tokens).
+        40; CLIP reads at most 77 tokens); `quantize` the precision of the CLIP towers, as in
+        [`~OTMELLinker.from_pretrained`] (`None` gives CLIP's float32 cosines exactly).
         """
+        precision = resolve_quantize(quantize, device if device is not None else "cpu")
         from transformers import AutoImageProcessor, AutoTokenizer
 
         settings = {**PAPER_MODELS["clip"][0], **overrides}
@@ -140,7 +171,7 @@ class OTMELLinker:
         )
         if device is not None:
             model = model.to(device)
-        return cls(model.eval(), processor)
+        return cls(optimize_towers(model, precision), processor)
 
     def build_index(self, kb, batch_size: int | None = None, dtype="float32", progress: bool = True) -> EntityIndex:
         """Encodes a KB (`datasets.Dataset` with the `kb` columns, or a list of dicts) into `self.index`."""
@@ -486,6 +517,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=_positive_int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument(
+        "--quantize",
+        default="auto",
+        choices=QUANTIZE_CHOICES,
+        help="precision of the CLIP towers: auto (int8 on the CPU, float32 elsewhere), none (float32), int8 (CPU) or "
+        "bfloat16 (GPU); scores within the tolerance of docs/benchmarks.md, any index of the model matches",
+    )
+    parser.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -523,7 +561,7 @@ def _run(args) -> int:
 
     start_time = time.time()
     try:
-        linker = OTMELLinker.from_pretrained(args.model)
+        linker = OTMELLinker.from_pretrained(args.model, quantize=None)  # towers optimised on their device, below
     except Exception as err:  # noqa: BLE001 - any loading failure is a bad --model
         where = "" if os.path.isdir(args.model) else "no such local folder, and as a Hub id: "
         print(
@@ -538,6 +576,12 @@ def _run(args) -> int:
         except (RuntimeError, ValueError, AssertionError) as err:
             print(f"error: --device {args.device}: {err}", file=sys.stderr)
             return 2
+    try:
+        optimize_towers(linker.model, resolve_quantize(args.quantize, linker.model.device))
+    except (ValueError, RuntimeError, ImportError) as err:
+        print(f"error: --quantize {args.quantize}: {err}", file=sys.stderr)
+        return 2
+    print(f"CLIP towers: {towers_precision(linker.model)} (--quantize {args.quantize})", file=sys.stderr)
     linker.batch_size = args.batch_size
     try:
         if os.path.isfile(os.path.join(args.kb, INDEX_META)):

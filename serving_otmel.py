@@ -1084,7 +1084,9 @@ def load_linker(model: str, index: str | None, kb: str | None, device=None, batc
     """The linker of `otmel-serve`: the model, and the index in `index` if there is one there, else one built from
     `kb` (a dataset folder with a 'kb' config, or an index folder) and saved to `index` when given."""
     check_sources(index, kb)
-    linker = OTMELLinker.from_pretrained(model, device=device)
+    # float32 towers: a served answer must not depend on the requests that share its batch, which int8 towers'
+    # per-batch activation scales would break (towers_otmel).
+    linker = OTMELLinker.from_pretrained(model, device=device, quantize=None)
     linker.batch_size = batch_size
     if index and os.path.isfile(os.path.join(index, INDEX_META)):
         linker.load_index(index)

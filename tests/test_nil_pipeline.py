@@ -165,7 +165,7 @@ MENTIONS = [
 
 @pytest.fixture(scope="module")
 def zero_shot(tiny_clip_dir):
-    linker = OTMELLinker.from_clip(tiny_clip_dir)
+    linker = OTMELLinker.from_clip(tiny_clip_dir, quantize=None)  # float32 towers: CLIP's cosines exactly
     linker.build_index(KB, progress=False)
     return linker
 
@@ -263,6 +263,8 @@ def test_cli_answers_nil_first(zero_shot, tmp_path):
             "2",
             "--nil_threshold",
             flag,
+            "--quantize",
+            "none",  # the float32 towers of `plain`: the threshold sits exactly on one of its scores
         ]
         assert lk.main(args) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -432,7 +434,7 @@ def test_pipeline_from_the_saved_folder_in_a_fresh_process(nil_run, tmp_path):
             r["image"].save(path)
             mentions[i]["image"] = str(path)
 
-    reference = OTMELLinker.from_pretrained(str(out))
+    reference = OTMELLinker.from_pretrained(str(out), quantize=None)  # the pipeline runs the model as given
     reference.build_index(load_dataset(str(converted), "kb")["train"], progress=False)
     expected = reference.link(mentions, top_k=3)
     off = reference.link(mentions, top_k=3, nil_threshold=None)

@@ -107,7 +107,7 @@ def world(tmp_path_factory):
     outside.mkdir()
     (outside / "secret.png").write_bytes(_png(5))
     os.symlink(outside / "secret.png", image_root / "link.png")
-    reference = lk.OTMELLinker.from_pretrained(model_dir)
+    reference = lk.OTMELLinker.from_pretrained(model_dir, quantize=None)  # the server's float32 towers
     reference.load_index(index_dir)
     return {
         "root": root,
