@@ -103,7 +103,7 @@ def child_build(args) -> dict:
 
     import linking_otmel as lk
 
-    linker = lk.OTMELLinker.from_pretrained(args.model)
+    linker = lk.OTMELLinker.from_pretrained(args.model, quantize=None)  # float32 towers, as measured
     rss_model = peak_rss_mb()
     kb = load_dataset(args.dataset, "kb")["train"]
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def child_serve(args) -> dict:
     import metrics_otmel as mx
     import ranking_otmel as rk
 
-    linker = lk.OTMELLinker.from_pretrained(args.model)
+    linker = lk.OTMELLinker.from_pretrained(args.model, quantize=None)  # float32 towers, as measured
     model, processor = linker.model, linker.processor
     index = linker.load_index(args.index_dir)
     rss_loaded = peak_rss_mb()

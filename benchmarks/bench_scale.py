@@ -180,7 +180,7 @@ def child_serve(args) -> dict:
     import ranking_otmel as rk
 
     out = {"rss_start": rss_now_mb()}
-    linker = lk.OTMELLinker.from_pretrained(args.model)
+    linker = lk.OTMELLinker.from_pretrained(args.model, quantize=None)  # float32 towers, as measured
     model, processor = linker.model, linker.processor
     out["rss_model"] = rss_now_mb()
     start = time.perf_counter()
@@ -266,7 +266,7 @@ def child_accuracy(args) -> dict:
     convert(args.accuracy_world, converted, overwrite=True, verbose=False, num_proc=1)
     kb = load_dataset(converted, "kb")["train"]
     mentions = load_dataset(converted, "mentions")["test"].filter(lambda a: a != "nil", input_columns="answer")
-    linker = OTMELLinker.from_pretrained(args.accuracy_model)
+    linker = OTMELLinker.from_pretrained(args.accuracy_model, quantize=None)
     model, processor = linker.model, linker.processor
     reference = linker.build_index(kb, dtype="float32", progress=False)
     feats = rk.encode_mentions(model, processor, mentions, batch_size=64)

@@ -349,7 +349,7 @@ def load_linker(model_dir, index_dir, threads):
     import linking_otmel as lk
 
     torch.set_num_threads(threads)
-    linker = lk.OTMELLinker.from_pretrained(model_dir)
+    linker = lk.OTMELLinker.from_pretrained(model_dir, quantize=None)  # as the server
     linker.load_index(index_dir)
     return linker
 
@@ -406,7 +406,7 @@ def main():
 
         import linking_otmel as lk
 
-        linker = lk.OTMELLinker.from_pretrained(model)
+        linker = lk.OTMELLinker.from_pretrained(model, quantize=None)  # as the server
         print(f"encoding the KB of {args.entities} entities ...", flush=True)
         linker.build_index(load_dataset(dataset, "kb")["train"], progress=False)
         linker.save_index(index_dir)
