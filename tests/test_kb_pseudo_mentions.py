@@ -209,3 +209,19 @@ def test_run_mel_refuses_bad_values(tmp_path, flag, value, message):
     )
     with pytest.raises(UsageError, match=message):
         check_arguments(model_args, data_args, args, given)
+
+
+def test_seeded_collator_draws_from_the_batch_not_the_global_state(make_collator):
+    """With a seed (run_mel passes the run's), a batch's pseudo-mentions, augmentations and dropped words depend on the
+    seed and the batch's mentions only, not on what the global random state went through (a resumed run collates a
+    batch from another global state than the uninterrupted one)."""
+    make = lambda seed: make_collator(pseudo_mentions=1.0, augment="both", word_dropout=0.3, seed=seed)  # noqa: E731
+    torch.manual_seed(0)
+    a = make(7)(_mentions())
+    torch.manual_seed(123)
+    b = make(7)(_mentions())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = make(8)(_mentions())
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].shape == c[k].shape)
+    d = make(7)(_mentions()[::-1])  # other mentions (here, order): other draws
+    assert not torch.equal(a["entity_ids"][4:], d["entity_ids"][4:])
