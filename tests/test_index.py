@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tiny_worlds import noise_png as _png  # noqa: E402
 from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
 
 import index_otmel as ix  # noqa: E402
@@ -33,14 +34,6 @@ from tiny_clip import build_tiny_clip  # noqa: E402
 NAMES = "ada bob cyd dan eve fay gus hal ivy jon kim lea".split()
 JOBS = "doctor singer painter writer actor pilot".split()
 LONG = "a famous explorer who crossed the northern sea by boat and wrote many books about the trip"
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    array = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _row(i: int, name=None, attributes=None, image=True) -> dict:

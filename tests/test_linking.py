@@ -22,15 +22,14 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from datasets import Dataset, Features, Image, Value  # noqa: E402
-from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
+from tiny_worlds import noise_png as _png  # noqa: E402
+from tiny_worlds import tiny_model_folder  # noqa: E402
 
 import index_otmel as ix  # noqa: E402
 import linking_otmel as lk  # noqa: E402
 import metrics_otmel as mx  # noqa: E402
 import ranking_otmel as rk  # noqa: E402
 from modeling_otmel import OTMELModel  # noqa: E402
-from processing_otmel import OTMELProcessor  # noqa: E402
-from tiny_clip import build_tiny_clip  # noqa: E402
 
 
 FIRST = "ada bob cyd dan eve fay gus hal ivy jon kim lea max ned ora pat".split()
@@ -39,14 +38,6 @@ JOBS = "doctor singer painter writer actor pilot chef judge nurse baker farmer p
 CITIES = "paris london rome oslo lima cairo".split()
 KB_SIZE = 24
 DUPLICATE_OF = {23: 5}  # row 23 is an exact copy of row 5 under another qid (a tie the ranks must not hide)
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    array = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _kb_rows():
@@ -99,12 +90,8 @@ def world(tmp_path_factory):
     texts = [f"{r['name']} [SEP] {r['attributes']}" for r in rows] + [
         f"{m['mention']} {m['sentence']}" for m in _mentions()
     ]
-    clip_dir = build_tiny_clip(str(root / "clip"), texts * 3, vocab_size=300)
-    processor = OTMELProcessor(AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir))
-    model = OTMELModel.from_clip(clip_dir, hidden_size=32).eval()
-    model_dir = str(root / "model")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor, model_dir = tiny_model_folder(str(root), texts)
+    clip_dir = str(root / "clip")
     kb = _kb_dataset(rows)
     index = ix.encode_kb(model, processor, kb, batch_size=7, progress=False)
     _make_duplicates_identical(index)

@@ -2,7 +2,6 @@
 checks of OTMELLinker.link / ranking_otmel.mention_columns / RankOptions / processing_otmel.read_image. A random tiny
 CLIP and an 8-entity KB: these tests check what the user sees, not linking quality."""
 
-import io
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from datasets import Dataset  # noqa: E402
+from tiny_worlds import noise_png as _png  # noqa: E402
 from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
 
 import index_otmel as ix  # noqa: E402
@@ -36,14 +36,6 @@ from tiny_clip import build_tiny_clip  # noqa: E402
 
 NAMES = "ada smith|bob jones|cyd brown|dan smith|eve jones|fay brown|gus smith|hal jones".split("|")
 JOBS = "doctor singer painter writer actor pilot chef judge".split()
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    array = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _kb_rows():

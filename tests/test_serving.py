@@ -33,14 +33,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
+from tiny_worlds import tiny_model_folder  # noqa: E402
 
 import index_otmel as ix  # noqa: E402
 import linking_otmel as lk  # noqa: E402
 import serving_otmel as sv  # noqa: E402
-from modeling_otmel import OTMELModel  # noqa: E402
-from processing_otmel import OTMELProcessor  # noqa: E402
-from tiny_clip import build_tiny_clip  # noqa: E402
 
 
 NAMES = "ada smith|bob jones|cyd brown|dan smith|eve jones|fay brown|gus smith|hal jones|ivy brown|jon smith|kim jones|lea brown"
@@ -92,12 +89,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     rows = _kb_rows()
     texts = [f"{r['name']} [SEP] {r['attributes']}" for r in rows] + ["zed quux works as a sailor in lima"]
-    clip_dir = build_tiny_clip(str(root / "clip"), texts * 3, vocab_size=300)
-    processor = OTMELProcessor(AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir))
-    model = OTMELModel.from_clip(clip_dir, hidden_size=32).eval()
-    model_dir = str(root / "model")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor, model_dir = tiny_model_folder(str(root), texts)
     index_dir = str(root / "index")
     ix.encode_kb(model, processor, rows, batch_size=8, progress=False).save(index_dir)
     image_root = root / "pictures"

@@ -22,14 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
+from tiny_worlds import noise_png as _png  # noqa: E402
+from tiny_worlds import tiny_model_folder  # noqa: E402
 
 import index_otmel as ix  # noqa: E402
 import linking_otmel as lk  # noqa: E402
 import towers_otmel as tw  # noqa: E402
 from modeling_otmel import OTMELModel  # noqa: E402
-from processing_otmel import OTMELProcessor  # noqa: E402
-from tiny_clip import build_tiny_clip  # noqa: E402
 
 
 # The tolerance of int8 (and bfloat16) towers, as docs/benchmarks.md ("Full-size towers") states it: S_O of a
@@ -43,14 +42,6 @@ LAST = "smith jones brown".split()
 JOBS = "doctor singer painter writer actor pilot chef judge nurse baker".split()
 CITIES = "paris london rome oslo lima".split()
 KB_SIZE = 30
-
-
-def _png(seed: int) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    array = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _kb_rows():
@@ -84,12 +75,7 @@ def world(tmp_path_factory):
     texts = [f"{r['name']} [SEP] {r['attributes']}" for r in rows] + [
         f"{m['mention']} {m['sentence']}" for m in _mentions()
     ]
-    clip_dir = build_tiny_clip(str(root / "clip"), texts * 3, vocab_size=300)
-    processor = OTMELProcessor(AutoImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir))
-    model = OTMELModel.from_clip(clip_dir, hidden_size=32).eval()
-    model_dir = str(root / "model")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor, model_dir = tiny_model_folder(str(root), texts)
     reference = lk.OTMELLinker.from_pretrained(model_dir, quantize=None)
     reference.build_index(rows, progress=False)
     index_dir = str(root / "index")
