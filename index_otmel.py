@@ -1991,6 +1991,11 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
     (`ann`, see [`build_index`])."""
     out_dir = os.path.abspath(out_dir)
     shards_dir = os.path.join(out_dir, SHARDS_DIR)
+    if not os.path.isfile(os.path.join(shards_dir, _PLAN)):
+        raise FileNotFoundError(
+            f"{shards_dir} holds no shards to merge (no {_PLAN}): encode them first with build_index / otmel-index "
+            "--model ... --kb ... (--num_shards N --shard_index I for one shard per process)"
+        )
     with open(os.path.join(shards_dir, _PLAN), encoding="utf-8") as f:
         plan = json.load(f)
     parts = []
@@ -2162,47 +2167,51 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ann = {"auto": "auto", "yes": True, "no": False}[args.ann]
-    if args.merge:
-        index = merge_shards(args.out_dir, ann=ann)
-    elif args.convert_from:
-        index = convert_index(
-            args.convert_from, args.out_dir, args.dtype, args.stage1_dtype, shard_size=args.shard_size, ann=ann
-        )
-    else:
-        if not args.model or not args.kb:
-            parser.error("--model and --kb are needed to build an index")
-        try:
-            from .data_otmel import load_kb
-            from .modeling_otmel import OTMELModel
-            from .processing_otmel import OTMELProcessor
-        except ImportError:
-            from data_otmel import load_kb
-            from modeling_otmel import OTMELModel
-            from processing_otmel import OTMELProcessor
+    if not (args.merge or args.convert_from) and not (args.model and args.kb):
+        parser.error("--model and --kb are needed to build an index")
+    try:
+        if args.merge:
+            index = merge_shards(args.out_dir, ann=ann)
+        elif args.convert_from:
+            index = convert_index(
+                args.convert_from, args.out_dir, args.dtype, args.stage1_dtype, shard_size=args.shard_size, ann=ann
+            )
+        else:
+            try:
+                from .data_otmel import load_kb
+                from .modeling_otmel import OTMELModel
+                from .processing_otmel import OTMELProcessor
+            except ImportError:
+                from data_otmel import load_kb
+                from modeling_otmel import OTMELModel
+                from processing_otmel import OTMELProcessor
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
-            import torch.distributed as dist
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
+                import torch.distributed as dist
 
-            dist.init_process_group("gloo")
-        model = OTMELModel.from_pretrained(args.model).eval()
-        processor = OTMELProcessor.from_pretrained(args.model)
-        kb = load_kb(args.kb, args.kb_columns)
-        index = build_index(
-            model,
-            processor,
-            kb,
-            args.out_dir,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            num_shards=args.num_shards,
-            shard_index=args.shard_index,
-            ann=ann,
-            stage1_dtype=args.stage1_dtype,
-        )
-        if index is None:
-            print(f"shard {args.shard_index} written; merge with --merge once every shard is", file=sys.stderr)
-            return 0
+                dist.init_process_group("gloo")
+            model = OTMELModel.from_pretrained(args.model).eval()
+            processor = OTMELProcessor.from_pretrained(args.model)
+            kb = load_kb(args.kb, args.kb_columns)
+            index = build_index(
+                model,
+                processor,
+                kb,
+                args.out_dir,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                shard_size=args.shard_size,
+                num_shards=args.num_shards,
+                shard_index=args.shard_index,
+                ann=ann,
+                stage1_dtype=args.stage1_dtype,
+            )
+            if index is None:
+                print(f"shard {args.shard_index} written; merge with --merge once every shard is", file=sys.stderr)
+                return 0
+    except (OSError, ValueError) as err:  # a missing file, a refused index or KB, a bad shard plan: named, exit 2
+        print(f"otmel-index: error: {err}", file=sys.stderr)
+        return 2
     print(f"{args.out_dir}: {index!r}, {index.nbytes() / len(index):.0f} bytes per entity", file=sys.stderr)
     return 0
 

@@ -627,3 +627,14 @@ def test_convert_index_changes_the_storage_without_encoding(world, tmp_path, mon
     exact = _encode(world, DISTINCT[10:50])
     so = rk.score_rows(model, feats, out, rows, rk.RankOptions())
     assert (so - rk.score_rows(model, feats, exact, rows, rk.RankOptions())).abs().max() < 2e-2
+
+
+def test_index_cli_names_what_is_missing(tmp_path, capsys):
+    """`otmel-index` on a folder without shards, or a source index that does not exist: one error line, exit 2."""
+    assert ix.main(["--out_dir", str(tmp_path / "empty"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no shards to merge" in err and "Traceback" not in err
+    assert (
+        ix.main(["--out_dir", str(tmp_path / "out"), "--convert_from", str(tmp_path / "nope"), "--dtype", "res2"]) == 2
+    )
+    assert str(tmp_path / "nope") in capsys.readouterr().err
