@@ -1500,15 +1500,28 @@ ANN_MIN_ROWS = 200_000
 # 3,000 entities, 76 lists: gold recall@50 96.6 exact, 92.1 with 1/4 of the lists, 89.8 with 16 lists), so the default
 # stays on the side of recall; `RankOptions.ann_nprobe` sets it per query.
 ANN_PROBE_DIVISOR = 8
+# The structure `AnnIndex.build(kind="auto")` builds.
+ANN_DEFAULT_KIND = "ivf"
+ANN_KINDS = ("ivf", "hnsw")
+# HNSW: links per node, candidates kept while building and (at least) while searching.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
 
 
 class AnnIndex:
-    """Approximate stage-1 search: a FAISS IVF index (inner product) over the stage-1 vectors, with "flat",
-    "sq8" (8-bit scalar codes) or "pq<m>" (product codes, m bytes) vectors in its lists.
+    """Approximate stage-1 search over the stage-1 vectors (inner product), one of two FAISS structures:
+
+    - `"ivf"`: an inverted-file index (k-means lists, `nprobe` of them searched per query) with "flat", "sq8" (8-bit
+      scalar codes) or "pq<m>" (product codes, m bytes) vectors in its lists;
+    - `"hnsw"`: a hierarchical navigable small-world graph (`hnsw_m` links per node, `ef_search` candidates kept while
+      walking it) over "flat" or "sq8" vectors. It needs no query to fall in the lists its gold entity was filed in,
+      which a trained model's mention queries often do not (see `ANN_PROBE_DIVISOR`).
 
     Its ids are slots: `slot_rows[s]` is the KB row of slot s (-1 once removed or replaced), so rows can be added,
-    replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining. Its scores are
-    approximate; [`EntityIndex.ann_topk`] re-scores its shortlist exactly.
+    replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining (an HNSW graph keeps
+    a removed slot as a tombstone that searches skip). Its scores are approximate; [`EntityIndex.ann_topk`] re-scores
+    its shortlist exactly.
     """
 
     def __init__(self, faiss_index, slot_rows: torch.Tensor, config: dict):
@@ -1527,10 +1540,16 @@ class AnnIndex:
         train_size: int | None = None,
         seed: int = 0,
         block: int = 65536,
+        kind: str = "auto",
+        hnsw_m: int = HNSW_M,
+        ef_search: int = HNSW_EF_SEARCH,
     ) -> "AnnIndex":
-        """Trains and fills an IVF index on the stage-1 vectors of `entity_index`.
+        """Trains and fills an ANN structure on the stage-1 vectors of `entity_index`.
 
         Args:
+            kind (`str`): `"ivf"`, `"hnsw"` or `"auto"` (`ANN_DEFAULT_KIND`).
+            hnsw_m, ef_search (`int`): HNSW only: links per node, and the least number of candidates a search keeps
+                (raised to the number of rows asked for).
             nlist (`int`, *optional*): inverted lists (default: the power of two nearest `4 sqrt(N)`, at most N / 39).
             code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` or `"auto"` (`"flat"` below 50,000 entities, else
                 `"pq<R/4>"` when R divides by 4: a quarter of a float per dimension, else `"sq8"`).
@@ -1542,6 +1561,11 @@ class AnnIndex:
         faiss = import_faiss()
 
         n, dim = len(entity_index), entity_index.retrieval.shape[1]
+        kind = ANN_DEFAULT_KIND if kind == "auto" else kind
+        if kind == "hnsw":
+            return cls._build_hnsw(entity_index, code, hnsw_m, ef_search, train_size, seed, block)
+        if kind != "ivf":
+            raise ValueError(f"ANN kind must be 'ivf', 'hnsw' or 'auto', got {kind!r}")
         if nlist is None:
             nlist = 1 << max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
             nlist = max(1, min(nlist, n // 39 or 1, 65536))
@@ -1576,22 +1600,60 @@ class AnnIndex:
         }
         return cls(index, torch.arange(n), config)
 
+    @classmethod
+    def _build_hnsw(cls, entity_index, code, m, ef_search, train_size, seed, block) -> "AnnIndex":
+        faiss = import_faiss()
+
+        n, dim = len(entity_index), entity_index.retrieval.shape[1]
+        if code == "auto":
+            code = "flat" if n < 50_000 else "sq8"
+        storage = {"flat": "Flat", "sq8": "SQ8"}.get(code)
+        if storage is None:  # FAISS's HNSW over product codes measures L2 only
+            raise ValueError(f"an HNSW ANN stores 'flat' or 'sq8' vectors (or 'auto'), got {code!r}")
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.index_factory(dim, f"HNSW{int(m)},{storage}", faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(HNSW_EF_CONSTRUCTION, int(m))
+        train_size = min(n, train_size or 100_000)
+        if not index.is_trained:
+            sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:train_size].sort().values
+            index.train(entity_index.stage1_vectors(sample).numpy())
+        for start in range(0, n, block):  # slot s = the s-th vector added = KB row s
+            index.add(entity_index.stage1_vectors(torch.arange(start, min(n, start + block))).numpy())
+        config = {"kind": "hnsw", "code": code, "hnsw_m": int(m), "ef_search": int(ef_search)}
+        if storage != "Flat":
+            config["train_size"] = train_size
+        return cls(index, torch.arange(n), config)
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "ivf")
+
     def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None) -> torch.Tensor:
-        """KB rows `(B, k)` of the approximate top-k of each query (-1 where fewer were found)."""
+        """KB rows `(B, k)` of the approximate top-k of each query (-1 where fewer were found). `nprobe`: IVF lists
+        searched (IVF only; an HNSW search keeps `max(ef_search, k)` candidates)."""
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(torch.get_num_threads())
-        self.index.nprobe = int(nprobe or self.config["nprobe"])
-        _, slots = self.index.search(queries.detach().cpu().float().contiguous().numpy(), k)
+        width = k
+        if self.kind == "hnsw":  # asks for as many more as there are tombstones, which are then dropped
+            width = min(self.index.ntotal, k + int((self.slot_rows < 0).sum()))
+            self.index.hnsw.efSearch = max(int(self.config.get("ef_search", HNSW_EF_SEARCH)), width)
+        else:
+            self.index.nprobe = int(nprobe or self.config["nprobe"])
+        _, slots = self.index.search(queries.detach().cpu().float().contiguous().numpy(), width)
         slots = torch.from_numpy(slots).long()
         rows = self.slot_rows.index_select(0, slots.clamp_min(0).reshape(-1)).view(slots.shape)
-        return rows.masked_fill(slots < 0, -1)
+        rows = rows.masked_fill(slots < 0, -1)
+        if width > k:  # live rows first, in the order found
+            rows = rows.gather(1, (rows < 0).to(torch.int8).argsort(dim=1, stable=True))[:, :k]
+        return rows
 
     def _drop_slots(self, slots: torch.Tensor):
         faiss = import_faiss()
 
         if slots.numel():
-            self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
+            if self.kind != "hnsw":  # an HNSW graph cannot drop nodes: the slot stays, a tombstone
+                self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
             self.slot_rows[slots] = -1
 
     def set_rows(self, rows: torch.Tensor, vectors: torch.Tensor):
@@ -1603,7 +1665,11 @@ class AnnIndex:
         old = torch.isin(self.slot_rows, rows) & alive
         self._drop_slots(old.nonzero().flatten())
         slots = torch.arange(len(self.slot_rows), len(self.slot_rows) + len(rows))
-        self.index.add_with_ids(vectors.float().contiguous().numpy(), slots.numpy())
+        if self.kind == "hnsw":  # slots are the graph's own consecutive ids
+            assert self.index.ntotal == len(self.slot_rows), (self.index.ntotal, len(self.slot_rows))
+            self.index.add(vectors.float().contiguous().numpy())
+        else:
+            self.index.add_with_ids(vectors.float().contiguous().numpy(), slots.numpy())
         self.slot_rows = torch.cat([self.slot_rows, rows])
         self.version += 1
 

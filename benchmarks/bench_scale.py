@@ -14,8 +14,9 @@ peak memory is per step):
    H@1 on the same mentions still measures what compression and approximate search lose for that model;
 3. "build": every entity encoded for real (no replicated features) into a float32 index, shard by shard
    (`index_otmel.build_index`, resumable); entities/s counts the encoding of this run only;
-4. "convert": the float32 index rewritten as `--dtype` (`index_otmel.convert_index`, no re-encoding) with the IVF
-   structure; also its first 100K / 300K rows (the smaller KBs);
+4. "convert": the float32 index rewritten as `--dtype` (`index_otmel.convert_index`, no re-encoding) with the ANN
+   structure of `--ann_kind` (IVF by default; another kind is built on a copy of the IVF index of the same storage
+   when there is one); also its first 100K / 300K rows (the smaller KBs);
 5. "serve": model + index loaded (memory-mapped) in a fresh process; stage-1 recall@50 of ANN against exact search (the
    ANN top 50 found in the exact top 50, and the gold's recall@50 both ways); link() throughput, two-stage k=50,
    OT and attention (mention encoding included, best of `--reps`); H@1 with gold answers; memory (peak RSS, and the
@@ -145,14 +146,23 @@ def child_convert(args) -> dict:
 
     start = time.perf_counter()
     rows = range(args._rows) if args._rows else None
-    index = ix.convert_index(args._source, args._index_dir, args.dtype, rows=rows, shard_size=20_000, ann=False)
+    source = ix.EntityIndex.load(args._source, verify=False)
+    if source.meta["dtype"] == args.dtype and rows is None:  # only another ANN structure: the storage is copied
+        source.ann = None
+        source.save(args._index_dir)
+        index = ix.EntityIndex.load(args._index_dir, verify=False)
+    else:
+        index = ix.convert_index(args._source, args._index_dir, args.dtype, rows=rows, shard_size=20_000, ann=False)
+    del source
     convert_s = time.perf_counter() - start
     out = {"n": len(index), "convert_s": convert_s, "bytes_per_entity": index.nbytes() / len(index)}
+    out["ann_kind"] = args.ann_kind
     if args._ann:
         start = time.perf_counter()
-        index.build_ann()
+        index.build_ann(kind=args.ann_kind)
         out["ann_build_s"] = time.perf_counter() - start
         out["ann"] = index.ann.config
+        out["ann_bytes_per_entity"] = len(ix.import_faiss().serialize_index(index.ann.index)) / len(index)
         index.save(args._index_dir)
     files = [os.path.join(args._index_dir, f) for f in os.listdir(args._index_dir)]
     out["disk_bytes_per_entity"] = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / len(index)
@@ -427,6 +437,7 @@ def run_child(mode: str, args, **extra) -> dict:
     ]
     if args.nprobe:
         cmd += ["--nprobe", str(args.nprobe)]
+    cmd += ["--ann_kind", args.ann_kind]
     for k, v in extra.items():
         cmd += [f"--_{k}", str(v)]
     print(f"[{time.strftime('%H:%M:%S')}] {mode} {extra}", flush=True)
@@ -484,6 +495,13 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default: the index's own)")
+    p.add_argument(
+        "--ann_kind",
+        default="ivf",
+        choices=("ivf", "hnsw"),
+        help="the ANN structure of the compressed indexes (index_otmel.AnnIndex); other than ivf, in folders of its "
+        "own, converted from the float32 index",
+    )
     p.add_argument("--serve_only", action="store_true", help="only the compressed + ANN serving step (cached steps)")
     p.add_argument("--accuracy_model", default=None, help="a trained OT-MEL folder: run only the accuracy step")
     p.add_argument("--accuracy_world", default=None, help="the raw synthetic world folder it was trained on")
@@ -527,14 +545,25 @@ def main():
     f32 = os.path.join(args.work_dir, f"index-{n}-float32")
     results["build"] = cached_child(f"build-{n}", "build", args, dataset=dataset, index_dir=f32)
     results["build_rate"] = cached_child(f"build-rate-{n}", "build_rate", args, dataset=dataset, index_dir=f32)
-    compressed = os.path.join(args.work_dir, f"index-{n}-{args.dtype}")
+    kind = "" if args.ann_kind == "ivf" else f"-{args.ann_kind}"
+    results["ann_kind"] = args.ann_kind
+    compressed = os.path.join(args.work_dir, f"index-{n}-{args.dtype}{kind}")
+
+    def source_of(rows: int) -> dict:
+        """Where a compressed index of `rows` rows comes from: the IVF one of the same storage when there is one
+        (only the ANN structure is built again), else the float32 index's first rows."""
+        ivf = os.path.join(args.work_dir, f"index-{rows}-{args.dtype}")
+        if kind and os.path.isfile(os.path.join(ivf, "entity_index.json")):
+            return {"source": ivf}
+        return {"source": f32, **({"rows": rows} if rows != n else {})}
+
     results["convert"] = cached_child(
-        f"convert-{n}-{args.dtype}", "convert", args, source=f32, index_dir=compressed, ann=True
+        f"convert-{n}-{args.dtype}{kind}", "convert", args, index_dir=compressed, ann=True, **source_of(n)
     )
     for m in args.smaller:
-        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}")
+        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}{kind}")
         results[f"convert_{m}"] = cached_child(
-            f"convert-{m}-{args.dtype}", "convert", args, source=f32, index_dir=small, rows=m, ann=True
+            f"convert-{m}-{args.dtype}{kind}", "convert", args, index_dir=small, ann=True, **source_of(m)
         )
     results["serve"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="ann")
     if args.serve_only:
@@ -547,7 +576,7 @@ def main():
     results["serve_exact"] = run_child("serve", args, dataset=dataset, index_dir=compressed, stage1="torch")
     results["reference"] = run_child("serve", args, dataset=dataset, index_dir=f32, stage1="torch")
     for m in args.smaller:
-        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}")
+        small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}{kind}")
         results[f"serve_{m}"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="auto")
         results[f"serve_{m}_ann"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="ann")
     from transformers import CLIPConfig

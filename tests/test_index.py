@@ -26,6 +26,7 @@ from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
 import index_otmel as ix  # noqa: E402
 import linking_otmel as lk  # noqa: E402
 import ranking_otmel as rk  # noqa: E402
+import serving_otmel as sv  # noqa: E402
 from modeling_otmel import OTMELModel  # noqa: E402
 from processing_otmel import OTMELProcessor  # noqa: E402
 from tiny_clip import build_tiny_clip  # noqa: E402
@@ -486,6 +487,47 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
         and os.path.getmtime(os.path.join(path, weights[0])) == files[weights[0]]
     )
     assert ix.EntityIndex.load(path).ann.config["nlist"] == 2
+
+
+def test_hnsw_ann_search_updates_and_round_trip(world, tmp_path):
+    pytest.importorskip("faiss")
+    model, processor = world["model"], world["processor"]
+    index = _encode(world, DISTINCT, dtype="int8")
+    feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[:20]])
+    exact = rk.rank(model, feats, index, candidates=10)
+    with pytest.raises(ValueError, match="'flat' or 'sq8'"):
+        index.build_ann(kind="hnsw", code="pq8")
+    with pytest.raises(ValueError, match="ANN kind"):
+        index.build_ann(kind="lsh")
+    index.build_ann(kind="hnsw", hnsw_m=8)
+    assert index.ann.config == {"kind": "hnsw", "code": "flat", "hnsw_m": 8, "ef_search": ix.HNSW_EF_SEARCH}
+    # A graph of 60 nodes searched with ef >= 60 finds every node: the shortlist is the exact one.
+    ann = rk.rank(model, feats, index, candidates=10, stage1="ann", ann_refine=60)
+    assert torch.equal(ann.indices, exact.indices)
+    sq8 = _encode(world, DISTINCT, dtype="int8")
+    sq8.build_ann(kind="hnsw", code="sq8", hnsw_m=8)
+    assert (
+        rk.rank(model, feats, sq8, candidates=10, stage1="ann").indices[:, 0].tolist() == exact.indices[:, 0].tolist()
+    )
+    # Removed rows stay in the graph as tombstones and never come back; added and replaced rows are found.
+    index.remove(["Q3", "Q7"])
+    assert index.add(_encode(world, EXTRA, dtype="int8", codecs=index.codecs)) == {"added": 2, "replaced": 0}
+    assert index.ann.index.ntotal == 62 and int((index.ann.slot_rows >= 0).sum()) == len(index) == 60
+    queries = model.mention_stage1(
+        rk.encode_mentions(model, processor, [_mention_of(EXTRA[1]), _mention_of(DISTINCT[3])])
+    ).float()
+    rows = index.ann_topk(queries, 60, refine=62)[1]
+    assert index.qids[rows[0, 0]] == "Q101"
+    assert not {"Q3", "Q7"} & {index.qids[r] for r in rows.flatten().tolist()}
+    assert sorted(rows[0].tolist()) == list(range(len(index)))  # every live row exactly once
+    path = str(tmp_path / "hnsw")
+    index.save(path)
+    back = ix.EntityIndex.load(path)
+    assert back.ann.kind == "hnsw" and back.ann.config == index.ann.config
+    assert torch.equal(back.ann_topk(queries, 5)[1], index.ann_topk(queries, 5)[1])
+    copy = sv.copy_for_write(back)
+    copy.remove(["Q101"])
+    assert copy.ann.index is not back.ann.index and int((back.ann.slot_rows >= 0).sum()) == 60
 
 
 KILL_SCRIPT = """
