@@ -1509,6 +1509,23 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
 
+def ann_build_args(ann, rows: int) -> dict | None:
+    """The [`AnnIndex.build`] arguments an `ann` setting asks for a KB of `rows` entities, or None for no ANN structure:
+    `"auto"` -> `{}` from `ANN_MIN_ROWS` entities on, True -> `{}`, False / None -> None, a dict -> itself, where an
+    optional `"min_rows"` key builds only from that many entities on (`{"kind": "hnsw", "min_rows": ANN_MIN_ROWS}`
+    is "auto" with an HNSW graph)."""
+    if ann is None or ann is False:
+        return None
+    if ann is True or ann == "auto":
+        args, min_rows = {}, (ANN_MIN_ROWS if ann == "auto" else 0)
+    elif isinstance(ann, dict):
+        args = dict(ann)
+        min_rows = args.pop("min_rows", 0)
+    else:
+        raise ValueError(f"ann must be 'auto', True, False or a dict of AnnIndex.build arguments, got {ann!r}")
+    return args if rows >= min_rows else None
+
+
 class AnnIndex:
     """Approximate stage-1 search over the stage-1 vectors (inner product), one of two FAISS structures:
 
@@ -1981,7 +1998,7 @@ def build_index(
         num_shards (`int`, *optional*): shards to split the KB into.
         shard_index (`int`, *optional*): encode only this shard and return None.
         ann: build the approximate stage-1 structure after merging: `"auto"` (KBs of `ANN_MIN_ROWS` entities or
-            more), True, False, or a dict of [`AnnIndex.build`] arguments.
+            more), True, False, or a dict of [`AnnIndex.build`] arguments (see [`ann_build_args`]).
         stage1_dtype (`str`, *optional*): storage of the stage-1 vectors ([`stage1_codec`]).
     """
     dtype = check_index_dtype(dtype)
@@ -2103,8 +2120,9 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
     merged.save(out_dir)
     del merged
     index = EntityIndex.load(out_dir)
-    if ann is True or isinstance(ann, dict) or (ann == "auto" and len(index) >= ANN_MIN_ROWS):
-        index.build_ann(**(ann if isinstance(ann, dict) else {}))
+    build_args = ann_build_args(ann, len(index))
+    if build_args is not None:
+        index.build_ann(**build_args)
         index.save(out_dir)  # rewrites the JSON and the ANN file only
     if not keep_shards:
         import shutil
@@ -2227,12 +2245,17 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="only merge the shards already written")
     parser.add_argument("--convert_from", default=None, help="an index folder to rewrite in --dtype")
     parser.add_argument("--ann", default="auto", choices=("auto", "yes", "no"))
+    parser.add_argument(
+        "--ann_kind", default="auto", choices=("auto", *ANN_KINDS), help="the ANN structure (AnnIndex)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     ann = {"auto": "auto", "yes": True, "no": False}[args.ann]
+    if ann is not False and args.ann_kind != "auto":
+        ann = {"kind": args.ann_kind, **({"min_rows": ANN_MIN_ROWS} if ann == "auto" else {})}
     if not (args.merge or args.convert_from) and not (args.model and args.kb):
         parser.error("--model and --kb are needed to build an index")
     try:
@@ -2283,6 +2306,8 @@ def main(argv=None) -> int:
 
 
 __all__ = [
+    "ANN_DEFAULT_KIND",
+    "ANN_KINDS",
     "ANN_MIN_ROWS",
     "INDEX_DTYPES",
     "INDEX_FORMAT",
@@ -2297,6 +2322,7 @@ __all__ = [
     "KBView",
     "ResidualCodec",
     "StringColumn",
+    "ann_build_args",
     "build_index",
     "check_index_dtype",
     "content_fingerprint",

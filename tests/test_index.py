@@ -680,3 +680,20 @@ def test_index_cli_names_what_is_missing(tmp_path, capsys):
         ix.main(["--out_dir", str(tmp_path / "out"), "--convert_from", str(tmp_path / "nope"), "--dtype", "res2"]) == 2
     )
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_ann_settings_and_the_cli_ann_kind(world, tmp_path):
+    assert ix.ann_build_args("auto", ix.ANN_MIN_ROWS - 1) is None and ix.ann_build_args("auto", ix.ANN_MIN_ROWS) == {}
+    assert ix.ann_build_args(True, 1) == {} and ix.ann_build_args(False, 10**9) is None
+    assert ix.ann_build_args({"kind": "hnsw", "min_rows": 10}, 9) is None
+    assert ix.ann_build_args({"kind": "hnsw", "min_rows": 10}, 10) == {"kind": "hnsw"}
+    with pytest.raises(ValueError, match="ann must be"):
+        ix.ann_build_args("yes", 10)
+    pytest.importorskip("faiss")
+    source = str(tmp_path / "source")
+    _encode(world, DISTINCT, dtype="float32").save(source)
+    for flags, kind in ((["--ann", "yes", "--ann_kind", "hnsw"], "hnsw"), (["--ann_kind", "hnsw"], None)):
+        out = str(tmp_path / f"out-{len(flags)}")
+        assert ix.main(["--out_dir", out, "--convert_from", source, "--dtype", "int8", *flags]) == 0
+        ann = ix.EntityIndex.load(out).ann
+        assert (ann.kind if ann is not None else None) == kind  # "auto": 60 entities are searched exactly
