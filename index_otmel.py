@@ -1796,6 +1796,14 @@ def _stored_parts(stage1: torch.Tensor, rows: dict, fields, codecs: dict, retrie
     return parts
 
 
+def _index_of_parts(parts: dict, qids, names, meta: dict, row_hashes, codecs: dict) -> EntityIndex:
+    """The [`EntityIndex`] of rows stored as `parts` ([`_stored_parts`]; consumed)."""
+    retrieval, scale = parts.pop(_RETRIEVAL), parts.pop(_RETRIEVAL + PART + "scale", None)
+    return EntityIndex(
+        retrieval, parts, qids, names, meta, row_hashes=row_hashes, retrieval_scale=scale, codecs=codecs
+    )
+
+
 def _encode_rows(
     model, processor, view, start, end, dtype, codecs, max_len, batch_size, progress, stage1_dtype=None
 ) -> EntityIndex:
@@ -1840,18 +1848,7 @@ def _encode_rows(
         "size": n,
         "edits": {"added": 0, "replaced": 0, "removed": 0},
     }
-    retrieval = stored.pop(_RETRIEVAL)
-    scale = stored.pop(_RETRIEVAL + PART + "scale", None)
-    return EntityIndex(
-        retrieval,
-        stored,
-        view.qids[start:end],
-        view.names[start:end],
-        meta,
-        row_hashes=row_hashes,
-        retrieval_scale=scale,
-        codecs=codecs,
-    )
+    return _index_of_parts(stored, view.qids[start:end], view.names[start:end], meta, row_hashes, codecs)
 
 
 def encode_kb(
@@ -2209,18 +2206,8 @@ def convert_index(
         parts = _stored_parts(src.stage1_vectors(block), values, fields, codecs, retrieval_codec)
         hashes = src.row_hashes[a:b].clone() if src.row_hashes is not None else None
         meta = dict(src.meta, dtype=dtype, size=b - a, kb=content_fingerprint(hashes) if hashes is not None else None)
-        retrieval, scale = parts.pop(_RETRIEVAL), parts.pop(_RETRIEVAL + PART + "scale", None)
-        part = EntityIndex(
-            retrieval,
-            parts,
-            src.qids[a:b],
-            src.names[a:b],
-            meta,
-            row_hashes=hashes,
-            retrieval_scale=scale,
-            codecs={k: c for k, c in codecs.items() if k in values},
-        )
-        part.save(path)
+        part_codecs = {k: c for k, c in codecs.items() if k in values}
+        _index_of_parts(parts, src.qids[a:b], src.names[a:b], meta, hashes, part_codecs).save(path)
     return merge_shards(out_dir, ann=ann)
 
 
