@@ -1537,8 +1537,9 @@ class AnnIndex:
 
     Its ids are slots: `slot_rows[s]` is the KB row of slot s (-1 once removed or replaced), so rows can be added,
     replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining (an HNSW graph keeps
-    a removed slot as a tombstone that searches skip). Its scores are approximate; [`EntityIndex.ann_topk`] re-scores
-    its shortlist exactly.
+    a removed slot as a tombstone that searches skip; a search asks for up to twice as many rows more, and a query
+    left with fewer than it needs is searched exactly by `ranking_otmel`, so rebuild a graph after many removals).
+    Its scores are approximate; [`EntityIndex.ann_topk`] re-scores its shortlist exactly.
     """
 
     def __init__(self, faiss_index, slot_rows: torch.Tensor, config: dict):
@@ -1652,8 +1653,8 @@ class AnnIndex:
 
         faiss.omp_set_num_threads(torch.get_num_threads())
         width = k
-        if self.kind == "hnsw":  # asks for as many more as there are tombstones, which are then dropped
-            width = min(self.index.ntotal, k + int((self.slot_rows < 0).sum()))
+        if self.kind == "hnsw":  # asks for as many more as there are tombstones (up to 2 k more), then drops them
+            width = min(self.index.ntotal, k + min(int((self.slot_rows < 0).sum()), 2 * k))
             self.index.hnsw.efSearch = max(int(self.config.get("ef_search", HNSW_EF_SEARCH)), width)
         else:
             self.index.nprobe = int(nprobe or self.config["nprobe"])
