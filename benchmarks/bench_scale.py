@@ -259,7 +259,8 @@ def child_serve(args) -> dict:
 def child_accuracy(args) -> dict:
     """What compression and approximate search cost a TRAINED model: `--accuracy_model` ranks the test mentions of
     `--accuracy_world` (a raw synthetic world folder) against its KB, float32 + exact stage 1 against each compressed
-    storage + ANN stage 1 (`--ann_kind`, forced whatever the KB size), two-stage k=50, OT. A random model's H@1 (the 1M run) is
+    storage + ANN stage 1 (each of `--accuracy_ann_kinds`, forced whatever the KB size; `--accuracy_distractors` more
+    entities from the scale world in the KB), two-stage k=50, OT. A random model's H@1 (the 1M run) is
     near zero and its scores nearly tied, so this is where an H@1 change can show."""
     import torch
 
@@ -275,6 +276,13 @@ def child_accuracy(args) -> dict:
     converted = os.path.join(args.work_dir, "accuracy-world")
     convert(args.accuracy_world, converted, overwrite=True, verbose=False, num_proc=1)
     kb = load_dataset(converted, "kb")["train"]
+    if args.accuracy_distractors:  # the scale world's first entities join the KB (their qids prefixed: no clash)
+        from datasets import concatenate_datasets
+
+        scale_kb = load_dataset(world_dir(args.work_dir, args.entities, args.generate_mentions), "kb")["train"]
+        others = scale_kb.select(range(min(args.accuracy_distractors, len(scale_kb))))
+        others = others.map(lambda q: {"qid": "distractor-" + q}, input_columns="qid").cast(kb.features)
+        kb = concatenate_datasets([kb, others])
     mentions = load_dataset(converted, "mentions")["test"].filter(lambda a: a != "nil", input_columns="answer")
     linker = OTMELLinker.from_pretrained(args.accuracy_model, quantize=None)
     model, processor = linker.model, linker.processor
@@ -282,7 +290,7 @@ def child_accuracy(args) -> dict:
     feats = rk.encode_mentions(model, processor, mentions, batch_size=64)
     gold = torch.tensor([reference.row_of(a) for a in mentions["answer"]])
     out = {"model": args.accuracy_model, "world": args.accuracy_world, "entities": len(kb), "mentions": len(mentions)}
-    out["ann_kind"] = args.ann_kind
+    out["distractors"] = args.accuracy_distractors
 
     queries = model.mention_stage1(feats).float()
 
@@ -297,15 +305,17 @@ def child_accuracy(args) -> dict:
     out["float32_exact"] = measure(reference, "torch")
     base = out["float32_exact"]["top1"]
     reference.save(os.path.join(args.work_dir, "accuracy-float32"))
-    for dtype in ("float16", "int8", "res4", "res2", "res1"):
+    for dtype in args.accuracy_dtypes:
         folder = os.path.join(args.work_dir, f"accuracy-{dtype}")
         index = ix.convert_index(os.path.join(args.work_dir, "accuracy-float32"), folder, dtype, ann=False)
-        index.build_ann(kind=args.ann_kind)
-        for stage1 in ("torch", "ann"):
-            m = measure(index, stage1)
+        for name, kind in (("exact", None), *((f"ann_{k}", k) for k in args.accuracy_ann_kinds)):
+            if kind is not None:
+                index.build_ann(kind=kind)
+            m = measure(index, "ann" if kind else "torch")
             m["same_top1"] = sum(a == b for a, b in zip(m.pop("top1"), base)) / len(base)
             m["bytes_per_entity"] = index.nbytes() / len(index)
-            out[f"{dtype}_{'exact' if stage1 == 'torch' else 'ann'}"] = m
+            m["ann"] = index.ann.config if kind else None
+            out[f"{dtype}_{name}"] = m
     out["float32_exact"].pop("top1")
     return out
 
@@ -510,6 +520,25 @@ def main():
     p.add_argument("--serve_only", action="store_true", help="only the compressed + ANN serving step (cached steps)")
     p.add_argument("--accuracy_model", default=None, help="a trained OT-MEL folder: run only the accuracy step")
     p.add_argument("--accuracy_world", default=None, help="the raw synthetic world folder it was trained on")
+    p.add_argument(
+        "--accuracy_distractors",
+        type=int,
+        default=0,
+        help="accuracy step: this many entities of the scale world (--entities) join the trained model's KB",
+    )
+    p.add_argument(
+        "--accuracy_ann_kinds",
+        nargs="+",
+        default=["ivf", "hnsw"],
+        choices=("ivf", "hnsw"),
+        help="accuracy step: the ANN structures measured (each forced, whatever the KB size)",
+    )
+    p.add_argument(
+        "--accuracy_dtypes",
+        nargs="+",
+        default=["float16", "int8", "res4", "res2", "res1"],
+        help="accuracy step: the storages compared with float32",
+    )
     p.add_argument("--report", default=None, help="only print the report of a --json file written earlier")
     for hidden in ("_child", "_dataset", "_index_dir", "_source", "_rows", "_ann", "_stage1"):
         p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
