@@ -515,7 +515,7 @@ def main():
         default="ivf",
         choices=("ivf", "hnsw"),
         help="the ANN structure of the compressed indexes (index_otmel.AnnIndex); other than ivf, in folders of its "
-        "own, converted from the float32 index",
+        "own, built on a copy of the IVF index of the same storage when there is one",
     )
     p.add_argument("--serve_only", action="store_true", help="only the compressed + ANN serving step (cached steps)")
     p.add_argument("--accuracy_model", default=None, help="a trained OT-MEL folder: run only the accuracy step")
