@@ -170,12 +170,6 @@ class OTMELTrainingArguments(TrainingArguments):
     logging_steps: float = 10
     remove_unused_columns: bool = False
     dataloader_drop_last: bool = True
-    # One worker process makes the next batch (decoding, augmenting pictures, pseudo-mentions) while the model trains
-    # on this one, and keeps its picture cache across epochs: the hard world's training steps ran 1.14x faster on 2
-    # cores (2 epochs: 60.4 s against 69.0 s). A batch's random draws are seeded by its mentions, so the batches are
-    # the same with or without it.
-    dataloader_num_workers: int = 1
-    dataloader_persistent_workers: bool = True
     eval_every_epochs: int = field(default=5, metadata={"help": "With eval_strategy=epoch: evaluate every N epochs."})
     kb_negatives: int = field(
         default=0,
@@ -806,7 +800,6 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
       evaluations and checkpoints the user set apart.
     - `--bf16` without a bf16 GPU runs on the CPU (`--use_cpu true`), which TrainingArguments otherwise refuses.
     - Without a GPU, no pinned memory (`--dataloader_pin_memory false`).
-    - `--dataloader_num_workers 0` turns the persistent workers off (they need a worker).
     """
     adjusted, notes = {}, []
     if not value("do_train"):
@@ -865,8 +858,6 @@ def _defaults_following(value, given: dict) -> tuple[dict, list[tuple[int, str]]
             notes.append((logging.INFO, "--bf16 without a bf16 GPU: running in bfloat16 on the CPU (--use_cpu true)"))
     if "dataloader_pin_memory" not in given and not torch.cuda.is_available():
         adjusted["dataloader_pin_memory"] = False  # nothing to pin for; torch warns at every DataLoader otherwise
-    if "dataloader_persistent_workers" not in given and not value("dataloader_num_workers"):
-        adjusted["dataloader_persistent_workers"] = False
     return adjusted, notes
 
 
