@@ -7,8 +7,8 @@ pseudo-mentions made from the KB itself.
   caches, so pictures are decoded once however many epochs see them.
 - `pseudo_mention` turns a KB entity into a training mention whose gold is that entity (inverse-cloze style
   self-supervision): the surface is its full name or one word of it, the sentence a random subset of the words of its
-  description (without the name words the surface leaves out) set in words taken from a real mention's sentence. The
-  model sees, for every entity of the KB and not only those the training mentions name, that a part of the name plus
+  description (without the name words the surface leaves out) set in words taken from a real mention's sentence (less
+  what that sentence says of its own entity). The model sees, for every entity of the KB and not only those the training mentions name, that a part of the name plus
   a few attribute words points to the entity.
 - `drop_words` removes words of a sentence at random (word dropout).
 
@@ -166,6 +166,7 @@ def pseudo_mention(
     context_surface: str | None = None,
     generator: torch.Generator | None = None,
     full_name_p: float = 0.5,
+    context_entity: str | None = None,
 ) -> tuple[str, str]:
     """A mention of the KB entity called `name` and described by `description`, made from the entity's own text.
 
@@ -173,7 +174,9 @@ def pseudo_mention(
     - sentence: the surface, then a random share (10-60%, drawn per mention) of the description's words in their
       order, leaving out the name words the surface does not give; around them, a random half of the words of
       `context` (a real mention's sentence, split at a random point), leaving out the words of `context_surface` (that
-      mention's own name, which belongs to another entity).
+      mention's own name, which belongs to another entity) and the words of `context_entity` (that entity's name and
+      description) that neither this entity's name nor its description holds: what the context says of its own entity
+      (a place, an employer) would otherwise be a cue pointing away from the gold entity.
 
     Returns `(surface, sentence)`.
     """
@@ -188,7 +191,9 @@ def pseudo_mention(
     described = [w for w in (description or "").split() if _bare(w) not in hidden]
     share = float(_uniform(1, 0.1, 0.6, generator))
     kept = [w for w, k in zip(described, _chance(len(described), share, generator).tolist()) if k]
+    own = {_bare(w) for w in name_words + (description or "").split()}
     foreign = {_bare(w) for w in (context_surface or "").split()}
+    foreign |= {_bare(w) for w in (context_entity or "").split()} - own
     around = [w for w in (context or "").split() if _bare(w) not in foreign]
     around = [w for w, k in zip(around, _chance(len(around), 0.5, generator).tolist()) if k]
     cut = int(torch.randint(len(around) + 1, (1,), generator=generator))

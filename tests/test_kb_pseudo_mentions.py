@@ -51,6 +51,21 @@ def test_pseudo_mention_is_made_of_the_entity_text():
     assert pseudo_mention(None, None, None, None, _generator(0)) == ("", "")
 
 
+def test_pseudo_mention_leaves_out_what_the_context_says_of_its_own_entity():
+    name, description = "Ana Lopez", "Ana Lopez is a pilot. She lives in Quito."
+    context = "On Monday Bo, a pilot working for Acme in Lima, spoke."
+    seen = set()
+    for seed in range(60):
+        _, sentence = pseudo_mention(
+            name, description, context, "Bo", _generator(seed), context_entity="Bo Kim is a pilot at Acme in Lima."
+        )
+        words = {w.strip(".,") for w in sentence.split()}
+        assert not words & {"Bo", "Kim", "Acme", "Lima"}  # the context entity's own cues never leak in
+        seen |= words
+    assert {"On", "Monday", "spoke"} <= seen  # the rest of the context is still used
+    assert "pilot" in seen  # a word both entities' descriptions hold may stay
+
+
 def test_drop_words():
     sentence = "one two three four five six seven eight"
     assert drop_words(sentence, 0.0) == sentence
