@@ -8,8 +8,8 @@ pseudo-mentions made from the KB itself.
 - `pseudo_mention` turns a KB entity into a training mention whose gold is that entity (inverse-cloze style
   self-supervision): the surface is its full name or one word of it, the sentence a random subset of the words of its
   description (without the name words the surface leaves out) set in words taken from a real mention's sentence (less
-  what that sentence says of its own entity). The model sees, for every entity of the KB and not only those the training mentions name, that a part of the name plus
-  a few attribute words points to the entity.
+  what that sentence says of its own entity). The model sees, for every entity of the KB and not only those the
+  training mentions name, that a part of the name plus a few attribute words points to the entity.
 - `drop_words` removes words of a sentence at random (word dropout).
 
 Every function draws from `generator` (a `torch.Generator`) when one is given, else from the global torch random

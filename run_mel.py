@@ -336,10 +336,10 @@ class MELCollator:
     entity drawn at random (any entity, named by a training mention or not) out of its own text
     (`augmentation_otmel.pseudo_mention`: its full name or one word of it, some of its description's words, set in
     words of a real mention of the batch, less that mention's name and the words of its gold entity's name and
-    description that the drawn entity's text does not hold), with, as often as the batch's real mentions have one, its KB picture
-    augmented (`augment_pictures`), and that entity as gold. `augment = "mention"` also augments the real mentions'
-    pictures, `"both"` the entities' pictures too; `word_dropout = p` removes each word of a real mention's sentence
-    with probability p. With a `seed` (run_mel passes the run's), every draw of a batch, namesakes included, comes
+    description that the drawn entity's text does not hold), with, as often as the batch's real mentions have one, its
+    KB picture augmented (`augment_pictures`), and that entity as gold. `augment = "mention"` also augments the real
+    mentions' pictures, `"both"` the entities' pictures too; `word_dropout = p` removes each word of a real mention's
+    sentence with probability p. With a `seed` (run_mel passes the run's), every draw of a batch, namesakes included, comes
     from a generator seeded by it and the batch's mentions (`batch_generator`), so a resumed run sees the batches of
     the uninterrupted one; without, from the global torch random state.
 
