@@ -339,9 +339,9 @@ class MELCollator:
     description that the drawn entity's text does not hold), with, as often as the batch's real mentions have one, its
     KB picture augmented (`augment_pictures`), and that entity as gold. `augment = "mention"` also augments the real
     mentions' pictures, `"both"` the entities' pictures too; `word_dropout = p` removes each word of a real mention's
-    sentence with probability p. With a `seed` (run_mel passes the run's), every draw of a batch, namesakes included, comes
-    from a generator seeded by it and the batch's mentions (`batch_generator`), so a resumed run sees the batches of
-    the uninterrupted one; without, from the global torch random state.
+    sentence with probability p. With a `seed` (run_mel passes the run's), every draw of a batch, namesakes included,
+    comes from a generator seeded by it and the batch's mentions (`batch_generator`), so a resumed run sees the batches
+    of the uninterrupted one; without, from the global torch random state.
 
     Images stay undecoded in the datasets (`decode=False`) and are decoded here, so a corrupt file becomes "no image".
     Preprocessed pictures are kept (float16) up to `image_cache_mb`: every epoch shows the same pictures again, and
