@@ -1286,8 +1286,9 @@ class EntityIndex:
             model, processor, kb (*optional*): refuse ([`IndexMismatchError`]) an index built from anything else.
             verify (`bool`): check the sha256 of the files (reads them once; file sizes, the layout and the checksums
                 of the qid and name lists are always checked).
-            mmap (`bool`): memory-map the tensors file (opening costs almost nothing and pages are read when touched,
-                so a serving process does not hold the whole index in memory); False reads it into memory.
+            mmap (`bool`): memory-map the tensors and ANN files (opening costs almost nothing and pages are read when
+                touched, so a serving process does not hold the whole index in memory; the ANN structure reads its
+                graph and codes in place, [`AnnIndex.zero_copy`]); False reads them into memory.
 
         Raises:
             `FileNotFoundError`: no `entity_index.json` in `directory`.
@@ -1340,7 +1341,9 @@ class EntityIndex:
             _check_file(
                 ann_path, meta_path, checksums.get("ann_bytes"), checksums.get("ann_sha256") if verify else None
             )
-            ann = AnnIndex.from_tensors(_read_safetensors(ann_path, mmap=False), meta.get("ann") or {}, ann_path)
+            ann = AnnIndex.from_tensors(
+                _read_safetensors(ann_path, mmap=mmap), meta.get("ann") or {}, ann_path, zero_copy=mmap
+            )
         index = cls(
             retrieval, tensors, qids, names, meta, row_hashes=hashes, retrieval_scale=scale, codecs=codecs, ann=ann
         )
@@ -1500,7 +1503,11 @@ ANN_MIN_ROWS = 200_000
 # 3,000 entities, 76 lists: gold recall@50 96.6 exact, 92.1 with 1/4 of the lists, 89.8 with 16 lists), so the default
 # stays on the side of recall; `RankOptions.ann_nprobe` sets it per query.
 ANN_PROBE_DIVISOR = 8
-# The structure `AnnIndex.build(kind="auto")` builds.
+# The structure `AnnIndex.build(kind="auto")` builds. IVF: an HNSW graph finds more of a random model's exact top 50
+# at 1M entities (99.3% against 90.9%) and searches faster, but a trained model's mention vectors lie away from the
+# entity vectors the graph links, and its greedy search loses them at scale (bench_scale.py --accuracy_reference res2
+# --accuracy_distractors 1000000: the hard world's model against 1,003,000 entities, gold entity in the top 50: exact
+# 90.0, IVF 85.7 (with PQ codes 82.3), HNSW 60.6; at 103,000 entities HNSW kept up, 95.2 against 95.6).
 ANN_DEFAULT_KIND = "ivf"
 ANN_KINDS = ("ivf", "hnsw")
 # HNSW: links per node, candidates kept while building and (at least) while searching. The search breadth is what
@@ -1510,6 +1517,19 @@ ANN_KINDS = ("ivf", "hnsw")
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 512
+
+
+# Below this many entities an ANN structure stores its vectors in float32 ("flat"); from it on, 8-bit scalar codes
+# ("sq8"). IVF's product codes (a quarter of a byte per dimension, "pq<R/4>", the default before) lost the trained
+# hard-world model 3.4 points of shortlist recall against 1,003,000 entities where SQ8 and float32 lost nothing
+# (gold entity in the IVF top 50 with 512 of 4,096 lists: PQ 82.3, SQ8 85.7, flat 85.7, exact 90.0), at the same
+# search speed.
+ANN_FLAT_BELOW = 50_000
+
+
+def ann_default_code(rows: int) -> str:
+    """The vector codes `AnnIndex.build(code="auto")` picks for a KB of `rows` entities (either structure)."""
+    return "flat" if rows < ANN_FLAT_BELOW else "sq8"
 
 
 def ann_build_args(ann, rows: int) -> dict | None:
@@ -1543,13 +1563,44 @@ class AnnIndex:
     a removed slot as a tombstone that searches skip; a search asks for up to twice as many rows more, and a query
     left with fewer than it needs is searched exactly by `ranking_otmel`, so rebuild a graph after many removals).
     Its scores are approximate; [`EntityIndex.ann_topk`] re-scores its shortlist exactly.
+
+    Loaded from a memory-mapped file ([`~AnnIndex.from_tensors`] with `zero_copy=True`, what [`EntityIndex.load`]
+    does), the FAISS structure reads its vectors, codes and graph links in place in the file's pages rather than copies
+    in the process's own memory; the first edit makes it a copy of its own ([`~AnnIndex.copy`] makes one at once).
     """
 
-    def __init__(self, faiss_index, slot_rows: torch.Tensor, config: dict):
+    def __init__(self, faiss_index, slot_rows: torch.Tensor, config: dict, buffer: torch.Tensor | None = None):
         self.index = faiss_index
         self.slot_rows = slot_rows.long()
         self.config = dict(config)
         self.version = 0
+        self._buffer = buffer  # the serialised bytes `index` reads in place (zero-copy), None when it owns its data
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether the FAISS structure reads its data in place in a buffer (a memory-mapped file) it does not own."""
+        return self._buffer is not None
+
+    def _own(self):
+        """Makes the FAISS structure own its data before an edit (FAISS aborts the process on resizing a view)."""
+        if self._buffer is not None:
+            faiss = import_faiss()
+
+            self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
+            self._buffer = None
+
+    def copy(self) -> "AnnIndex":
+        """An independent copy: edits to either leave the other as it is. A zero-copy structure is shared until the
+        copy's first edit (which makes its own); one that owns its data is copied at once."""
+        if self._buffer is not None:
+            index = self.index
+        else:
+            faiss = import_faiss()
+
+            index = faiss.deserialize_index(faiss.serialize_index(self.index))
+        new = AnnIndex(index, self.slot_rows.clone(), self.config, buffer=self._buffer)
+        new.version = self.version
+        return new
 
     @classmethod
     def build(
@@ -1572,8 +1623,8 @@ class AnnIndex:
             hnsw_m, ef_search (`int`): HNSW only: links per node, and the least number of candidates a search keeps
                 (raised to the number of rows asked for).
             nlist (`int`, *optional*): inverted lists (default: the power of two nearest `4 sqrt(N)`, at most N / 39).
-            code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` or `"auto"` (`"flat"` below 50,000 entities, else
-                `"pq<R/4>"` when R divides by 4: a quarter of a float per dimension, else `"sq8"`).
+            code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` (IVF only) or `"auto"` ([`ann_default_code`]: `"flat"` below
+                `ANN_FLAT_BELOW` entities, else `"sq8"`).
             nprobe (`int`, *optional*): lists searched per query by default (default: `max(16, nlist /
                 ANN_PROBE_DIVISOR)`).
             train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 40 nlist)`, at
@@ -1591,7 +1642,7 @@ class AnnIndex:
             nlist = 1 << max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
             nlist = max(1, min(nlist, n // 39 or 1, 65536))
         if code == "auto":
-            code = "flat" if n < 50_000 else (f"pq{dim // 4}" if dim % 4 == 0 else "sq8")
+            code = ann_default_code(n)
         train_size = min(n, train_size or max(10_000, 40 * nlist))
         storage = {"flat": "Flat", "sq8": "SQ8"}.get(code)
         if code.startswith("pq") and code[2:].isdigit() and dim % int(code[2:]) == 0:
@@ -1627,7 +1678,7 @@ class AnnIndex:
 
         n, dim = len(entity_index), entity_index.retrieval.shape[1]
         if code == "auto":
-            code = "flat" if n < 50_000 else "sq8"
+            code = ann_default_code(n)
         storage = {"flat": "Flat", "sq8": "SQ8"}.get(code)
         if storage is None:  # FAISS's HNSW over product codes measures L2 only
             raise ValueError(f"an HNSW ANN stores 'flat' or 'sq8' vectors (or 'auto'), got {code!r}")
@@ -1674,6 +1725,7 @@ class AnnIndex:
 
         if slots.numel():
             if self.kind != "hnsw":  # an HNSW graph cannot drop nodes: the slot stays, a tombstone
+                self._own()
                 self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
             self.slot_rows[slots] = -1
 
@@ -1686,6 +1738,7 @@ class AnnIndex:
         old = torch.isin(self.slot_rows, rows) & alive
         self._drop_slots(old.nonzero().flatten())
         slots = torch.arange(len(self.slot_rows), len(self.slot_rows) + len(rows))
+        self._own()
         if self.kind == "hnsw":  # slots are the graph's own consecutive ids
             assert self.index.ntotal == len(self.slot_rows), (self.index.ntotal, len(self.slot_rows))
             self.index.add(vectors.float().contiguous().numpy())
@@ -1711,17 +1764,23 @@ class AnnIndex:
         return {"faiss": torch.from_numpy(faiss.serialize_index(self.index)), "slot_rows": self.slot_rows}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, config: dict, path: str = "") -> "AnnIndex":
+    def from_tensors(cls, tensors: dict, config: dict, path: str = "", zero_copy: bool = False) -> "AnnIndex":
+        """The structure [`~AnnIndex.to_tensors`] wrote. With `zero_copy`, FAISS reads its data in place in
+        `tensors["faiss"]` (kept alive with it: pass the tensors of a memory-mapped file) instead of copying it."""
         faiss = import_faiss()
 
         try:
-            index = faiss.deserialize_index(tensors["faiss"].numpy())
+            raw = tensors["faiss"].contiguous().numpy()
             slot_rows = tensors["slot_rows"]
+            if zero_copy:
+                index = faiss.read_index(faiss.ZeroCopyIOReader(faiss.swig_ptr(raw), raw.size), 0)
+            else:
+                index = faiss.deserialize_index(raw)
         except Exception as err:  # noqa: BLE001 - FAISS raises RuntimeError with its own text
             raise IndexCorruptError(
                 f"{path}: unreadable ANN structure ({type(err).__name__}: {err}); {REBUILD}"
             ) from err
-        return cls(index, slot_rows, config)
+        return cls(index, slot_rows, config, buffer=tensors["faiss"] if zero_copy else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2298,6 +2357,7 @@ def main(argv=None) -> int:
 
 __all__ = [
     "ANN_DEFAULT_KIND",
+    "ANN_FLAT_BELOW",
     "ANN_KINDS",
     "ANN_MIN_ROWS",
     "INDEX_DTYPES",
@@ -2314,6 +2374,7 @@ __all__ = [
     "ResidualCodec",
     "StringColumn",
     "ann_build_args",
+    "ann_default_code",
     "build_index",
     "check_index_dtype",
     "content_fingerprint",

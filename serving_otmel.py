@@ -306,14 +306,8 @@ def copy_for_write(index: EntityIndex) -> EntityIndex:
     new = copy.copy(index)
     new.meta = copy.deepcopy(index.meta)
     new.tensors = dict(index.tensors)
-    ann = getattr(index, "ann", None)
-    if ann is not None:
-        import faiss
-
-        new.ann = copy.copy(ann)
-        new.ann.index = faiss.clone_index(ann.index)
-        new.ann.slot_rows = ann.slot_rows.clone()
-        new.ann.config = dict(ann.config)
+    if getattr(index, "ann", None) is not None:
+        new.ann = index.ann.copy()
     return new
 
 

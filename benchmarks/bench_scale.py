@@ -196,12 +196,14 @@ def child_serve(args) -> dict:
     start = time.perf_counter()
     index = ix.EntityIndex.load(args._index_dir, verify=False)
     out["open_s"] = time.perf_counter() - start
-    if args.nprobe and index.ann is not None:  # a query-time setting: lists searched per query
-        index.ann.config["nprobe"] = args.nprobe
-    if index.nbytes() < 8 << 30:  # the sha256 of a very large reference index is not worth reading here
+    if index.nbytes() < 8 << 30:  # as a server opens it (the sha256 of a very large reference is not worth reading)
         start = time.perf_counter()
-        ix.EntityIndex.load(args._index_dir, verify=True)
+        index = ix.EntityIndex.load(args._index_dir, verify=True)
         out["open_verified_s"] = time.perf_counter() - start
+    if args.nprobe and index.ann is not None:  # query-time settings: IVF lists searched, HNSW search breadth
+        index.ann.config["nprobe"] = args.nprobe
+    if args.ef_search and index.ann is not None:
+        index.ann.config["ef_search"] = args.ef_search
     linker.index = index
     out["rss_opened"] = rss_now_mb()
     out["n"], out["dtype"], out["ann"] = len(index), index.meta["dtype"], index.ann.config if index.ann else None
@@ -209,11 +211,24 @@ def child_serve(args) -> dict:
     out["mentions"] = len(mentions)
     gold = torch.tensor([index.row_of(a) for a in mentions["answer"]])
     out["gold_in_kb"] = int((gold >= 0).sum())
-    enc_s, feats = None, None
+    # link(): mention encoding + both stages, two-stage k=50, OT and attention; first, so that the peak memory is
+    # that of serving, not of the exact searches the comparisons below make.
+    search = args._stage1
+    sample = mentions.select(range(min(len(mentions), args.link_mentions)))
+    linker.link(sample.select(range(8)), top_k=5, candidates=50, stage1=search)  # warm-up
+    seconds = _best(
+        {
+            a: (lambda a=a: linker.link(sample, top_k=5, candidates=50, assignment=a, stage1=search))
+            for a in ("ot", "attention")
+        },
+        args.reps,
+    )
+    out["link_mentions_per_s"] = {a: len(sample) / s for a, s in seconds.items()}
+    out["link_stage1"] = rk.stage1_search(rk.RankOptions(stage1=search), index)
+    out["peak_rss_link_mb"], out["rss_after_link"] = peak_rss_mb(), rss_now_mb()  # serving: before the evaluation
     t = time.perf_counter()
     feats = rk.encode_mentions(model, processor, mentions, batch_size=64)
-    enc_s = time.perf_counter() - t
-    out["encode_mentions_per_s"] = len(mentions) / enc_s
+    out["encode_mentions_per_s"] = len(mentions) / (time.perf_counter() - t)
     queries = model.mention_stage1(feats).float()
     stage1 = {"exact": lambda: index.stage1_topk(queries, 50)}
     if index.ann is not None:
@@ -228,20 +243,6 @@ def child_serve(args) -> dict:
         has = gold >= 0
         out["gold_recall50_exact"] = (exact_rows[has] == gold[has].unsqueeze(1)).any(1).float().mean().item()
         out["gold_recall50_ann"] = (ann_rows[has] == gold[has].unsqueeze(1)).any(1).float().mean().item()
-    # link(): mention encoding + both stages, two-stage k=50, OT and attention.
-    search = args._stage1
-    sample = mentions.select(range(min(len(mentions), args.link_mentions)))
-    linker.link(sample.select(range(8)), top_k=5, candidates=50, stage1=search)  # warm-up
-    seconds = _best(
-        {
-            a: (lambda a=a: linker.link(sample, top_k=5, candidates=50, assignment=a, stage1=search))
-            for a in ("ot", "attention")
-        },
-        args.reps,
-    )
-    out["link_mentions_per_s"] = {a: len(sample) / s for a, s in seconds.items()}
-    out["link_stage1"] = rk.stage1_search(rk.RankOptions(stage1=search), index)
-    out["peak_rss_link_mb"], out["rss_after_link"] = peak_rss_mb(), rss_now_mb()  # serving: before the evaluation
     # H@1 with gold answers: the shortlist from this stage-1 search; gold ranks need every S_R (exact, untimed).
     options = rk.RankOptions(candidates=50, stage1=search)
     for assignment in ("ot", "attention"):
@@ -286,15 +287,17 @@ def child_accuracy(args) -> dict:
     mentions = load_dataset(converted, "mentions")["test"].filter(lambda a: a != "nil", input_columns="answer")
     linker = OTMELLinker.from_pretrained(args.accuracy_model, quantize=None)
     model, processor = linker.model, linker.processor
-    reference = linker.build_index(kb, dtype="float32", progress=False)
     feats = rk.encode_mentions(model, processor, mentions, batch_size=64)
-    gold = torch.tensor([reference.row_of(a) for a in mentions["answer"]])
+    kb_qids = list(kb["qid"])
+    qid_rows = {q: i for i, q in enumerate(kb_qids)}
+    gold = torch.tensor([qid_rows.get(a, -1) for a in mentions["answer"]])
     out = {"model": args.accuracy_model, "world": args.accuracy_world, "entities": len(kb), "mentions": len(mentions)}
     out["distractors"] = args.accuracy_distractors
 
     queries = model.mention_stage1(feats).float()
 
     def measure(index, stage1: str) -> dict:
+        assert list(index.qids) == kb_qids, "the index rows are the KB rows"
         res = rk.rank(model, feats, index, rk.RankOptions(candidates=50, stage1=stage1), gold=gold)
         metrics = mx.ranking_metrics(res.gold_ranks)
         # The gold entity among the 50 rows stage 1 hands to stage 2 (exact S_R ranks say nothing of the ANN's).
@@ -302,6 +305,29 @@ def child_accuracy(args) -> dict:
         recall = (rows == gold.unsqueeze(1)).any(1).float().mean().item()
         return {"h1": metrics["hits@1"], "mrr": metrics["mrr"], "recall50": recall, "top1": res.indices[:, 0].tolist()}
 
+    if args.accuracy_reference != "float32":  # too large for a float32 index in memory: one storage, built on disk
+        folder = os.path.join(args.work_dir, f"accuracy-{args.accuracy_reference}-{len(kb)}")
+        start = time.perf_counter()
+        if os.path.isfile(os.path.join(folder, ix.INDEX_META)):  # an earlier run's (refused if of another KB or model)
+            index = ix.EntityIndex.load(folder, model=model, processor=processor, kb=kb)
+            out["reused_index"] = folder
+        else:
+            index = ix.build_index(
+                model, processor, kb, folder, dtype=args.accuracy_reference, ann=False, progress=False
+            )
+            out["build_s"] = time.perf_counter() - start  # encoding included (resumed shards excepted)
+        out[f"{args.accuracy_reference}_exact"] = measure(index, "torch")
+        base = out[f"{args.accuracy_reference}_exact"].pop("top1")
+        for kind in args.accuracy_ann_kinds:
+            start = time.perf_counter()
+            index.build_ann(kind=kind)
+            m = measure(index, "ann")
+            m["ann_build_s"] = time.perf_counter() - start
+            m["same_top1"] = sum(a == b for a, b in zip(m.pop("top1"), base)) / len(base)
+            m["ann"] = index.ann.config
+            out[f"{args.accuracy_reference}_ann_{kind}"] = m
+        return out
+    reference = linker.build_index(kb, dtype="float32", progress=False)
     out["float32_exact"] = measure(reference, "torch")
     base = out["float32_exact"]["top1"]
     reference.save(os.path.join(args.work_dir, "accuracy-float32"))
@@ -452,6 +478,8 @@ def run_child(mode: str, args, **extra) -> dict:
     ]
     if args.nprobe:
         cmd += ["--nprobe", str(args.nprobe)]
+    if args.ef_search:
+        cmd += ["--ef_search", str(args.ef_search)]
     cmd += ["--ann_kind", args.ann_kind]
     for k, v in extra.items():
         cmd += [f"--_{k}", str(v)]
@@ -494,6 +522,62 @@ def layout_bytes(text_tokens: int, visual_tokens: int, hidden: int, projection: 
     return out
 
 
+class _Stage1Only:
+    """The part of an `EntityIndex` that `AnnIndex.build` reads: stage-1 vectors."""
+
+    def __init__(self, vectors):
+        self.retrieval = vectors
+
+    def __len__(self):
+        return len(self.retrieval)
+
+    def stage1_vectors(self, rows):
+        return self.retrieval[rows]
+
+
+def ann_layout_bytes(dim: int, rows: tuple = (2048, 4096)) -> dict:
+    """Bytes per entity that each ANN structure (with the codes `AnnIndex.build` picks from `ANN_FLAT_BELOW` entities
+    on, and IVF with the product codes it used before) adds for stage-1 vectors of `dim` dimensions: the growth of its
+    serialised size between two KB sizes of seeded random vectors, over the rows added (fixed parts such as codebooks
+    cancel out)."""
+    import torch
+
+    import index_otmel as ix
+
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(max(rows), dim, generator=g), dim=1)
+    out = {}
+    code = ix.ann_default_code(ix.ANN_FLAT_BELOW)
+    for name, kind, code in (("hnsw", "hnsw", code), ("ivf", "ivf", code), ("ivf-pq", "ivf", f"pq{dim // 4}")):
+        sizes = []
+        for n in rows:
+            ann = ix.AnnIndex.build(_Stage1Only(vectors[:n]), kind=kind, code=code, nlist=16, train_size=rows[0])
+            sizes.append(ann.to_tensors()["faiss"].numel() + 8 * n)  # + the slot table (int64)
+        out[name] = (sizes[1] - sizes[0]) / (rows[1] - rows[0])
+    return out
+
+
+def vit_b32_layout() -> dict:
+    """Bytes per entity of every storage and ANN structure at openai/clip-vit-base-patch32 dimensions."""
+    from transformers import CLIPConfig
+
+    from configuration_otmel import OTMELConfig
+
+    clip, otmel = CLIPConfig(), OTMELConfig()  # defaults: openai/clip-vit-base-patch32 dimensions
+    vision = clip.vision_config
+    vit_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return {
+        "dims": {
+            "text_tokens": otmel.max_text_length,
+            "visual_tokens": vit_tokens,
+            "hidden": otmel.hidden_size,
+            "projection": clip.projection_dim,
+        },
+        "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
+        "ann_bytes": ann_layout_bytes(2 * otmel.hidden_size + 2 * clip.projection_dim),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=1_000_000)
@@ -510,6 +594,9 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default: the index's own)")
+    p.add_argument(
+        "--ef_search", type=int, default=None, help="HNSW candidates kept per search (default: the index's own)"
+    )
     p.add_argument(
         "--ann_kind",
         default="ivf",
@@ -539,6 +626,13 @@ def main():
         default=["float16", "int8", "res4", "res2", "res1"],
         help="accuracy step: the storages compared with float32",
     )
+    p.add_argument(
+        "--accuracy_reference",
+        default="float32",
+        help="accuracy step: the storage of the exact reference; other than float32 (for KBs too large for a float32 "
+        "index in memory), that storage alone, built on disk in shards, exact against each ANN kind",
+    )
+    p.add_argument("--layout_only", action="store_true", help="only the bytes per entity at ViT-B/32 dimensions")
     p.add_argument("--report", default=None, help="only print the report of a --json file written earlier")
     for hidden in ("_child", "_dataset", "_index_dir", "_source", "_rows", "_ann", "_stage1"):
         p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
@@ -555,6 +649,9 @@ def main():
         }
         fn = fn[args._child]
         print(json.dumps(fn(args)))
+        return
+    if args.layout_only:
+        print(json.dumps(vit_b32_layout(), indent=1))
         return
     if args.accuracy_model:
         out = child_accuracy(args)
@@ -613,22 +710,7 @@ def main():
         small = os.path.join(args.work_dir, f"index-{m}-{args.dtype}{kind}")
         results[f"serve_{m}"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="auto")
         results[f"serve_{m}_ann"] = run_child("serve", args, dataset=dataset, index_dir=small, stage1="ann")
-    from transformers import CLIPConfig
-
-    from configuration_otmel import OTMELConfig
-
-    clip, otmel = CLIPConfig(), OTMELConfig()  # defaults: openai/clip-vit-base-patch32 dimensions
-    vision = clip.vision_config
-    vit_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    results["layout_vit_b32"] = {
-        "dims": {
-            "text_tokens": otmel.max_text_length,
-            "visual_tokens": vit_tokens,
-            "hidden": otmel.hidden_size,
-            "projection": clip.projection_dim,
-        },
-        "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
-    }
+    results["layout_vit_b32"] = vit_b32_layout()
     results["load_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
@@ -663,12 +745,12 @@ def report(r: dict):
         )
     if not conv.get("reused"):
         print(
-            f"- conversion to {r['dtype']} + IVF: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
+            f"- conversion to {r['dtype']} + ANN: {conv['convert_s']:.0f} s + {conv.get('ann_build_s', 0):.0f} s "
             f"({conv.get('ann')}), peak RSS {conv['peak_rss_convert_mb']:.0f} MB"
         )
     print(
         f"- bytes per entity (tiny model): float32 {build['bytes_per_entity']:.0f}, {r['dtype']} "
-        f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and IVF: {conv['disk_bytes_per_entity']:.0f})"
+        f"{conv['bytes_per_entity']:.0f} (on disk with qids, names and ANN: {conv['disk_bytes_per_entity']:.0f})"
     )
     print(
         f"- bytes per entity at ViT-B/32 dimensions {vit['dims']}: "
@@ -705,6 +787,10 @@ def report(r: dict):
     print(
         f"- float16 today at ViT-B/32 dimensions: {today:.0f} bytes per entity; {r['dtype']}: "
         f"{vit['bytes'][r['dtype']]:.0f} ({vit['bytes'][r['dtype']] / today:.2f} of it)"
+        + "".join(
+            f"; with {kind.upper()} {vit['bytes'][r['dtype']] + b:.0f} ({(vit['bytes'][r['dtype']] + b) / today:.2f})"
+            for kind, b in vit.get("ann_bytes", {}).items()
+        )
     )
     for key in sorted(k for k in r if k.startswith("serve_") and k[6:].isdigit()):
         s, a = r[key], r[key + "_ann"]

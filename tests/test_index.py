@@ -448,7 +448,7 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     index = _encode(world, DISTINCT, dtype="int8")
     feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[:20]])
     exact = rk.rank(model, feats, index, candidates=10)
-    index.build_ann(nlist=4, code="flat")
+    index.build_ann(kind="ivf", nlist=4, code="flat")
     assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "torch"  # a small KB: exact
     monkeypatch.setattr(rk, "ANN_MIN_ROWS", 50)
     assert rk.stage1_search(rk.RankOptions(stage1="auto"), index) == "ann"
@@ -459,7 +459,7 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     assert one.indices.min() >= 0 and one.indices[:, 0].tolist() == exact.indices[:, 0].tolist()
     for code in ("sq8", "pq8"):
         other = _encode(world, DISTINCT, dtype="int8")
-        other.build_ann(nlist=2, code=code)
+        other.build_ann(kind="ivf", nlist=2, code=code)
         assert rk.rank(model, feats, other, candidates=5, stage1="ann", ann_nprobe=2).indices.min() >= 0
     # Updates reach the ANN structure: removed rows never come back, added ones are found.
     index.remove(["Q3", "Q7"])
@@ -476,9 +476,15 @@ def test_ann_stage1_search_and_updates(world, tmp_path, monkeypatch):
     back = ix.EntityIndex.load(path)
     assert back.ann is not None and back.ann.config["code"] == "flat"
     assert torch.equal(back.ann_topk(queries.float(), 5, nprobe=4)[1], index.ann_topk(queries.float(), 5, nprobe=4)[1])
+    # Read in place in the memory-mapped file; an edit (IVF: removing the replaced row's vector) makes it its own.
+    assert back.ann.zero_copy
+    edited = ix.EntityIndex.load(path)
+    assert edited.add(_encode(world, EXTRA[1:2], dtype="int8", codecs=index.codecs)) == {"added": 0, "replaced": 1}
+    assert not edited.ann.zero_copy and edited.ann.index.ntotal == back.ann.index.ntotal
+    assert edited.qids[edited.ann_topk(queries.float(), 1, nprobe=4)[1][0, 0]] == "Q101"
     # Saving back where it came from rewrites only the ANN file when only the ANN changed.
     files = {n: os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)}
-    back.build_ann(nlist=2, code="flat")
+    back.build_ann(kind="ivf", nlist=2, code="flat")
     back.save(path)
     weights = [n for n in os.listdir(path) if n.endswith(".safetensors") and not n.endswith("-ann.safetensors")]
     assert (
@@ -525,9 +531,17 @@ def test_hnsw_ann_search_updates_and_round_trip(world, tmp_path):
     back = ix.EntityIndex.load(path)
     assert back.ann.kind == "hnsw" and back.ann.config == index.ann.config
     assert torch.equal(back.ann_topk(queries, 5)[1], index.ann_topk(queries, 5)[1])
+    # Loaded memory-mapped, the graph is read in place in the file; a copy shares it until its first edit, which
+    # makes the copy its own (FAISS aborts the process on growing a graph it does not own).
+    assert back.ann.zero_copy and not ix.EntityIndex.load(path, mmap=False).ann.zero_copy
     copy = sv.copy_for_write(back)
     copy.remove(["Q101"])
-    assert copy.ann.index is not back.ann.index and int((back.ann.slot_rows >= 0).sum()) == 60
+    assert int((back.ann.slot_rows >= 0).sum()) == 60 and int((copy.ann.slot_rows >= 0).sum()) == 59
+    assert copy.add(_encode(world, EXTRA[1:2], dtype="int8", codecs=index.codecs)) == {"added": 1, "replaced": 0}
+    assert not copy.ann.zero_copy and copy.ann.index is not back.ann.index
+    assert back.ann.zero_copy and back.ann.index.ntotal == 62 and copy.ann.index.ntotal == 63
+    assert copy.qids[copy.ann_topk(queries, 1)[1][0, 0]] == "Q101"
+    assert torch.equal(back.ann_topk(queries, 5)[1], index.ann_topk(queries, 5)[1])
 
 
 KILL_SCRIPT = """
@@ -692,8 +706,16 @@ def test_ann_settings_and_the_cli_ann_kind(world, tmp_path):
     pytest.importorskip("faiss")
     source = str(tmp_path / "source")
     _encode(world, DISTINCT, dtype="float32").save(source)
-    for flags, kind in ((["--ann", "yes", "--ann_kind", "hnsw"], "hnsw"), (["--ann_kind", "hnsw"], None)):
-        out = str(tmp_path / f"out-{len(flags)}")
+    cases = (
+        (["--ann", "yes"], ix.ANN_DEFAULT_KIND),
+        (["--ann", "yes", "--ann_kind", "ivf"], "ivf"),
+        (["--ann", "yes", "--ann_kind", "hnsw"], "hnsw"),
+        (["--ann_kind", "hnsw"], None),
+    )
+    assert ix.ANN_DEFAULT_KIND == "ivf"
+    assert ix.ann_default_code(ix.ANN_FLAT_BELOW - 1) == "flat" and ix.ann_default_code(ix.ANN_FLAT_BELOW) == "sq8"
+    for i, (flags, kind) in enumerate(cases):
+        out = str(tmp_path / f"out-{i}")
         assert ix.main(["--out_dir", out, "--convert_from", source, "--dtype", "int8", *flags]) == 0
         ann = ix.EntityIndex.load(out).ann
         assert (ann.kind if ann is not None else None) == kind  # "auto": 60 entities are searched exactly

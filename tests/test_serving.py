@@ -452,7 +452,7 @@ def test_copy_for_write_leaves_the_served_index_untouched(world, with_ann):
     linker = lk.OTMELLinker.from_pretrained(world["model_dir"])
     served = linker.load_index(world["index_dir"])
     if with_ann:
-        served.ann = ix.AnnIndex.build(served, nlist=1, code="flat")
+        served.ann = ix.AnnIndex.build(served, kind="ivf", nlist=1, code="flat")
     before = {
         "qids": list(served.qids),
         "names": list(served.names),
