@@ -494,6 +494,12 @@ def run_child(mode: str, args, **extra) -> dict:
 # ---- layout ------------------------------------------------------------------------------------------------------
 
 
+def stage1_width(hidden: int, projection: int, fusion: bool = True) -> int:
+    """Dimensions of a stage-1 vector: the fused feature (2 x hidden, with fusion) and the text and visual global
+    features (projection each)."""
+    return (2 * hidden if fusion else 0) + 2 * projection
+
+
 def layout_bytes(text_tokens: int, visual_tokens: int, hidden: int, projection: int, fusion: bool = True) -> dict:
     """Bytes per entity of each storage, computed by encoding random features of these dimensions with the index's
     codecs (so the figure is what `EntityIndex.nbytes` counts per row, codec tables excluded)."""
@@ -503,7 +509,7 @@ def layout_bytes(text_tokens: int, visual_tokens: int, hidden: int, projection: 
 
     n = 512
     g = torch.Generator().manual_seed(0)
-    stage1 = torch.randn(n, (2 * hidden if fusion else 0) + 2 * projection, generator=g)
+    stage1 = torch.randn(n, stage1_width(hidden, projection, fusion), generator=g)
     rows = {
         "text_queries": torch.randn(n, text_tokens, hidden, generator=g),
         "text_mask": torch.ones(n, text_tokens, dtype=torch.bool),
@@ -547,8 +553,8 @@ def ann_layout_bytes(dim: int, rows: tuple = (2048, 4096)) -> dict:
     g = torch.Generator().manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(max(rows), dim, generator=g), dim=1)
     out = {}
-    code = ix.ann_default_code(ix.ANN_FLAT_BELOW)
-    for name, kind, code in (("hnsw", "hnsw", code), ("ivf", "ivf", code), ("ivf-pq", "ivf", f"pq{dim // 4}")):
+    default = ix.ann_default_code(ix.ANN_FLAT_BELOW)
+    for name, kind, code in (("hnsw", "hnsw", default), ("ivf", "ivf", default), ("ivf-pq", "ivf", f"pq{dim // 4}")):
         sizes = []
         for n in rows:
             ann = ix.AnnIndex.build(_Stage1Only(vectors[:n]), kind=kind, code=code, nlist=16, train_size=rows[0])
@@ -574,7 +580,7 @@ def vit_b32_layout() -> dict:
             "projection": clip.projection_dim,
         },
         "bytes": layout_bytes(otmel.max_text_length, vit_tokens, otmel.hidden_size, clip.projection_dim),
-        "ann_bytes": ann_layout_bytes(2 * otmel.hidden_size + 2 * clip.projection_dim),
+        "ann_bytes": ann_layout_bytes(stage1_width(otmel.hidden_size, clip.projection_dim)),
     }
 
 
