@@ -1581,23 +1581,21 @@ class AnnIndex:
         """Whether the FAISS structure reads its data in place in a buffer (a memory-mapped file) it does not own."""
         return self._buffer is not None
 
+    def _cloned(self):
+        """A FAISS structure equal to `self.index` that owns its data."""
+        faiss = import_faiss()
+
+        return faiss.deserialize_index(faiss.serialize_index(self.index))
+
     def _own(self):
         """Makes the FAISS structure own its data before an edit (FAISS aborts the process on resizing a view)."""
         if self._buffer is not None:
-            faiss = import_faiss()
-
-            self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
-            self._buffer = None
+            self.index, self._buffer = self._cloned(), None
 
     def copy(self) -> "AnnIndex":
         """An independent copy: edits to either leave the other as it is. A zero-copy structure is shared until the
         copy's first edit (which makes its own); one that owns its data is copied at once."""
-        if self._buffer is not None:
-            index = self.index
-        else:
-            faiss = import_faiss()
-
-            index = faiss.deserialize_index(faiss.serialize_index(self.index))
+        index = self.index if self._buffer is not None else self._cloned()
         new = AnnIndex(index, self.slot_rows.clone(), self.config, buffer=self._buffer)
         new.version = self.version
         return new
