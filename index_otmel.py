@@ -858,23 +858,27 @@ class EntityIndex:
         return self.ann
 
     def ann_topk(self, queries: torch.Tensor, k: int, nprobe: int | None = None, refine: int | None = None) -> tuple:
-        """Approximate top-`k` S_R: the ANN structure proposes `refine` rows per query (default `max(4 k, 200)`),
-        whose exact S_R picks the `k` best: `(scores (B, k), rows (B, k))`, best first; rows -1 (score -inf) when
-        fewer than `k` were found. Builds `self.ann` first if there is none."""
+        """Approximate top-`k` S_R: the ANN structure proposes `refine` rows per query (default: the structure's
+        [`~AnnIndex.default_refine`], `max(4 k, 200)` for IVF and HNSW), whose exact S_R picks the `k` best:
+        `(scores (B, k), rows (B, k))`, best first; rows -1 (score -inf) when fewer than `k` were found. Builds
+        `self.ann` first if there is none."""
         if self.ann is None:
             logger.info("building the approximate stage-1 index of %d entities", len(self))
             self.build_ann()
         n = len(self)
         k = min(k, n)
-        width = min(n, max(refine or max(4 * k, 200), k))
+        width = min(n, max(refine or self.ann.default_refine(k), k))
         rows = self.ann.search(queries.cpu().float(), width, nprobe=nprobe)  # (B, width), -1 for none
-        valid = rows >= 0
-        flat = rows.clamp_min(0).reshape(-1)
-        vectors = self.retrieval.index_select(0, flat).float().view(*rows.shape, -1).to(queries.device)
-        scores = torch.bmm(vectors, queries.unsqueeze(2)).squeeze(2)  # (B, width) exact S_R of the proposals
-        if self.retrieval_scale is not None:
-            scores = scores * self.retrieval_scale.index_select(0, flat).view(rows.shape).to(queries.device)
-        scores = scores.masked_fill(~valid.to(queries.device), float("-inf"))
+        scores = torch.empty(rows.shape, device=queries.device)
+        step = max(1, (1 << 24) // (width * self.retrieval.shape[1]))  # queries re-scored at a time: <= 16M floats
+        for a in range(0, len(rows), step):
+            part = rows[a : a + step]
+            flat = part.clamp_min(0).reshape(-1)
+            vectors = self.retrieval.index_select(0, flat).float().view(*part.shape, -1).to(queries.device)
+            got = torch.bmm(vectors, queries[a : a + step].unsqueeze(2)).squeeze(2)  # exact S_R of the proposals
+            if self.retrieval_scale is not None:
+                got = got * self.retrieval_scale.index_select(0, flat).view(part.shape).to(queries.device)
+            scores[a : a + step] = got.masked_fill((part < 0).to(queries.device), float("-inf"))
         top, order = scores.topk(k, dim=1)
         return top, rows.to(queries.device).gather(1, order).masked_fill(top == float("-inf"), -1)
 
@@ -1503,13 +1507,22 @@ ANN_MIN_ROWS = 200_000
 # 3,000 entities, 76 lists: gold recall@50 96.6 exact, 92.1 with 1/4 of the lists, 89.8 with 16 lists), so the default
 # stays on the side of recall; `RankOptions.ann_nprobe` sets it per query.
 ANN_PROBE_DIVISOR = 8
-# The structure `AnnIndex.build(kind="auto")` builds. IVF: an HNSW graph finds more of a random model's exact top 50
-# at 1M entities (99.3% against 90.9%) and searches faster, but a trained model's mention vectors lie away from the
-# entity vectors the graph links, and its greedy search loses them at scale (bench_scale.py --accuracy_reference res2
-# --accuracy_distractors 1000000: the hard world's model against 1,003,000 entities, gold entity in the top 50: exact
-# 90.0, IVF 85.7 (with PQ codes 82.3), HNSW 60.6; at 103,000 entities HNSW kept up, 95.2 against 95.6).
-ANN_DEFAULT_KIND = "ivf"
-ANN_KINDS = ("ivf", "hnsw")
+# The structure `AnnIndex.build(kind="auto")` builds: the exhaustive 4-bit scan. A trained model's mention vectors lie
+# away from the entity vectors, so structures that search near the query lose its gold entity at scale, while a scan
+# scores every entity (bench_scale.py --accuracy_reference res2 --accuracy_distractors 1000000: the hard world's model
+# against 1,003,000 entities, gold entity in the top 50 / H@1: exact 90.0 / 69.33, scan 90.0 / 69.33 (the same top 1
+# for every mention), IVF with SQ8 codes and 1/8 of the lists 85.7 / 67.00, HNSW 60.6 / 46.78). On the random 1M
+# world (bench_scale.py --ann_kind scan --serve_only) it linked 152 mentions/s with OT (IVF 86, HNSW 185), found 95.0%
+# of the exact top 50 (IVF 99.9, HNSW 99.3) and kept the gold entity as often within 0.3 point; 16 bytes per entity
+# (IVF about 340), built in 8 s (IVF 88 s).
+ANN_DEFAULT_KIND = "scan"
+ANN_KINDS = ("ivf", "hnsw", "scan")
+# "scan": the share of the entity vectors' second moment kept by the projection its codes are made of (the smallest
+# multiple of 16 dimensions that keeps it; an S_R term a projection drops is at most |q| |e_dropped|), and the rows it
+# proposes per row asked for (at least `ANN_SCAN_REFINE_MIN`) for exact re-scoring: its 4-bit codes rank coarsely.
+ANN_SCAN_ENERGY = 0.99
+ANN_SCAN_REFINE = 20
+ANN_SCAN_REFINE_MIN = 1000
 # HNSW: links per node, candidates kept while building and (at least) while searching. The search breadth is what
 # keeps a trained model's shortlist (bench_scale.py --accuracy_distractors 100000: the hard world's model, 103,000
 # entities, SQ8 vectors; gold entity in the top 50: exact 95.6, ef 128: 94.0, 256: 94.1, 512: 95.2, the same with
@@ -1528,7 +1541,8 @@ ANN_FLAT_BELOW = 50_000
 
 
 def ann_default_code(rows: int) -> str:
-    """The vector codes `AnnIndex.build(code="auto")` picks for a KB of `rows` entities (either structure)."""
+    """The vector codes `AnnIndex.build(code="auto")` picks for a KB of `rows` entities (IVF and HNSW; a scan
+    stores 4-bit codes)."""
     return "flat" if rows < ANN_FLAT_BELOW else "sq8"
 
 
@@ -1549,6 +1563,19 @@ def ann_build_args(ann, rows: int) -> dict | None:
     return args if rows >= min_rows else None
 
 
+class _VectorRows:
+    """Stage-1 vectors `(N, R)` seen as what [`AnnIndex.build`] reads of an [`EntityIndex`]."""
+
+    def __init__(self, vectors: torch.Tensor):
+        self.retrieval = vectors.float()
+
+    def __len__(self):
+        return len(self.retrieval)
+
+    def stage1_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.retrieval.index_select(0, rows.reshape(-1))
+
+
 class AnnIndex:
     """Approximate stage-1 search over the stage-1 vectors (inner product), one of two FAISS structures:
 
@@ -1556,7 +1583,11 @@ class AnnIndex:
       scalar codes) or "pq<m>" (product codes, m bytes) vectors in its lists;
     - `"hnsw"`: a hierarchical navigable small-world graph (`hnsw_m` links per node, `ef_search` candidates kept while
       walking it) over "flat" or "sq8" vectors. It needs no query to fall in the lists its gold entity was filed in,
-      which a trained model's mention queries often do not (see `ANN_PROBE_DIVISOR`).
+      which a trained model's mention queries often do not (see `ANN_PROBE_DIVISOR`);
+    - `"scan"`: every vector scored, from 4-bit codes (FAISS's SIMD "fast-scan" product codes, one dimension per
+      code) of its projection onto the principal directions that keep `ANN_SCAN_ENERGY` of the vectors' second moment.
+      Exhaustive: no query can miss the region its gold entity lies in, whatever the distance between mention and
+      entity vectors; its coarse scores are made up for by re-scoring more rows exactly (`ANN_SCAN_REFINE`).
 
     Its ids are slots: `slot_rows[s]` is the KB row of slot s (-1 once removed or replaced), so rows can be added,
     replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining (an HNSW graph keeps
@@ -1603,7 +1634,7 @@ class AnnIndex:
     @classmethod
     def build(
         cls,
-        entity_index: "EntityIndex",
+        entity_index: "EntityIndex | torch.Tensor",
         nlist: int | None = None,
         code: str = "auto",
         nprobe: int | None = None,
@@ -1614,15 +1645,16 @@ class AnnIndex:
         hnsw_m: int = HNSW_M,
         ef_search: int = HNSW_EF_SEARCH,
     ) -> "AnnIndex":
-        """Trains and fills an ANN structure on the stage-1 vectors of `entity_index`.
+        """Trains and fills an ANN structure on the stage-1 vectors of `entity_index` (an [`EntityIndex`], or the
+        vectors themselves, `(N, R)`: slot s is row s).
 
         Args:
-            kind (`str`): `"ivf"`, `"hnsw"` or `"auto"` (`ANN_DEFAULT_KIND`).
+            kind (`str`): `"ivf"`, `"hnsw"`, `"scan"` or `"auto"` (`ANN_DEFAULT_KIND`).
             hnsw_m, ef_search (`int`): HNSW only: links per node, and the least number of candidates a search keeps
                 (raised to the number of rows asked for).
             nlist (`int`, *optional*): inverted lists (default: the power of two nearest `4 sqrt(N)`, at most N / 39).
             code (`str`): `"flat"`, `"sq8"`, `"pq<m>"` (IVF only) or `"auto"` ([`ann_default_code`]: `"flat"` below
-                `ANN_FLAT_BELOW` entities, else `"sq8"`).
+                `ANN_FLAT_BELOW` entities, else `"sq8"`); a scan stores `"pq4"` codes only (`"auto"` or `"pq4"`).
             nprobe (`int`, *optional*): lists searched per query by default (default: `max(16, nlist /
                 ANN_PROBE_DIVISOR)`).
             train_size (`int`, *optional*): vectors the quantisers are trained on (default: `min(N, 40 nlist)`, at
@@ -1630,12 +1662,16 @@ class AnnIndex:
         """
         faiss = import_faiss()
 
+        if isinstance(entity_index, torch.Tensor):
+            entity_index = _VectorRows(entity_index)
         n, dim = len(entity_index), entity_index.retrieval.shape[1]
         kind = ANN_DEFAULT_KIND if kind == "auto" else kind
         if kind == "hnsw":
             return cls._build_hnsw(entity_index, code, hnsw_m, ef_search, train_size, seed, block)
+        if kind == "scan":
+            return cls._build_scan(entity_index, code, train_size, seed, block)
         if kind != "ivf":
-            raise ValueError(f"ANN kind must be 'ivf', 'hnsw' or 'auto', got {kind!r}")
+            raise ValueError(f"ANN kind must be 'ivf', 'hnsw', 'scan' or 'auto', got {kind!r}")
         if nlist is None:
             nlist = 1 << max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
             nlist = max(1, min(nlist, n // 39 or 1, 65536))
@@ -1694,13 +1730,53 @@ class AnnIndex:
             config["train_size"] = train_size
         return cls(index, torch.arange(n), config)
 
+    @classmethod
+    def _build_scan(cls, entity_index, code, train_size, seed, block) -> "AnnIndex":
+        faiss = import_faiss()
+
+        if code not in ("auto", "pq4"):
+            raise ValueError(f"a scan ANN stores 'pq4' codes (or 'auto'), got {code!r}")
+        n, dim = len(entity_index), entity_index.retrieval.shape[1]
+        train_size = min(n, train_size or 100_000)
+        sample = entity_index.stage1_vectors(
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:train_size].sort().values
+        )
+        # Principal directions of the uncentred second moment (inner products, not distances, are what is kept).
+        energy, directions = torch.linalg.eigh(sample.double().T @ sample.double())
+        energy, directions = energy.flip(0).clamp_min(0), directions.flip(1)
+        kept = (energy.cumsum(0) / energy.sum().clamp_min(1e-30)).tolist()
+        width = next((d for d in range(16, dim, 16) if kept[d - 1] >= ANN_SCAN_ENERGY), dim)
+        projection = faiss.LinearTransform(dim, width, False)
+        faiss.copy_array_to_vector(directions[:, :width].T.contiguous().float().numpy().reshape(-1), projection.A)
+        projection.is_trained = True
+        index = faiss.IndexPreTransform(projection, faiss.IndexPQFastScan(width, width, 4, faiss.METRIC_INNER_PRODUCT))
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index.train(sample.numpy())
+        for start in range(0, n, block):  # slot s = the s-th vector added (removals close the gaps, in order)
+            index.add(entity_index.stage1_vectors(torch.arange(start, min(n, start + block))).numpy())
+        config = {
+            "kind": "scan",
+            "code": "pq4",
+            "dims": width,
+            "energy": kept[width - 1],
+            "train_size": train_size,
+            "refine": [ANN_SCAN_REFINE, ANN_SCAN_REFINE_MIN],
+        }
+        return cls(index, torch.arange(n), config)
+
     @property
     def kind(self) -> str:
         return self.config.get("kind", "ivf")
 
+    def default_refine(self, k: int) -> int:
+        """Rows a search proposes for exact re-scoring when `k` are asked for: `max(f k, least)`, `(f, least)` the
+        config's `"refine"` (a scan's `(ANN_SCAN_REFINE, ANN_SCAN_REFINE_MIN)`), `(4, 200)` otherwise."""
+        factor, least = self.config.get("refine", (4, 200))
+        return max(int(factor) * k, int(least))
+
     def search(self, queries: torch.Tensor, k: int, nprobe: int | None = None) -> torch.Tensor:
         """KB rows `(B, k)` of the approximate top-k of each query (-1 where fewer were found). `nprobe`: IVF lists
-        searched (IVF only; an HNSW search keeps `max(ef_search, k)` candidates)."""
+        searched (IVF only; an HNSW search keeps `max(ef_search, k)` candidates; a scan scores every row)."""
         faiss = import_faiss()
 
         faiss.omp_set_num_threads(torch.get_num_threads())
@@ -1708,7 +1784,7 @@ class AnnIndex:
         if self.kind == "hnsw":  # asks for as many more as there are tombstones (up to 2 k more), then drops them
             width = min(self.index.ntotal, k + min(int((self.slot_rows < 0).sum()), 2 * k))
             self.index.hnsw.efSearch = max(int(self.config.get("ef_search", HNSW_EF_SEARCH)), width)
-        else:
+        elif self.kind == "ivf":
             self.index.nprobe = int(nprobe or self.config["nprobe"])
         _, slots = self.index.search(queries.detach().cpu().float().contiguous().numpy(), width)
         slots = torch.from_numpy(slots).long()
@@ -1721,10 +1797,16 @@ class AnnIndex:
     def _drop_slots(self, slots: torch.Tensor):
         faiss = import_faiss()
 
-        if slots.numel():
-            if self.kind != "hnsw":  # an HNSW graph cannot drop nodes: the slot stays, a tombstone
-                self._own()
-                self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
+        if not slots.numel():
+            return
+        if self.kind != "hnsw":  # an HNSW graph cannot drop nodes: the slot stays, a tombstone
+            self._own()
+            self.index.remove_ids(faiss.IDSelectorBatch(slots.numpy().astype("int64")))
+        if self.kind == "scan":  # its ids are positions: the later slots move up, in order
+            keep = torch.ones(len(self.slot_rows), dtype=torch.bool)
+            keep[slots] = False
+            self.slot_rows = self.slot_rows[keep]
+        else:
             self.slot_rows[slots] = -1
 
     def set_rows(self, rows: torch.Tensor, vectors: torch.Tensor):
@@ -1737,7 +1819,7 @@ class AnnIndex:
         self._drop_slots(old.nonzero().flatten())
         slots = torch.arange(len(self.slot_rows), len(self.slot_rows) + len(rows))
         self._own()
-        if self.kind == "hnsw":  # slots are the graph's own consecutive ids
+        if self.kind in ("hnsw", "scan"):  # slots are the structure's own consecutive ids
             assert self.index.ntotal == len(self.slot_rows), (self.index.ntotal, len(self.slot_rows))
             self.index.add(vectors.float().contiguous().numpy())
         else:

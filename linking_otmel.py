@@ -252,7 +252,8 @@ class OTMELLinker:
         `None` when the checkpoint has none); a number overrides it; `None` turns NIL answers off.
 
         `stage1`: the stage-1 search (`ranking_otmel.RankOptions.stage1`): `"auto"` (default: exact below
-        `index_otmel.ANN_MIN_ROWS` entities, approximate IVF search with exact re-scoring from there on),
+        `index_otmel.ANN_MIN_ROWS` entities, approximate search (`index_otmel.AnnIndex`) with exact re-scoring from
+        there on),
         `"exact"` / `"torch"`, `"faiss"` (exact) or `"ann"`.
         """
         index = self._require_index()
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
         "--stage1",
         default="auto",
         choices=("auto", "exact", "ann"),
-        help=f"stage-1 search: exact, ann (IVF + exact re-scoring) or auto (ann from {ANN_MIN_ROWS:,} entities on)",
+        help=f"stage-1 search: exact, ann (approximate + exact re-scoring) or auto (ann from {ANN_MIN_ROWS:,} entities on)",
     )
     parser.add_argument("--top_k", type=_positive_int, default=5)
     parser.add_argument("--strategy", default="two_stage", choices=("two_stage", "exhaustive"))

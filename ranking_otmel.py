@@ -71,7 +71,7 @@ class RankOptions:
               are dequantized block by block);
             - `"faiss"`: exact FAISS `IndexFlatIP` (a float32 copy of the stage-1 vectors; on this project's CPU
               machine torch was 5-6x faster at 30K and 100K entities, benchmarks/bench_linking.py);
-            - `"ann"`: approximate, the index's IVF structure (`EntityIndex.build_ann`, built on first use if absent)
+            - `"ann"`: approximate, the index's ANN structure (`EntityIndex.build_ann`, built on first use if absent)
               proposes `ann_refine` rows whose exact S_R picks the top `candidates`;
             - `"auto"`: `"ann"` for KBs of `index_otmel.ANN_MIN_ROWS` entities or more (measured: below, exact search
               is about as fast on CPU), else `"torch"`.
@@ -80,7 +80,8 @@ class RankOptions:
             every S_R is needed: gold ranks or exhaustive ranking).
         ann_nprobe (`int`, *optional*): IVF lists searched per mention (default: the ANN structure's own).
         ann_refine (`int`, *optional*): rows the ANN search proposes per mention before exact re-scoring (default:
-            `max(4 x candidates, 200)`).
+            the structure's, `index_otmel.AnnIndex.default_refine`: `max(20 x candidates, 1000)` for the scan,
+            `max(4 x candidates, 200)` for IVF and HNSW).
     """
 
     strategy: str = "two_stage"

@@ -45,6 +45,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from index_otmel import ANN_KINDS  # noqa: E402 - after the path and environment set-up
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -528,24 +530,12 @@ def layout_bytes(text_tokens: int, visual_tokens: int, hidden: int, projection: 
     return out
 
 
-class _Stage1Only:
-    """The part of an `EntityIndex` that `AnnIndex.build` reads: stage-1 vectors."""
-
-    def __init__(self, vectors):
-        self.retrieval = vectors
-
-    def __len__(self):
-        return len(self.retrieval)
-
-    def stage1_vectors(self, rows):
-        return self.retrieval[rows]
-
-
 def ann_layout_bytes(dim: int, rows: tuple = (2048, 4096)) -> dict:
     """Bytes per entity that each ANN structure (with the codes `AnnIndex.build` picks from `ANN_FLAT_BELOW` entities
     on, and IVF with the product codes it used before) adds for stage-1 vectors of `dim` dimensions: the growth of its
     serialised size between two KB sizes of seeded random vectors, over the rows added (fixed parts such as codebooks
-    cancel out)."""
+    cancel out). Random vectors have no principal directions to drop, so the scan keeps (nearly) all `dim`: its
+    figure is an upper bound (a trained model's vectors need fewer)."""
     import torch
 
     import index_otmel as ix
@@ -554,10 +544,16 @@ def ann_layout_bytes(dim: int, rows: tuple = (2048, 4096)) -> dict:
     vectors = torch.nn.functional.normalize(torch.randn(max(rows), dim, generator=g), dim=1)
     out = {}
     default = ix.ann_default_code(ix.ANN_FLAT_BELOW)
-    for name, kind, code in (("hnsw", "hnsw", default), ("ivf", "ivf", default), ("ivf-pq", "ivf", f"pq{dim // 4}")):
+    kinds = (
+        ("scan", "scan", "pq4"),
+        ("hnsw", "hnsw", default),
+        ("ivf", "ivf", default),
+        ("ivf-pq", "ivf", f"pq{dim // 4}"),
+    )
+    for name, kind, code in kinds:
         sizes = []
         for n in rows:
-            ann = ix.AnnIndex.build(_Stage1Only(vectors[:n]), kind=kind, code=code, nlist=16, train_size=rows[0])
+            ann = ix.AnnIndex.build(vectors[:n], kind=kind, code=code, nlist=16, train_size=rows[0])
             sizes.append(ann.to_tensors()["faiss"].numel() + 8 * n)  # + the slot table (int64)
         out[name] = (sizes[1] - sizes[0]) / (rows[1] - rows[0])
     return out
@@ -606,7 +602,7 @@ def main():
     p.add_argument(
         "--ann_kind",
         default="ivf",
-        choices=("ivf", "hnsw"),
+        choices=ANN_KINDS,
         help="the ANN structure of the compressed indexes (index_otmel.AnnIndex); other than ivf, in folders of its "
         "own, built on a copy of the IVF index of the same storage when there is one",
     )
@@ -623,7 +619,7 @@ def main():
         "--accuracy_ann_kinds",
         nargs="+",
         default=["ivf", "hnsw"],
-        choices=("ivf", "hnsw"),
+        choices=ANN_KINDS,
         help="accuracy step: the ANN structures measured (each forced, whatever the KB size)",
     )
     p.add_argument(

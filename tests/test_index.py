@@ -544,6 +544,56 @@ def test_hnsw_ann_search_updates_and_round_trip(world, tmp_path):
     assert torch.equal(back.ann_topk(queries, 5)[1], index.ann_topk(queries, 5)[1])
 
 
+def test_scan_ann_projection_search_updates_and_round_trip(world, tmp_path):
+    pytest.importorskip("faiss")
+    # The projection keeps the fewest dimensions (a multiple of 16) holding ANN_SCAN_ENERGY of the second moment.
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g))[0][:, :20]
+    vectors = torch.randn(3000, 20, generator=g) @ basis.T + 0.01 * torch.randn(3000, 64, generator=g)
+    ann = ix.AnnIndex.build(vectors, kind="scan")
+    assert ann.config["dims"] == 32 and ann.config["energy"] >= ix.ANN_SCAN_ENERGY and ann.config["code"] == "pq4"
+    assert ann.default_refine(10) == ix.ANN_SCAN_REFINE_MIN and ann.default_refine(100) == 100 * ix.ANN_SCAN_REFINE
+    queries = torch.randn(40, 20, generator=g) @ basis.T
+    exact = (queries @ vectors.T).topk(10, dim=1).indices
+    found = ann.search(queries, 200)
+    assert (exact.unsqueeze(2) == found.unsqueeze(1)).any(2).float().mean() >= 0.95
+    with pytest.raises(ValueError, match="'pq4'"):
+        ix.AnnIndex.build(vectors, kind="scan", code="sq8")
+
+    model, processor = world["model"], world["processor"]
+    index = _encode(world, DISTINCT, dtype="int8")
+    feats = rk.encode_mentions(model, processor, [_mention_of(r) for r in DISTINCT[:20]])
+    exact = rk.rank(model, feats, index, candidates=10)
+    index.build_ann(kind="scan")
+    # Its default shortlist (ANN_SCAN_REFINE_MIN rows) holds the whole 60-row KB: exact; a short one keeps the top 1.
+    assert torch.equal(rk.rank(model, feats, index, candidates=10, stage1="ann").indices, exact.indices)
+    short = rk.rank(model, feats, index, candidates=10, stage1="ann", ann_refine=20)
+    assert short.indices[:, 0].tolist() == exact.indices[:, 0].tolist()
+    # Removed rows leave the codes (the later slots move up), added and replaced rows are found.
+    index.remove(["Q3", "Q7"])
+    assert index.ann.index.ntotal == 58 and index.ann.slot_rows.tolist() == list(range(58))
+    assert index.add(_encode(world, EXTRA, dtype="int8", codecs=index.codecs)) == {"added": 2, "replaced": 0}
+    assert index.ann.index.ntotal == len(index) == 60 and sorted(index.ann.slot_rows.tolist()) == list(range(60))
+    queries = model.mention_stage1(
+        rk.encode_mentions(model, processor, [_mention_of(EXTRA[1]), _mention_of(DISTINCT[3])])
+    ).float()
+    rows = index.ann_topk(queries, 60)[1]
+    assert index.qids[rows[0, 0]] == "Q101"
+    assert not {"Q3", "Q7"} & {index.qids[r] for r in rows.flatten().tolist()}
+    assert sorted(rows[0].tolist()) == list(range(len(index)))  # every row exactly once
+    assert index.add(_encode(world, EXTRA[1:2], dtype="int8", codecs=index.codecs)) == {"added": 0, "replaced": 1}
+    assert index.ann.index.ntotal == 60 and index.qids[index.ann_topk(queries, 1)[1][0, 0]] == "Q101"
+    path = str(tmp_path / "scan")
+    index.save(path)
+    back = ix.EntityIndex.load(path)
+    assert back.ann.kind == "scan" and back.ann.config == index.ann.config
+    assert torch.equal(back.ann_topk(queries, 5, refine=20)[1], index.ann_topk(queries, 5, refine=20)[1])
+    copy = sv.copy_for_write(back)
+    copy.remove(["Q101"])
+    assert back.ann.index.ntotal == 60 and copy.ann.index.ntotal == 59 and copy.ann.index is not back.ann.index
+    assert "Q101" not in {copy.qids[r] for r in copy.ann_topk(queries, 10)[1].flatten().tolist()}
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
@@ -710,9 +760,10 @@ def test_ann_settings_and_the_cli_ann_kind(world, tmp_path):
         (["--ann", "yes"], ix.ANN_DEFAULT_KIND),
         (["--ann", "yes", "--ann_kind", "ivf"], "ivf"),
         (["--ann", "yes", "--ann_kind", "hnsw"], "hnsw"),
+        (["--ann", "yes", "--ann_kind", "scan"], "scan"),
         (["--ann_kind", "hnsw"], None),
     )
-    assert ix.ANN_DEFAULT_KIND == "ivf"
+    assert ix.ANN_DEFAULT_KIND == "scan"
     assert ix.ann_default_code(ix.ANN_FLAT_BELOW - 1) == "flat" and ix.ann_default_code(ix.ANN_FLAT_BELOW) == "sq8"
     for i, (flags, kind) in enumerate(cases):
         out = str(tmp_path / f"out-{i}")
