@@ -1751,7 +1751,8 @@ class AnnIndex:
         projection.is_trained = True
         index = faiss.IndexPreTransform(projection, faiss.IndexPQFastScan(width, width, 4, faiss.METRIC_INNER_PRODUCT))
         faiss.omp_set_num_threads(torch.get_num_threads())
-        index.train(sample.numpy())
+        # 16 codes per dimension need 16 training vectors: a smaller KB repeats its own (its codes are then exact)
+        index.train(sample.repeat(-(-16 // len(sample)), 1).numpy() if len(sample) < 16 else sample.numpy())
         for start in range(0, n, block):  # slot s = the s-th vector added (removals close the gaps, in order)
             index.add(entity_index.stage1_vectors(torch.arange(start, min(n, start + block))).numpy())
         config = {

@@ -559,6 +559,8 @@ def test_scan_ann_projection_search_updates_and_round_trip(world, tmp_path):
     assert (exact.unsqueeze(2) == found.unsqueeze(1)).any(2).float().mean() >= 0.95
     with pytest.raises(ValueError, match="'pq4'"):
         ix.AnnIndex.build(vectors, kind="scan", code="sq8")
+    few = ix.AnnIndex.build(vectors[:5], kind="scan")  # fewer vectors than the 16 codes of a dimension
+    assert few.search(vectors[:5], 1).flatten().tolist() == [0, 1, 2, 3, 4]
 
     model, processor = world["model"], world["processor"]
     index = _encode(world, DISTINCT, dtype="int8")
