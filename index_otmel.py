@@ -1498,9 +1498,12 @@ def _fit_text(tensors: dict, length: int) -> dict:
 # Approximate stage 1
 # ----------------------------------------------------------------------------------------------------------------
 
-# Below this many entities `stage1="auto"` searches exactly (benchmarks/bench_scale.py: on 2 CPU cores the exact
-# chunked product is as fast as IVF search up to about this size, and has no recall loss).
-ANN_MIN_ROWS = 200_000
+# Below this many entities `stage1="auto"` searches exactly, and `ann="auto"` builds no ANN structure. At 100,000
+# entities the default scan linked 1.22-1.35x the mentions/s of exact search (bench_scale.py --_child serve on the
+# random world's 100K res2 index, two alternating runs of each: OT 187 / 152 against 138 / 124), finding 99.6% of the
+# exact top 50 (the trained model at 103,000 entities: the same shortlist as exact); with IVF or HNSW the two were about
+# as fast at that size (the limit was 200,000 then).
+ANN_MIN_ROWS = 100_000
 # Default share of the IVF lists searched per query (1 / 8). On a random model at 1M entities (4,096 lists, PQ80,
 # benchmarks/bench_scale.py --nprobe) 256 lists lost no recall against 512 and searched 1.65x faster, but a trained
 # model's mention queries fall in other lists than their gold entity far more often (bench_scale.py --accuracy_model,
