@@ -1580,7 +1580,7 @@ class _VectorRows:
 
 
 class AnnIndex:
-    """Approximate stage-1 search over the stage-1 vectors (inner product), one of two FAISS structures:
+    """Approximate stage-1 search over the stage-1 vectors (inner product), one of three FAISS structures:
 
     - `"ivf"`: an inverted-file index (k-means lists, `nprobe` of them searched per query) with "flat", "sq8" (8-bit
       scalar codes) or "pq<m>" (product codes, m bytes) vectors in its lists;
@@ -1593,9 +1593,11 @@ class AnnIndex:
       entity vectors; its coarse scores are made up for by re-scoring more rows exactly (`ANN_SCAN_REFINE`).
 
     Its ids are slots: `slot_rows[s]` is the KB row of slot s (-1 once removed or replaced), so rows can be added,
-    replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining (an HNSW graph keeps
-    a removed slot as a tombstone that searches skip; a search asks for up to twice as many rows more, and a query
-    left with fewer than it needs is searched exactly by `ranking_otmel`, so rebuild a graph after many removals).
+    replaced and removed ([`~AnnIndex.set_rows`], [`~AnnIndex.remove_rows`]) without retraining (a scan's slots are
+    positions: removing one moves the later ones up; an HNSW graph keeps a removed slot as a tombstone that searches
+    skip; a search asks for up to twice as many rows more, and a query left with fewer than it needs is searched
+    exactly by `ranking_otmel`, so rebuild a graph after many removals). The scan, IVF and HNSW codes are trained once:
+    rows added later are coded with what was learnt from the rows at build time.
     Its scores are approximate; [`EntityIndex.ann_topk`] re-scores its shortlist exactly.
 
     Loaded from a memory-mapped file ([`~AnnIndex.from_tensors`] with `zero_copy=True`, what [`EntityIndex.load`]

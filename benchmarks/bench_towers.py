@@ -27,7 +27,8 @@ Variants (each in a fresh process, so peak RSS is per variant):
 - `int8`: SDPA + `towers_otmel.optimize_towers(model, "int8")` (dynamic int8 quantisation of the towers' nn.Linear);
 - `bf16`: SDPA + `optimize_towers(model, "bfloat16")` (towers in bfloat16);
 - `compile`: SDPA + the two towers compiled (`nn.Module.compile(dynamic=True)`, inductor); the first call (the
-  compilation) is timed apart.
+  compilation) is timed apart;
+- `int8-compile`: `int8`, then the two towers compiled as in `compile`.
 bf16 and compile run on fewer items (`--slow_cap`, printed with their agreement rows): bf16 is slow on a CPU without
 bfloat16 instructions, and compile's agreement is exact to float rounding.
 
@@ -61,16 +62,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VARIANTS = ("fp32-eager", "fp32-sdpa", "int8", "bf16", "compile")
+VARIANTS = ("fp32-eager", "fp32-sdpa", "int8", "bf16", "compile", "int8-compile")
 REFERENCE = "fp32-eager"
 # Top-1 agreement is also reported over the mentions whose float32 first and second entities are at least this far apart
 # (not near ties).
 CLEAR_GAP = 0.01
 # Variants run on fewer items (--slow_cap): bf16 (about 6x slower than float32 on a CPU without bfloat16 instructions)
 # and compile (its agreement is exact to float rounding; the compilation itself takes minutes).
-SLOW_VARIANTS = ("bf16", "compile")
+SLOW_VARIANTS = ("bf16", "compile", "int8-compile")
+# Variants whose towers are compiled (the first calls, the compilation, timed apart).
+COMPILED_VARIANTS = ("compile", "int8-compile")
 # Variants timed at every --batch_sizes; the others at the largest only.
-BATCH_VARIANTS = ("fp32-sdpa", "int8")
+BATCH_VARIANTS = ("fp32-sdpa", "int8", "int8-compile")
 
 
 def peak_rss_mb() -> float:
@@ -162,11 +165,11 @@ def load_variant(model_dir: str, variant: str):
     processor = OTMELProcessor.from_pretrained(model_dir)
     assert model.config._attn_implementation == attn, model.config._attn_implementation
     assert model.clip.vision_model.config._attn_implementation == attn
-    if variant == "int8":
+    if variant in ("int8", "int8-compile"):
         optimize_towers(model, "int8")
     elif variant == "bf16":
         optimize_towers(model, "bfloat16")
-    elif variant == "compile":
+    if variant in COMPILED_VARIANTS:
         for tower in tower_modules(model).values():
             tower.compile(dynamic=True)
     torch.manual_seed(0)
@@ -266,7 +269,7 @@ def child(args) -> dict:
         data["agree_mentions"] = data["agree_mentions"].select(range(min(cap, len(data["agree_mentions"]))))
         data["agree_entities"] = data["agree_entities"].select(range(min(2 * cap, len(data["agree_entities"]))))
         out["capped"] = cap
-    if variant == "compile":  # the compilation: one call of each tower at each timed shape family
+    if variant in COMPILED_VARIANTS:  # the compilation: one call of each tower at each timed shape family
         start = time.perf_counter()
         for bs in sizes:
             rk.encode_mentions(model, processor, data["time_mentions"].select(range(min(bs, 4))), bs)
@@ -361,9 +364,10 @@ def report(r: dict):
                 f"| {name} | {bs} | {s['mentions_per_s']:.1f} | {s['entities_per_s']:.1f} | {ratio} | "
                 f"{v['peak_rss_mb']:.0f} |"
             )
-    compiled = r["variants"].get("compile", {})
-    if "compile_s" in compiled:
-        print(f"\ncompile: the first calls (compilation) took {compiled['compile_s']:.0f} s")
+    for name in COMPILED_VARIANTS:
+        compiled = r["variants"].get(name, {})
+        if "compile_s" in compiled:
+            print(f"\n{name}: the first calls (compilation) took {compiled['compile_s']:.0f} s")
     print(
         f"\n| variant | index | top-1 agree | top-1 agree, gap >= {CLEAR_GAP} | top-10 overlap | max abs diff | "
         "mean abs diff | Spearman | Kendall | batch dep. |"
@@ -444,7 +448,7 @@ def main(argv=None):
         if args.reps == defaults.reps:
             args.reps = 1
         if args.variants == defaults.variants:
-            args.variants = [v for v in VARIANTS if v != "compile"]
+            args.variants = [v for v in VARIANTS if v not in COMPILED_VARIANTS]
     variants = [REFERENCE] + [v for v in args.variants if v != REFERENCE]  # the reference runs first
     os.makedirs(args.work_dir, exist_ok=True)
     results = {"load_start": os.getloadavg(), "threads": args.threads, "args": vars(args)}
