@@ -73,8 +73,8 @@ class RankOptions:
               machine torch was 5-6x faster at 30K and 100K entities, benchmarks/bench_linking.py);
             - `"ann"`: approximate, the index's ANN structure (`EntityIndex.build_ann`, built on first use if absent)
               proposes `ann_refine` rows whose exact S_R picks the top `candidates`;
-            - `"auto"`: `"ann"` for KBs of `index_otmel.ANN_MIN_ROWS` entities or more (measured: below, exact search
-              is about as fast on CPU), else `"torch"`.
+            - `"auto"`: `"ann"` for KBs of `index_otmel.ANN_MIN_ROWS` entities or more (where the measured ANN
+              search was faster than exact search on CPU), else `"torch"`.
             With gold ranks (evaluation) every S_R is computed exactly anyway; `"ann"` still picks the shortlist.
         stage1_budget (`int`): most S_R (or S_O) scores held at once (mentions per chunk = budget // KB size when
             every S_R is needed: gold ranks or exhaustive ranking).

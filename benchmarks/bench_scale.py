@@ -15,8 +15,9 @@ peak memory is per step):
 3. "build": every entity encoded for real (no replicated features) into a float32 index, shard by shard
    (`index_otmel.build_index`, resumable); entities/s counts the encoding of this run only;
 4. "convert": the float32 index rewritten as `--dtype` (`index_otmel.convert_index`, no re-encoding) with the ANN
-   structure of `--ann_kind` (IVF by default; another kind is built on a copy of the IVF index of the same storage
-   when there is one); also its first 100K / 300K rows (the smaller KBs);
+   structure of `--ann_kind` (the index's default, `index_otmel.ANN_DEFAULT_KIND`; a kind other than IVF is kept in
+   folders of its own, built on a copy of the IVF index of the same storage when there is one); also its first
+   100K / 300K rows (the smaller KBs);
 5. "serve": model + index loaded (memory-mapped) in a fresh process; stage-1 recall@50 of ANN against exact search (the
    ANN top 50 found in the exact top 50, and the gold's recall@50 both ways); link() throughput, two-stage k=50,
    OT and attention (mention encoding included, best of `--reps`); H@1 with gold answers; memory (peak RSS, and the
@@ -45,7 +46,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from index_otmel import ANN_KINDS  # noqa: E402 - after the path and environment set-up
+from index_otmel import ANN_DEFAULT_KIND, ANN_KINDS  # noqa: E402 - after the path and environment set-up
 
 
 def peak_rss_mb() -> float:
@@ -601,10 +602,10 @@ def main():
     )
     p.add_argument(
         "--ann_kind",
-        default="ivf",
+        default=ANN_DEFAULT_KIND,
         choices=ANN_KINDS,
-        help="the ANN structure of the compressed indexes (index_otmel.AnnIndex); other than ivf, in folders of its "
-        "own, built on a copy of the IVF index of the same storage when there is one",
+        help="the ANN structure of the compressed indexes (index_otmel.AnnIndex; default: the index's default); "
+        "other than ivf, in folders of its own, built on a copy of the IVF index of the same storage when there is one",
     )
     p.add_argument("--serve_only", action="store_true", help="only the compressed + ANN serving step (cached steps)")
     p.add_argument("--accuracy_model", default=None, help="a trained OT-MEL folder: run only the accuracy step")
@@ -618,7 +619,7 @@ def main():
     p.add_argument(
         "--accuracy_ann_kinds",
         nargs="+",
-        default=["ivf", "hnsw"],
+        default=list(ANN_KINDS),
         choices=ANN_KINDS,
         help="accuracy step: the ANN structures measured (each forced, whatever the KB size)",
     )
