@@ -1852,9 +1852,11 @@ class AnnIndex:
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict, path: str = "", zero_copy: bool = False) -> "AnnIndex":
         """The structure [`~AnnIndex.to_tensors`] wrote. With `zero_copy`, FAISS reads its data in place in
-        `tensors["faiss"]` (kept alive with it: pass the tensors of a memory-mapped file) instead of copying it."""
+        `tensors["faiss"]` (kept alive with it: pass the tensors of a memory-mapped file) instead of copying it; a
+        scan's fast-scan codes are always copied by FAISS (its reader fills their aligned table), so it owns them."""
         faiss = import_faiss()
 
+        zero_copy = zero_copy and config.get("kind", "ivf") != "scan"
         try:
             raw = tensors["faiss"].contiguous().numpy()
             slot_rows = tensors["slot_rows"]

@@ -589,6 +589,7 @@ def test_scan_ann_projection_search_updates_and_round_trip(world, tmp_path):
     index.save(path)
     back = ix.EntityIndex.load(path)
     assert back.ann.kind == "scan" and back.ann.config == index.ann.config
+    assert not back.ann.zero_copy  # FAISS copies fast-scan codes out of the mapped file: nothing is read in place
     assert torch.equal(back.ann_topk(queries, 5, refine=20)[1], index.ann_topk(queries, 5, refine=20)[1])
     copy = sv.copy_for_write(back)
     copy.remove(["Q101"])
