@@ -225,6 +225,35 @@ class KBView:
             self.names = [r.get("name") or "" for r in rows]
             self.attributes = [r.get("attributes") or "" for r in rows]
             self.images = [r.get("image") for r in rows]
+        self._check_rows()
+
+    def _check_rows(self):
+        """Raises `ValueError` for an empty or repeated qid (a qid names one entity: the index finds, replaces and
+        removes entities by qid); warns, with a count, about entities without a name (kept: they are matched on their
+        attributes and picture)."""
+        first, repeated = {}, []
+        for i, q in enumerate(self.qids):
+            if not q.strip():
+                raise ValueError(f"KB row {i}: empty qid")
+            if q in first:
+                repeated.append(f"{q!r} (rows {first[q]} and {i})")
+            else:
+                first[q] = i
+        if repeated:
+            raise ValueError(
+                f"the KB holds {len(repeated)} repeated qid(s): {', '.join(repeated[:5])}"
+                f"{', ...' if len(repeated) > 5 else ''}; a qid names one entity: deduplicate the KB (the KB file "
+                "loaders, e.g. `otmel-link --kb file`, keep the first row with a warning)"
+            )
+        unnamed = [q for q, name in zip(self.qids, self.names) if not name.strip()]
+        if unnamed:
+            logger.warning(
+                "%d of %d KB entities have an empty name (qid %s%s); indexed, matched on their attributes and picture",
+                len(unnamed),
+                len(self.qids),
+                ", ".join(repr(q) for q in unnamed[:5]),
+                ", ..." if len(unnamed) > 5 else "",
+            )
 
     def __len__(self):
         return len(self.qids)
@@ -305,6 +334,13 @@ def storage_dtype(name) -> torch.dtype:
     return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[
         str(name).replace("torch.", "")
     ]
+
+
+def _require_positive(**values):
+    """Raises `ValueError` naming the first argument that is not a positive integer."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_index_dtype(dtype) -> str:
@@ -1339,6 +1375,9 @@ class EntityIndex:
             codecs = {field: make_codec(cfg, states.get(field)) for field, cfg in meta["codecs"].items()}
         except (KeyError, ValueError) as err:
             raise IndexCorruptError(f"{weights_path}: bad codec ({err}); {REBUILD}") from err
+        problem = _layout_problem(meta, n, codecs)
+        if problem:
+            raise IndexCorruptError(f"{meta_path}: {problem}; {REBUILD}")
         ann = None
         if files.get("ann"):
             ann_path = os.path.join(directory, files["ann"])
@@ -1348,6 +1387,11 @@ class EntityIndex:
             ann = AnnIndex.from_tensors(
                 _read_safetensors(ann_path, mmap=mmap), meta.get("ann") or {}, ann_path, zero_copy=mmap
             )
+            if ann.index.d != width:
+                raise IndexCorruptError(
+                    f"{ann_path}: an ANN structure over {ann.index.d}-dim vectors, the stage-1 vectors have {width}; "
+                    f"{REBUILD}"
+                )
         index = cls(
             retrieval, tensors, qids, names, meta, row_hashes=hashes, retrieval_scale=scale, codecs=codecs, ann=ann
         )
@@ -1356,6 +1400,27 @@ class EntityIndex:
             index._saved["ann_version"] = (id(ann), ann.version)
         index.check(model=model, processor=processor, kb=kb)
         return index
+
+
+def _layout_problem(meta: dict, rows: int, codecs: dict) -> str | None:
+    """What in an index's JSON contradicts its tensors (the JSON is not under a checksum): its `size` against the
+    rows, its storage `dtype` against the codecs the rows were stored with ([`default_codecs`]); None if nothing."""
+    if meta.get("size", rows) != rows:
+        return f"says {meta['size']} entities, the tensors hold {rows}"
+    dtype = meta.get("dtype")
+    if dtype not in INDEX_DTYPES:
+        return f"unknown storage dtype {dtype!r} (one of {', '.join(INDEX_DTYPES)})"
+    for field, codec in codecs.items():
+        config = codec.config()
+        if dtype in ("float32", "float16"):
+            fits = config["kind"] == "float" and config.get("dtype") == dtype
+        elif dtype.startswith("res") and field in TOKEN_FIELDS:
+            fits = config["kind"] == "residual" and config.get("bits") == int(dtype[3:])
+        else:
+            fits = config["kind"] == "int8"
+        if not fits:
+            return f"says storage dtype {dtype!r}, but {field} is stored as {config}"
+    return None
 
 
 def _same_codec(a, b) -> bool:
@@ -1754,7 +1819,9 @@ class AnnIndex:
         projection = faiss.LinearTransform(dim, width, False)
         faiss.copy_array_to_vector(directions[:, :width].T.contiguous().float().numpy().reshape(-1), projection.A)
         projection.is_trained = True
-        index = faiss.IndexPreTransform(projection, faiss.IndexPQFastScan(width, width, 4, faiss.METRIC_INNER_PRODUCT))
+        codes = faiss.IndexPQFastScan(width, width, 4, faiss.METRIC_INNER_PRODUCT)
+        codes.pq.cp.min_points_per_centroid = 1  # a small KB's few vectors are all there is: no warning per dimension
+        index = faiss.IndexPreTransform(projection, codes)
         faiss.omp_set_num_threads(torch.get_num_threads())
         # 16 codes per dimension need 16 training vectors: a smaller KB repeats its own (its codes are then exact)
         index.train(sample.repeat(-(-16 // len(sample)), 1).numpy() if len(sample) < 16 else sample.numpy())
@@ -1868,6 +1935,13 @@ class AnnIndex:
             raise IndexCorruptError(
                 f"{path}: unreadable ANN structure ({type(err).__name__}: {err}); {REBUILD}"
             ) from err
+        kind = config.get("kind", "ivf")
+        expected = {"ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW, "scan": faiss.IndexPreTransform}.get(kind)
+        if expected is None or not isinstance(index, expected):
+            raise IndexCorruptError(
+                f"{path}: the index's JSON says an ANN structure of kind {kind!r}, the file holds a FAISS "
+                f"{type(index).__name__}; {REBUILD}"
+            )
         return cls(index, slot_rows, config, buffer=tensors["faiss"] if zero_copy else None)
 
 
@@ -2036,6 +2110,7 @@ def encode_kb(
         stage1_dtype (`str`, *optional*): storage of the stage-1 vectors ([`stage1_codec`]).
     """
     dtype = check_index_dtype(dtype)
+    _require_positive(batch_size=batch_size)
     view = kb if isinstance(kb, KBView) else KBView(kb)
     n = len(view)
     if n == 0:
@@ -2150,6 +2225,7 @@ def build_index(
         stage1_dtype (`str`, *optional*): storage of the stage-1 vectors ([`stage1_codec`]).
     """
     dtype = check_index_dtype(dtype)
+    _require_positive(batch_size=batch_size, shard_size=shard_size)
     view = kb if isinstance(kb, KBView) else KBView(kb)
     n = len(view)
     if n == 0:
@@ -2282,20 +2358,25 @@ def merge_shards(out_dir: str, ann="auto", keep_shards: bool = False, block: int
 def convert_index(
     source: str,
     out_dir: str,
-    dtype: str,
+    dtype: str | None = None,
     stage1_dtype: str | None = None,
     rows: range | None = None,
     shard_size: int = 50_000,
-    ann="auto",
+    ann="source",
     sample: int = 2048,
     seed: int = 0,
 ) -> EntityIndex:
     """Writes the rows `rows` (default: all) of the index saved in `source` into `out_dir` in another storage `dtype`
-    (e.g. a float32 index into a `res2` one), without encoding the KB again: the stored features are decoded to
-    float32 and encoded with the new codecs (residual codecs trained on the real tokens of `sample` random rows).
-    Shard by shard and resumable, like [`build_index`]; returns the new index, memory-mapped."""
-    dtype = check_index_dtype(dtype)
+    (e.g. a float32 index into a `res2` one; default: the source's), without encoding the KB again: the stored
+    features are decoded to float32 and encoded with the new codecs (residual codecs trained on the real tokens of
+    `sample` random rows). `ann`: as in [`build_index`], or `"source"` (default): an ANN structure of the source's kind
+    when the source has one, else `"auto"`. Shard by shard and resumable, like [`build_index`]; returns the new index,
+    memory-mapped (also the way to rebuild an index whose HNSW graph holds many removed rows)."""
+    _require_positive(shard_size=shard_size)
     src = EntityIndex.load(source, verify=False)
+    dtype = check_index_dtype(dtype or src.meta["dtype"])
+    if ann == "source":
+        ann = {"kind": src.ann.kind} if src.ann is not None else "auto"
     rows = rows if rows is not None else range(len(src))
     if not rows or rows.start < 0 or rows.stop > len(src) or rows.step != 1:
         raise ValueError(
@@ -2362,6 +2443,19 @@ def convert_index(
     return merge_shards(out_dir, ann=ann)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the commands' sizes and counts)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     """`python index_otmel.py --model DIR --kb SOURCE --out_dir DIR [--dtype res2] [--num_shards N --shard_index I]`:
     builds an entity index shard by shard (resumable; run the same command again after an interruption), under
@@ -2374,25 +2468,39 @@ def main(argv=None) -> int:
     parser.add_argument("--kb", help="KB source (see data_otmel.load_kb: a table file, dataset folder, Hub id, ...)")
     parser.add_argument("--kb_columns", default=None, help="map the KB's column names, e.g. qid=id,name=title")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--dtype", default="float32", choices=INDEX_DTYPES)
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=INDEX_DTYPES,
+        help="storage (default float32; with --convert_from the source's)",
+    )
     parser.add_argument("--stage1_dtype", default=None, choices=("float32", "float16", "int8"))
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--shard_size", type=int, default=50_000)
-    parser.add_argument("--num_shards", type=int, default=None)
-    parser.add_argument("--shard_index", type=int, default=None)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--shard_size", type=positive_int, default=50_000)
+    parser.add_argument("--num_shards", type=positive_int, default=None)
+    parser.add_argument("--shard_index", type=int, default=None)  # range checked by build_index
     parser.add_argument("--merge", action="store_true", help="only merge the shards already written")
     parser.add_argument("--convert_from", default=None, help="an index folder to rewrite in --dtype")
-    parser.add_argument("--ann", default="auto", choices=("auto", "yes", "no"))
+    parser.add_argument(
+        "--ann",
+        default=None,
+        choices=("auto", "yes", "no"),
+        help=f"approximate stage-1 structure: auto (from {ANN_MIN_ROWS:,} entities on; default), yes, no; with "
+        "--convert_from, by default one of the source's kind when it has one",
+    )
     parser.add_argument(
         "--ann_kind", default="auto", choices=("auto", *ANN_KINDS), help="the ANN structure (AnnIndex)"
     )
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ann = {"auto": "auto", "yes": True, "no": False}[args.ann]
-    if ann is not False and args.ann_kind != "auto":
+    if args.ann is None and args.ann_kind == "auto" and args.convert_from:
+        ann = "source"
+    else:
+        ann = {"auto": "auto", "yes": True, "no": False}[args.ann or "auto"]
+    if ann is not False and ann != "source" and args.ann_kind != "auto":
         ann = {"kind": args.ann_kind, **({"min_rows": ANN_MIN_ROWS} if ann == "auto" else {})}
     if not (args.merge or args.convert_from) and not (args.model and args.kb):
         parser.error("--model and --kb are needed to build an index")
@@ -2425,7 +2533,7 @@ def main(argv=None) -> int:
                 processor,
                 kb,
                 args.out_dir,
-                dtype=args.dtype,
+                dtype=args.dtype or "float32",
                 batch_size=args.batch_size,
                 shard_size=args.shard_size,
                 num_shards=args.num_shards,
@@ -2474,6 +2582,7 @@ __all__ = [
     "kb_row_hashes",
     "merge_shards",
     "model_fingerprint",
+    "positive_int",
     "processor_fingerprint",
     "stage1_codec",
     "storage_dtype",

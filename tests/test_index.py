@@ -4,6 +4,7 @@ quality."""
 
 import io
 import os
+import re
 import sys
 
 import pytest
@@ -773,3 +774,71 @@ def test_ann_settings_and_the_cli_ann_kind(world, tmp_path):
         assert ix.main(["--out_dir", out, "--convert_from", source, "--dtype", "int8", *flags]) == 0
         ann = ix.EntityIndex.load(out).ann
         assert (ann.kind if ann is not None else None) == kind  # "auto": 60 entities are searched exactly
+
+
+def test_kb_rows_repeated_qids_refused_and_unnamed_entities_counted(world, caplog):
+    """In-memory KBs (lists or Datasets): a repeated or empty qid is an error naming the rows (the file loaders keep the
+    first row with a warning instead); an entity without a name is kept, with one counted warning."""
+    from datasets import Dataset
+
+    rows = [KB[0], {**KB[1], "qid": "Q0"}, KB[2]]
+    with pytest.raises(ValueError, match=r"1 repeated qid\(s\): 'Q0' \(rows 0 and 1\)"):
+        _encode(world, rows)
+    table = Dataset.from_dict({"qid": ["Q1", "Q2", "Q1"], "name": ["a", "b", "c"], "attributes": ["", "", ""]})
+    with pytest.raises(ValueError, match=r"'Q1' \(rows 0 and 2\)"):
+        ix.KBView(table)
+    with pytest.raises(ValueError, match="KB row 1: empty qid"):
+        ix.KBView(Dataset.from_dict({"qid": ["Q1", " "], "name": ["a", "b"]}))
+    unnamed = [{**KB[0], "name": ""}, {**KB[1], "name": None}, {k: v for k, v in KB[2].items() if k != "name"}, KB[3]]
+    with caplog.at_level("WARNING", logger="index_otmel"):
+        index = _encode(world, unnamed)
+    assert len(index) == 4 and list(index.names[:3]) == ["", "", ""]
+    assert "3 of 4 KB entities have an empty name (qid 'Q0', 'Q1', 'Q2')" in caplog.text
+
+
+def test_index_json_contradicting_its_files_is_refused(world, tmp_path):
+    """The JSON is not under a checksum: what it says of the rows, the storage and the ANN structure is checked against
+    the files themselves."""
+    pytest.importorskip("faiss")
+    path = str(tmp_path / "index")
+    index = _encode(world, DISTINCT, dtype="res2")
+    index.build_ann(kind="scan")
+    index.save(path)
+    meta_path, _, meta = _files(path)
+    cases = (
+        ({"size": 7}, "says 7 entities, the tensors hold 60"),
+        ({"dtype": "float32"}, "says storage dtype 'float32', but text_queries is stored as"),
+        ({"dtype": "res4"}, "says storage dtype 'res4'"),
+        ({"dtype": "bogus"}, "unknown storage dtype 'bogus'"),
+        ({"ann": {**meta["ann"], "kind": "hnsw"}}, "of kind 'hnsw', the file holds a FAISS IndexPreTransform"),
+    )
+    for change, message in cases:
+        _rewrite_meta(meta_path, {**meta, **change})
+        with pytest.raises(ix.IndexCorruptError, match=re.escape(message)):
+            ix.EntityIndex.load(path, verify=False)
+    _rewrite_meta(meta_path, meta)
+    assert len(ix.EntityIndex.load(path)) == len(DISTINCT)
+
+
+def test_index_cli_refuses_sizes_below_one_and_conversion_keeps_storage_and_ann(world, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    source = str(tmp_path / "source")
+    _encode(world, DISTINCT, dtype="res2").save(source)
+    for flag in ("--shard_size", "--batch_size", "--num_shards", "--threads"):
+        with pytest.raises(SystemExit) as stop:
+            ix.main(["--out_dir", str(tmp_path / "x"), "--model", "m", "--kb", "k", flag, "0"])
+        assert stop.value.code == 2
+        assert f"argument {flag}: must be a positive integer (1 or more), got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
+        ix.build_index(world["model"], world["processor"], KB, str(tmp_path / "api"), batch_size=-1, progress=False)
+    assert not os.path.exists(tmp_path / "api")  # refused before any shard plan is written
+    hnsw = str(tmp_path / "hnsw")
+    assert ix.main(["--out_dir", hnsw, "--convert_from", source, "--ann", "yes", "--ann_kind", "hnsw"]) == 0
+    kept = str(tmp_path / "kept")
+    assert ix.main(["--out_dir", kept, "--convert_from", hnsw]) == 0  # no --dtype, no --ann: as the source
+    out = ix.EntityIndex.load(kept)
+    assert out.meta["dtype"] == "res2" and out.ann is not None and out.ann.kind == "hnsw"
+    plain = str(tmp_path / "plain")
+    assert ix.main(["--out_dir", plain, "--convert_from", hnsw, "--dtype", "int8", "--ann", "no"]) == 0
+    out = ix.EntityIndex.load(plain)
+    assert out.meta["dtype"] == "int8" and out.ann is None
