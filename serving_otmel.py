@@ -13,9 +13,10 @@
   the root: a client can never make the server read any other file).
 - `GET /health`; `GET /info`: the model, the index (size, fingerprint, version, folder), the settings and counters.
 - `POST /entities` `{"entities": [{"qid", "name", "attributes", "image_base64"? or "image_path"?}]}` adds entities or
-  replaces those whose qid is in the KB; `DELETE /entities/{qid}` removes one. Only the new entities are encoded; the
-  new index is built beside the serving one (copy-on-write), saved to `--index`, then swapped in under a lock, so every
-  link request is ranked against one whole KB state, old or new, and reports its `index_version`. Changes are
+  replaces those whose qid is in the KB (an empty qid or name is refused); `DELETE /entities/{qid}` removes one (a
+  qid may hold "/"). Only the new entities are encoded; the new index is built beside the serving one
+  (copy-on-write), saved to `--index`, then swapped in under a lock, so every link request is ranked against one
+  whole KB state, old or new, and reports its `index_version`. Changes are
   answered once saved; they are all-or-nothing and applied one at a time. Without `--index` they are refused (409).
 
 Dynamic batching: requests wait in an asyncio queue; one batcher takes up to `--max_batch_mentions` mentions from it
@@ -267,6 +268,8 @@ def prepare_entity(e: EntityIn, settings: ServerSettings) -> dict:
     """A KB row (`qid`, `name`, `attributes`, `image` = encoded picture bytes, checked to decode, or None)."""
     if not e.qid.strip():
         raise ValueError("empty qid")
+    if not e.name.strip():
+        raise ValueError("empty name")
     data = _picture_bytes(e.image_base64, e.image_path, settings)
     if data is not None:
         decode_picture(data, settings.max_image_pixels)
@@ -1040,7 +1043,7 @@ def create_app(service: LinkingService) -> FastAPI:
             raise ServiceError(422, "no entity was changed: " + "; ".join(problems))
         return await service.add_entities(rows)
 
-    @app.delete("/entities/{qid}")
+    @app.delete("/entities/{qid:path}")  # a qid may hold "/" (encoded %2F or not)
     async def remove_entity(qid: str):
         """Removes one entity; answered once the new index is saved."""
         return await service.remove_entity(qid)

@@ -435,16 +435,25 @@ def test_entities_added_replaced_removed_and_saved(writable, world):
     assert "Q900" not in ix.EntityIndex.load(writable.index_dir).qids
     assert client.delete("/entities/Q900").status_code == 404
 
+    # A qid holding "/" is added and removed (encoded or not in the path).
+    for path in ("/entities/wd%2FQ901", "/entities/wd/Q901"):
+        assert (
+            client.post("/entities", json={"entities": [{"qid": "wd/Q901", "name": "zed slash"}]}).status_code == 200
+        )
+        r = client.delete(path)
+        assert r.status_code == 200 and r.json()["removed"] == "wd/Q901", r.text
+
     # Bad changes change nothing.
     for body, message in [
         ({"entities": [{"qid": "Q901", "name": "x", "image_base64": "@@"}]}, "no entity was changed"),
         ({"entities": [{"qid": "Q901", "name": "x"}, {"qid": "Q901", "name": "y"}]}, "more than once"),
         ({"entities": [{"qid": "Q901", "name": "x", "picture": "a.png"}]}, "entities.0.picture"),
         ({"entities": [{"qid": "Q901", "name": "x", "image_path": "../private/secret.png"}]}, "outside"),
+        ({"entities": [{"qid": "Q901", "name": "x"}, {"qid": "Q902", "name": " "}]}, "entity 1 ('Q902'): empty name"),
     ]:
         r = client.post("/entities", json=body)
         assert r.status_code == 422 and message in r.json()["detail"], r.text
-    assert client.get("/info").json()["index"]["index_version"] == 3
+    assert client.get("/info").json()["index"]["index_version"] == 7
 
 
 @pytest.mark.parametrize("with_ann", [False, True])
