@@ -570,14 +570,18 @@ def load_dataset_config(path: str, config: str | None = None, **kwargs):
 
 
 def _is_saved_dataset(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_info.json")) and os.path.isfile(os.path.join(path, "state.json"))
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    single = os.path.isfile(os.path.join(path, "dataset_info.json")) and os.path.isfile(
+        os.path.join(path, "state.json")
+    )
+    return single or os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
 def _load_kb_config(path: str, where: str):
     """The `kb` config of a dataset folder or Hub id, else its only config; a `save_to_disk` folder as it is."""
     from datasets import DatasetDict, load_from_disk
 
-    if os.path.isdir(path) and (_is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json"))):
+    if os.path.isdir(path) and _is_saved_dataset(path):
         kb = load_from_disk(path)
     else:
         try:
@@ -659,6 +663,10 @@ def load_kb(source: str, columns=None, cache_dir: str | None = None, where: str 
             logger.info("Raw MIMIC-layout folder %s is read from its conversion at %s", source, converted)
             path = str(converted)
         elif not os.path.isfile(os.path.join(source, "README.md")) and not _is_saved_dataset(source):
+            if os.path.isfile(os.path.join(source, "config.json")) and any(
+                n.endswith((".safetensors", ".bin")) for n in os.listdir(source)
+            ):
+                raise DataFormatError(f"{where} {source}: a model folder, not a KB (the KB is a file or dataset)")
             tables = sorted(n for n in os.listdir(source) if table_format(n) is not None)
             if tables:  # a folder holding the KB file (and its pictures), not a dataset folder
                 raise DataFormatError(

@@ -57,7 +57,15 @@ import torch
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .configuration_otmel import PAPER_MODELS
     from .data_otmel import load_kb
-    from .index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
+    from .index_otmel import (
+        ANN_MIN_ROWS,
+        INDEX_DTYPES,
+        INDEX_META,
+        EntityIndex,
+        IndexMismatchError,
+        encode_kb,
+        positive_int,
+    )
     from .modeling_otmel import OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
     from .ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
@@ -65,7 +73,15 @@ try:  # a package when loaded as Hub remote code, plain modules in a checkout
 except ImportError:
     from configuration_otmel import PAPER_MODELS
     from data_otmel import load_kb
-    from index_otmel import ANN_MIN_ROWS, INDEX_DTYPES, INDEX_META, EntityIndex, IndexMismatchError, encode_kb
+    from index_otmel import (
+        ANN_MIN_ROWS,
+        INDEX_DTYPES,
+        INDEX_META,
+        EntityIndex,
+        IndexMismatchError,
+        encode_kb,
+        positive_int,
+    )
     from modeling_otmel import OTMELModel
     from processing_otmel import OTMELProcessor, read_image
     from ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
@@ -270,7 +286,7 @@ class OTMELLinker:
             top_k=top_k,
             assignment=assignment,
             chunk_size=chunk_size,
-            stage1="torch" if stage1 == "exact" else stage1,
+            stage1=stage1,
         )
         threshold = self.nil_threshold(nil_threshold)
         result = rank_mentions(
@@ -363,10 +379,12 @@ def _read_jsonl(path: str):
             if not isinstance(obj, dict):
                 yield number, None, f"expected a JSON object, got {_JSON_TYPES.get(type(obj).__name__, 'a value')}"
                 continue
-            missing = [k for k in ("mention", "sentence") if not isinstance(obj.get(k), str)]
-            if missing:
-                yield number, None, f"missing or non-string field(s) {', '.join(missing)}"
+            bad = ["mention"] if not isinstance(obj.get("mention"), str) else []
+            bad += ["sentence"] if obj.get("sentence") is not None and not isinstance(obj["sentence"], str) else []
+            if bad:  # a sentence may be absent or null (as in the Python API and the server): ""
+                yield number, None, f"missing or non-string field(s) {', '.join(bad)}"
                 continue
+            obj["sentence"] = obj.get("sentence") or ""
             if not obj["mention"].strip():
                 yield number, None, "empty mention"
                 continue
@@ -403,17 +421,6 @@ def _nil_threshold_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected a number, 'config' or 'none', got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
     return value
 
 
@@ -501,9 +508,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rebuild_index", action="store_true", help="overwrite an existing --index_dir")
     parser.add_argument(
         "--index_dtype",
-        default="float32",
+        default=None,
         choices=INDEX_DTYPES,
-        help="index storage: float32 (exact), float16, int8, res4 / res2 / res1 (residual codes)",
+        help="storage of an index built here: float32 (exact; default), float16, int8, res4 / res2 / res1 (residual "
+        "codes); an index loaded keeps its own",
     )
     parser.add_argument(
         "--stage1",
@@ -511,11 +519,11 @@ def main(argv=None) -> int:
         choices=("auto", "exact", "ann"),
         help=f"stage-1 search: exact, ann (approximate + exact re-scoring) or auto (ann from {ANN_MIN_ROWS:,} entities on)",
     )
-    parser.add_argument("--top_k", type=_positive_int, default=5)
+    parser.add_argument("--top_k", type=positive_int, default=5)
     parser.add_argument("--strategy", default="two_stage", choices=("two_stage", "exhaustive"))
-    parser.add_argument("--candidates", type=_positive_int, default=50)
+    parser.add_argument("--candidates", type=positive_int, default=50)
     parser.add_argument("--assignment", default=None, choices=("ot", "attention"))
-    parser.add_argument("--batch_size", type=_positive_int, default=64)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--quantize",
@@ -526,7 +534,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)",
     )
@@ -584,16 +592,24 @@ def _run(args) -> int:
         return 2
     print(f"CLIP towers: {towers_precision(linker.model)} (--quantize {args.quantize})", file=sys.stderr)
     linker.batch_size = args.batch_size
+    ignored = []
     try:
         if os.path.isfile(os.path.join(args.kb, INDEX_META)):
             linker.load_index(args.kb)
+            ignored += [
+                f"--{k} (--kb is an index)" for k in ("index_dir", "index_dtype", "rebuild_index") if vars(args)[k]
+            ]
         else:
             kb = load_kb(args.kb, columns=args.kb_columns, where="--kb")
             if args.index_dir and os.path.isfile(os.path.join(args.index_dir, INDEX_META)) and not args.rebuild_index:
                 linker.load_index(args.index_dir, kb=kb)
                 print(f"loaded entity index from {args.index_dir} ({len(linker.index)} entities)", file=sys.stderr)
+                if args.index_dtype and args.index_dtype != linker.index.meta["dtype"]:
+                    ignored.append(f"--index_dtype (the index is {linker.index.meta['dtype']}; add --rebuild_index)")
             else:
-                linker.build_index(kb, dtype=args.index_dtype)
+                if args.rebuild_index and not args.index_dir:
+                    ignored.append("--rebuild_index (no --index_dir: the index is built anyway)")
+                linker.build_index(kb, dtype=args.index_dtype or "float32")
                 if args.index_dir:
                     linker.save_index(args.index_dir)
                     print(f"saved entity index to {args.index_dir}", file=sys.stderr)
@@ -604,6 +620,10 @@ def _run(args) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}" if "--kb" in str(err) else f"error: --kb {args.kb}: {err}", file=sys.stderr)
         return 2
+    if args.stage1 != "auto" and args.strategy == "exhaustive":
+        ignored.append("--stage1 (--strategy exhaustive scores every entity)")
+    for flag in ignored:
+        print(f"warning: ignored {flag}", file=sys.stderr)
     n_entities = len(linker.index)
     if n_entities == 0:
         print(f"error: --kb {args.kb} holds no entities", file=sys.stderr)

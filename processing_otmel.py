@@ -55,7 +55,7 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
     (`PIL.Image.MAX_IMAGE_PIXELS` pixels, about 89M by default; PIL only warns up to twice that) are refused before
     decoding: raise that limit (or set it to None) to accept them.
     """
-    if source is None:
+    if source is None or (isinstance(source, str) and not source.strip()):  # "" is the MIMIC layout's "no picture"
         return None, None
     if isinstance(source, dict):
         other = sorted(str(k) for k in set(source) - {"bytes", "path"})
@@ -94,7 +94,10 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"oversized image ({err} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.)"
     except Exception as err:  # noqa: BLE001 - any decoder failure is "no image", reported with its cause
-        return None, f"unreadable image ({type(err).__name__}: {err})"
+        text = str(err)
+        if isinstance(source, (bytes, bytearray)):  # PIL names the in-memory file by its repr: say what it was
+            text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", f"of {len(source):,} bytes", text)
+        return None, f"unreadable image ({type(err).__name__}: {text})"
 
 
 class OTMELProcessor(ProcessorMixin):
@@ -129,6 +132,9 @@ class OTMELProcessor(ProcessorMixin):
         return " : "
 
     def _tokenize(self, texts: list[str], padding="longest") -> dict:
+        if not texts:  # an empty batch: empty tensors (the tokenizer cannot pad nothing)
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
         return self.tokenizer(
             texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )

@@ -48,7 +48,7 @@ except ImportError:
 
 
 STRATEGIES = ("two_stage", "exhaustive")
-STAGE1_SEARCH = ("torch", "faiss", "ann", "auto")
+STAGE1_SEARCH = ("auto", "exact", "ann", "torch", "faiss")  # "exact" is "torch"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class RankOptions:
             leave the cache).
         ties (`str`): `"pessimistic"` (default) or `"optimistic"` (`metrics_otmel`).
         stage1 (`str`): how the stage-1 shortlist is found:
-            - `"torch"`: exact, a matrix product over the KB block by block with a running top-k (int8 stage-1 vectors
+            - `"exact"` / `"torch"`: exact, a matrix product over the KB block by block with a running top-k (int8 stage-1 vectors
               are dequantized block by block);
             - `"faiss"`: exact FAISS `IndexFlatIP` (a float32 copy of the stage-1 vectors; on this project's CPU
               machine torch was 5-6x faster at 30K and 100K entities, benchmarks/bench_linking.py);
@@ -100,6 +100,8 @@ class RankOptions:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.stage1 not in STAGE1_SEARCH:
             raise ValueError(f"stage1 must be one of {', '.join(STAGE1_SEARCH)}, got {self.stage1!r}")
+        if self.stage1 == "exact":
+            object.__setattr__(self, "stage1", "torch")
         if self.assignment not in (None, "ot", "attention"):
             raise ValueError(f"assignment must be 'ot', 'attention' or None, got {self.assignment!r}")
         check_ties(self.ties)

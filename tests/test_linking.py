@@ -328,7 +328,7 @@ def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):
     lines = [
         json.dumps({"id": "m1", "mention": "ada smith", "sentence": "a doctor in paris", "image": "pics/a.png"}),
         "{not json",
-        json.dumps({"mention": "bob jones"}),
+        json.dumps({"sentence": "bob jones"}),
         "",
         json.dumps({"mention": "cyd brown", "sentence": "a painter", "image": "pics/bad.jpg"}),
         json.dumps(["a", "list"]),
@@ -358,7 +358,7 @@ def test_cli_skips_bad_lines_and_reuses_the_index(world, tmp_path, capsys):
     ]
     assert lk.main(args) == 0
     err = capsys.readouterr().err
-    assert "line 2: invalid JSON" in err and "line 3: missing or non-string field(s) sentence" in err
+    assert "line 2: invalid JSON" in err and "line 3: missing or non-string field(s) mention" in err
     assert "line 6: expected a JSON object" in err and "line 5: unreadable image" in err
     assert "linked 3 mention(s), skipped 3 bad line(s) (line 2, 3, 6), 1 unreadable image(s)" in err
     results = [json.loads(line) for line in out.read_text().splitlines()]

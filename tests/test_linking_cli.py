@@ -257,17 +257,18 @@ def test_cli_odd_lines(world, tmp_path, capsys):
         "[" * 100_000,
         _line("dan smith", answer="Q103"),
         json.dumps({"mention": "  ", "sentence": "x"}),
+        json.dumps({"mention": "eve smith"}),  # no sentence: linked on the mention (and picture) alone
     ]
     status, rows = _run(world, tmp_path, lines)
     err = capsys.readouterr().err
-    assert status == 0 and [r["line"] for r in rows] == [2, 8]
+    assert status == 0 and [r["line"] for r in rows] == [2, 8, 10]
     assert "line 1: expected a JSON object, got an array; skipped" in err
     assert "line 3: invalid text: unpaired surrogate '\\ud800'" in err
     assert "line 5: missing or non-string field(s) sentence; skipped" in err
     assert "line 6: field image must be a path string or null, got a number; skipped" in err
     assert "line 7: invalid JSON" in err and "line 9: empty mention" in err
     assert "line 2: field(s) answer, note not used" in err and "line 8:" not in err  # warned once, then counted
-    assert "linked 2 mention(s), skipped 6 bad line(s) (line 1, 3, 5, 6, 7, 9)" in err
+    assert "linked 3 mention(s), skipped 6 bad line(s) (line 1, 3, 5, 6, 7, 9)" in err
     assert "2 line(s) with unused field(s) answer, note" in err
 
 
@@ -500,3 +501,34 @@ def test_cli_nil_threshold(world, tmp_path, capsys):
     capsys.readouterr()
     assert _run(world, tmp_path, lines, "--nil_threshold", "high")[0] == 2
     assert "argument --nil_threshold: expected a number, 'config' or 'none', got 'high'" in capsys.readouterr().err
+
+
+def test_cli_warns_about_flags_it_ignores(world, tmp_path, capsys):
+    extra = ("--index_dtype", "res2", "--index_dir", str(tmp_path / "unused"), "--strategy", "exhaustive")
+    status, rows = _run(world, tmp_path, [_line("ada smith")], *extra, "--stage1", "exact")
+    err = capsys.readouterr().err
+    assert status == 0 and len(rows) == 1
+    assert "warning: ignored --index_dir (--kb is an index)" in err
+    assert "warning: ignored --index_dtype (--kb is an index)" in err
+    assert "warning: ignored --stage1 (--strategy exhaustive scores every entity)" in err
+    assert not os.path.exists(tmp_path / "unused")
+
+
+def test_small_inputs_odd_pictures_and_stage1_names(world, tmp_path):
+    from datasets import DatasetDict
+
+    from data_otmel import DataFormatError, load_kb
+
+    batch = world["processor"].process_mentions([], [], images=[])
+    assert batch["input_ids"].shape == (0, 0) and batch["pixel_values"].shape[0] == 0
+    assert read_image("") == (None, None)  # the MIMIC layout's "no picture"
+    image, reason = read_image(b"not a picture")
+    assert image is None and "of 13 bytes" in reason and "BytesIO" not in reason
+    assert rk.RankOptions(stage1="exact").stage1 == "torch"
+    with pytest.raises(ValueError, match="stage1 must be one of auto, exact, ann"):
+        rk.RankOptions(stage1="fast")
+    rows = {"qid": ["Q1", "Q2"], "name": ["ada smith", "bob jones"], "attributes": ["", ""]}
+    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dd"))
+    assert list(load_kb(str(tmp_path / "dd"))["qid"]) == ["Q1", "Q2"]
+    with pytest.raises(DataFormatError, match="a model folder, not a KB"):
+        load_kb(world["model_dir"])
