@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
@@ -24,6 +24,8 @@ try:  # a package when loaded as Hub remote code, plain modules in a checkout
 except ImportError:
     from configuration_otmel import OTMELConfig
     from sinkhorn_otmel import sinkhorn
+
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,6 +432,48 @@ class OTMELPreTrainedModel(PreTrainedModel):
             init.normal_(module.null_visual_token, std=0.02)
             init.normal_(module.null_visual_global, std=0.02)
             init.constant_(module.logit_scale, math.log(self.config.logit_scale_init))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a model whose config names the OT-MEL pipeline (`custom_pipelines`, kept
+        from the folder it was loaded from) also gets the pipeline's modules beside it, so that the saved folder loads
+        with `pipeline(..., trust_remote_code=True)` as the original did: from the pipeline module when it can be
+        imported (a checkout, or remote code that loaded it), else copied from the local folder the model was loaded
+        from. Where neither has them, the saved config drops the entry (with a warning) instead of naming files the
+        folder lacks."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not getattr(self.config, "custom_pipelines", None) or not kwargs.get("is_main_process", True):
+            return
+        import importlib
+        import json
+        import os
+        import shutil
+
+        try:  # not a static relative import: the model's remote code must not need the pipeline's modules
+            module = importlib.import_module(f"{__package__}.pipeline_otmel" if __package__ else "pipeline_otmel")
+            module.save_pipeline_files(save_directory)
+            return
+        except ImportError:
+            pass
+        source = os.path.join(str(self.name_or_path), "pipeline_otmel.py")
+        if os.path.isfile(source):
+            from transformers.dynamic_module_utils import get_relative_import_files
+
+            for path in [source, *get_relative_import_files(source)]:
+                if not os.path.isfile(os.path.join(save_directory, os.path.basename(path))):
+                    shutil.copy(path, save_directory)
+            return
+        logger.warning(
+            "%s: the config names the OT-MEL pipeline, whose modules are not available here (loaded from %s): saved "
+            "without it; pipeline_otmel.save_pipeline_files(folder) adds it from an otmel checkout",
+            save_directory,
+            self.name_or_path,
+        )
+        config_file = os.path.join(save_directory, "config.json")
+        with open(config_file, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved.pop("custom_pipelines", None)
+        with open(config_file, "w", encoding="utf-8") as f:
+            f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 class OTMELModel(OTMELPreTrainedModel):

@@ -448,3 +448,36 @@ def test_training_curves(tmp_path):
     _png_ok(tmp_path / "c3.png")
     with pytest.raises(SystemExit):
         visualize_otmel.main(["curves", "--run_dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "c4.png")])
+
+
+def test_a_resaved_model_keeps_its_pipeline(hub_setup, tmp_path, monkeypatch, caplog):
+    """`save_pretrained` of a model whose config names the pipeline writes the pipeline's modules too: from the
+    importable module, else from the folder it was loaded from; with neither, the config stops naming it."""
+    import importlib
+
+    model = OTMELModel.from_pretrained(hub_setup["folder"])
+    assert model.config.custom_pipelines
+    needed = {"pipeline_otmel.py", "linking_otmel.py", "index_otmel.py", "ranking_otmel.py", "metrics_otmel.py"}
+
+    def saved(name):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        with open(folder / "config.json", encoding="utf-8") as f:
+            return set(os.listdir(folder)), json.load(f).get("custom_pipelines")
+
+    files, entry = saved("importable")
+    assert needed <= files and entry == model.config.custom_pipelines
+    real = importlib.import_module
+
+    def no_pipeline(name, *args):
+        if name.endswith("pipeline_otmel"):
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_pipeline)
+    files, entry = saved("from-source")  # name_or_path: the hub folder, which holds the modules
+    assert needed <= files and entry == model.config.custom_pipelines
+    model.name_or_path = str(tmp_path / "nowhere")
+    with caplog.at_level("WARNING"):
+        files, entry = saved("without")
+    assert "pipeline_otmel.py" not in files and entry is None and "saved without it" in caplog.text
