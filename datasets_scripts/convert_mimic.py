@@ -25,8 +25,12 @@ to JPEG, others to PNG).
 Dirty data is counted, never dropped silently: for every split, input rows = rows + skipped rows
 (an answer that is neither ``nil`` nor a KB qid), rows with a ``nil`` answer are counted (``nil``),
 and rows = sum of the image outcomes (found / no image / missing / unreadable / unsafe path).
-Malformed input (not JSON, a row that is not an object or lacks a required field) stops the
-conversion with :class:`MalformedDataError` naming the file and the row.
+Each warning names its first offenders (file, row, id or qid, picture name).  A split left with
+no rows gets no Parquet file and no card entry (``datasets`` cannot load a 0-row split), with a
+warning; the other splits still load.
+Malformed input (not JSON, a row that is not an object or lacks a required field, a KB without
+entities, no mention rows in any split) stops the conversion with :class:`MalformedDataError`
+naming the file and the row.
 """
 
 from __future__ import annotations
@@ -51,17 +55,19 @@ from PIL import Image as PILImage
 
 
 try:
-    from data_otmel import KB_FEATURES, MENTION_FEATURES
+    from data_otmel import EXAMPLES, KB_FEATURES, MENTION_FEATURES
     from processing_otmel import to_rgb
 except ImportError:  # run as a script from a checkout: the project's modules are in the folder above
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from data_otmel import KB_FEATURES, MENTION_FEATURES
+    from data_otmel import EXAMPLES, KB_FEATURES, MENTION_FEATURES
     from processing_otmel import to_rgb
 
 logger = logging.getLogger(__name__)
 
 # Bump when the output changes, so caches keyed by fingerprint_raw_dir() are rebuilt.
-CONVERTER_VERSION = 2  # 2: NIL mentions are kept (answer "nil") instead of skipped
+# 2: NIL mentions are kept (answer "nil") instead of skipped; 3: a 0-row split has no (unloadable) file,
+# URL-quoted picture names are found, the summary names offenders
+CONVERTER_VERSION = 3
 
 # The schema of a converted folder is the one every reader of the project produces (data_otmel).
 
@@ -202,36 +208,51 @@ def _repair_text(s: str) -> tuple[str, bool]:
 
 
 def _is_traversal(raw_path: str) -> bool:
-    parts = raw_path.replace("\\", "/").split("/")
-    return "\x00" in raw_path or ".." in parts
+    """A ``..`` component or a NUL byte, in the name as written or in its URL-unquoted form."""
+    for p in (raw_path, unquote(raw_path)):
+        if "\x00" in p or ".." in p.replace("\\", "/").split("/"):
+            return True
+    return False
 
 
 def _basename(raw_path: str) -> str:
     return posixpath.basename(raw_path.replace("\\", "/"))
 
 
+def _basenames(raw_path: str) -> list[str]:
+    """The basename as written, then its URL-unquoted form (``G%C3%B6del%20pic.jpg`` -> ``Gödel pic.jpg``)
+    when that differs and is still a plain file name (an unquoted ``%2F`` never adds a folder)."""
+    base = _basename(raw_path)
+    out = [base]
+    plain = unquote(base)
+    if plain != base and not any(c in plain for c in "/\\\x00") and plain not in ("", ".", ".."):
+        out.append(plain)
+    return out
+
+
 def _mention_candidates(img_path: str, dirs: list[Path]) -> list[Path]:
     """MIMIC's rule: ``mention_image/<stem>.jpg`` with stem = basename up to its first dot; then the
-    exact basename (for files whose stored extension is not .jpg)."""
-    base = _basename(img_path)
+    exact basename (for files whose stored extension is not .jpg); then both again for the
+    URL-unquoted basename."""
     out = []
-    for d in dirs:
-        stem = base.split(".", 1)[0]
-        if stem:
-            out.append(d / f"{stem}.jpg")
-        if base not in ("", ".", "..") and base != f"{stem}.jpg":
-            out.append(d / base)
+    for base in _basenames(img_path):
+        for d in dirs:
+            stem = base.split(".", 1)[0]
+            if stem:
+                out.append(d / f"{stem}.jpg")
+            if base not in ("", ".", "..") and base != f"{stem}.jpg":
+                out.append(d / base)
     return out
 
 
 def _kb_candidates(name: str, kb_dir: Path) -> list[Path]:
-    base = _basename(name)
     out = []
-    if base not in ("", ".", ".."):
-        out.append(kb_dir / base)
-    stem = base.split(".", 1)[0]
-    if stem and f"{stem}.jpg" != base:
-        out.append(kb_dir / f"{stem}.jpg")
+    for base in _basenames(name):
+        if base not in ("", ".", ".."):
+            out.append(kb_dir / base)
+        stem = base.split(".", 1)[0]
+        if stem and f"{stem}.jpg" != base:
+            out.append(kb_dir / f"{stem}.jpg")
     return out
 
 
@@ -251,6 +272,8 @@ def _decode(path: str) -> tuple[bytes | None, str, bool, str]:
                 return data, ".jpg", False, ""
             fmt = "JPEG" if im.format == "JPEG" else "PNG"
             rgb = to_rgb(im)
+    except PILImage.UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        return None, "", False, "not a picture format PIL reads"
     except Exception as e:  # any decoder failure (OSError, SyntaxError, struct.error, ...) = unreadable
         return None, "", False, f"{type(e).__name__}: {e}"
     buf = io.BytesIO()
@@ -272,35 +295,47 @@ def _probe(task):
     task = (roots, entries): roots are the real paths a picture may live under (the dataset folder,
     and the picture folders themselves, which may legitimately be symlinks to another disk);
     entries = [(label, traversal?, [candidate paths])] in priority order.
-    Returns (image dict or None, per-entry outcome list, re-encoded?).  The first entry that yields
-    a picture wins; later entries are reported as "not checked".
+    Returns (image dict or None, per-entry outcome list, re-encoded?, per-entry note): the note says
+    why an entry gave no picture ("" for the others).  The first entry that yields a picture wins;
+    later entries are reported as "not checked".
     """
     roots, entries = task
     outcomes: list[str] = []
+    notes: list[str] = []
     for k, (_label, traversal, candidates) in enumerate(entries):
         if traversal:
             outcomes.append("unsafe path")
+            notes.append("'..' in the path")
             continue
         outcome = "missing"
+        note = "no " + " or ".join(_short(c) for c in candidates) if candidates else "no folder to look in"
         for cand in candidates:
             if not os.path.lexists(cand):
                 continue
             if not _inside(cand, roots):
                 # e.g. a symlink that points outside the dataset folder: never read
-                outcome = "unsafe path" if outcome == "missing" else outcome
+                if outcome == "missing":
+                    outcome, note = "unsafe path", f"{_short(cand)} resolves outside the dataset folder"
                 continue
             if not os.path.isfile(cand):
                 continue
-            data, suffix, reencoded, _err = _decode(cand)
+            data, suffix, reencoded, err = _decode(cand)
             if data is None:
-                outcome = "unreadable"
+                outcome, note = "unreadable", f"{_short(cand)}: {err}"
                 continue
             outcomes.append("found")
             outcomes.extend("not checked" for _ in entries[k + 1 :])
+            notes.extend("" for _ in entries[k:])
             stored_name = os.path.splitext(os.path.basename(cand))[0] + suffix
-            return {"bytes": data, "path": stored_name}, outcomes, reencoded
+            return {"bytes": data, "path": stored_name}, outcomes, reencoded, notes
         outcomes.append(outcome)
-    return None, outcomes, False
+        notes.append(note)
+    return None, outcomes, False, notes
+
+
+def _short(path: str) -> str:
+    """``<picture folder>/<file>``: how a candidate is named in warnings."""
+    return posixpath.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
 
 
 def _row_outcome(outcomes: list[str], none_label: str) -> str:
@@ -384,10 +419,11 @@ class _ShardWriter:
             self._flush()
 
     def close(self) -> list[str]:
+        """Publishes the shards and returns their names: none for a split without rows (``datasets``
+        cannot load a 0-row split from Parquet, with or without a row group, so convert() leaves it out)."""
         self._flush()
-        if self.writer is None:  # an empty split still gets a file, so its config split exists
-            self._open()
-            self.writer.write_table(self.schema.empty_table())
+        if self.writer is None:
+            return []
         self.writer.close()
         names = []
         for k, part in enumerate(self.paths):
@@ -424,8 +460,9 @@ def _convert_kb(raw_dir: Path, roots: tuple[str, ...], writer: _ShardWriter, pro
         "files": {"listed": 0, "used": 0, "missing": 0, "unreadable": 0, "unsafe path": 0, "not checked": 0},
         "reencoded": 0,
         "text_repaired": 0,
+        "examples": {},
     }
-    rows, tasks, qids = [], [], set()
+    rows, tasks, where, first_row = [], [], [], {}
     for i, r in enumerate(raw):
         qid = _text(path, i, "qid", _field(path, i, r, "qid"))
         name = _text(path, i, "entity_name", _field(path, i, r, "entity_name"))
@@ -442,27 +479,41 @@ def _convert_kb(raw_dir: Path, roots: tuple[str, ...], writer: _ShardWriter, pro
             raise MalformedDataError(f"{path}: row {i}: field 'image_list' must be a list of file names")
         if not qid:
             raise MalformedDataError(f"{path}: row {i}: empty 'qid'")
-        if qid in qids:
+        if qid in first_row:
             stats["skipped"]["duplicate qid"] += 1
+            _example(stats, "duplicate qid", f"row {i}: qid {qid} (first in row {first_row[qid]})")
             continue
-        qids.add(qid)
+        first_row[qid] = i
         texts = []
         for s in (qid, unquote(name), attr, *image_list):
             s2, fixed = _repair_text(s)
             stats["text_repaired"] += fixed
             texts.append(s2)
         rows.append({"qid": texts[0], "name": texts[1], "attributes": texts[2], "image_names": texts[3:]})
+        where.append(f"row {i} (qid {qid})")
         tasks.append((roots, [(n, _is_traversal(n), [str(c) for c in _kb_candidates(n, kb_dir)]) for n in image_list]))
-    for row, (image, outcomes, reencoded) in _progress(zip(rows, prober.map(tasks)), len(rows), "kb", verbose):
+    if not rows:
+        skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items() if v)
+        raise MalformedDataError(
+            f"{path}: no entities" + (f" ({len(raw)} rows, all skipped: {skipped})" if raw else "")
+        )
+    results = prober.map(tasks)
+    for row, at, task, (image, outcomes, reencoded, notes) in _progress(
+        zip(rows, where, tasks, results), len(rows), "kb", verbose
+    ):
         row["image"] = image
-        stats["images"][_row_outcome(outcomes, "no image listed")] += 1
+        outcome = _row_outcome(outcomes, "no image listed")
+        stats["images"][outcome] += 1
+        if image is None and outcomes:
+            shown = "; ".join(f"{label} ({o}: {n})" for (label, _, _), o, n in zip(task[1], outcomes, notes))
+            _example(stats, outcome, f"{at}: {shown}")
         stats["files"]["listed"] += len(outcomes)
         for o in outcomes:
             stats["files"]["used" if o == "found" else o] += 1
         stats["reencoded"] += reencoded
         writer.add(row, len(image["bytes"]) if image else 0)
         stats["rows"] += 1
-    return stats, qids
+    return stats, set(first_row)
 
 
 def _convert_mentions(
@@ -485,8 +536,9 @@ def _convert_mentions(
         "images": {o: 0 for o in MENTION_IMAGE_OUTCOMES},
         "reencoded": 0,
         "text_repaired": 0,
+        "examples": {},
     }
-    rows, tasks = [], []
+    rows, tasks, where = [], [], []
     for i, r in enumerate(raw):
         surface = _text(path, i, "mentions", _field(path, i, r, "mentions"))
         sentence = _text(path, i, "sentence", _field(path, i, r, "sentence"), allow_none=True)
@@ -501,6 +553,7 @@ def _convert_mentions(
             answer = NIL_ANSWER
         elif answer not in kb_qids:
             stats["skipped"]["answer not in KB"] += 1
+            _example(stats, "answer not in KB", f"row {i} (id {mid}): answer {answer}")
             continue
         texts = []
         for s in (mid, unquote(surface), sentence, answer):
@@ -508,7 +561,8 @@ def _convert_mentions(
             stats["text_repaired"] += fixed
             texts.append(s2)
         rows.append({"id": texts[0], "mention": texts[1], "sentence": texts[2], "answer": texts[3]})
-        if img_path.strip() == "":
+        where.append(f"row {i} (id {mid}): {img_path}")
+        if img_path.strip() == "":  # MIMIC's "no picture": counted as "no image", no warning
             tasks.append((roots, []))
         else:
             tasks.append(
@@ -523,13 +577,35 @@ def _convert_mentions(
                     ],
                 )
             )
-    for row, (image, outcomes, reencoded) in _progress(zip(rows, prober.map(tasks)), len(rows), split, verbose):
+    results = prober.map(tasks)
+    for row, at, (image, outcomes, reencoded, notes) in _progress(
+        zip(rows, where, results), len(rows), split, verbose
+    ):
         row["image"] = image
-        stats["images"][_row_outcome(outcomes, "no image")] += 1
+        outcome = _row_outcome(outcomes, "no image")
+        stats["images"][outcome] += 1
+        if image is None and outcomes:
+            _example(stats, outcome, f"{at} ({outcome}: {notes[0]})")
         stats["reencoded"] += reencoded
         writer.add(row, len(image["bytes"]) if image else 0)
         stats["rows"] += 1
     return stats
+
+
+def _example(stats: dict, reason: str, text: str) -> None:
+    """Keeps the first EXAMPLES offenders of `reason` (file row, id, picture) for the warnings and the summary."""
+    kept = stats["examples"].setdefault(reason, [])
+    if len(kept) < EXAMPLES:
+        kept.append(_repair_text(text)[0])
+
+
+def _first(s: dict, counts: dict) -> str:
+    """`` First: <offender>; ...`` for the reasons in `counts` (``...`` when there are more)."""
+    shown = [e for reason in counts for e in s["examples"].get(reason, [])]
+    if not shown:
+        return ""
+    more = "; ..." if sum(counts.values()) > len(shown) else ""
+    return ". First: " + "; ".join(shown) + more
 
 
 def _check_counts(config: str, split: str, s: dict) -> None:
@@ -547,13 +623,24 @@ def _warn(config: str, split: str, s: dict) -> None:
     bad = {k: v for k, v in s["images"].items() if k in ("missing", "unreadable", "unsafe path") and v}
     if skipped:
         logger.warning(
-            "%s/%s (%s): skipped %d of %d rows: %s",
+            "%s/%s (%s): skipped %d of %d rows: %s%s",
             config,
             split,
             s["source"],
             sum(skipped.values()),
             s["input_rows"],
             ", ".join(f"{k} {v}" for k, v in skipped.items()),
+            _first(s, skipped),
+        )
+    if not s["rows"]:
+        logger.warning(
+            "%s/%s (%s): no rows (%d in the file, %d skipped): the split is left out of the converted dataset "
+            "(datasets cannot load a 0-row split)",
+            config,
+            split,
+            s["source"],
+            s["input_rows"],
+            sum(skipped.values()),
         )
     if s.get("nil"):
         logger.info(
@@ -566,12 +653,13 @@ def _warn(config: str, split: str, s: dict) -> None:
         )
     if bad:
         logger.warning(
-            "%s/%s (%s): %d rows without their picture: %s",
+            "%s/%s (%s): %d rows without their picture: %s%s",
             config,
             split,
             s["source"],
             sum(bad.values()),
             ", ".join(f"{k} {v}" for k, v in bad.items()),
+            _first(s, bad),
         )
     if s["text_repaired"]:
         logger.warning(
@@ -676,8 +764,19 @@ def convert(
         for split, path in split_files.items():
             w = _ShardWriter(tmp / "data" / "mentions", split, MENTION_FEATURES)
             st = _convert_mentions(path, split, mention_dirs, roots, kb_qids, w, prober, verbose)
-            summary["data_files"]["mentions"][split] = [f"data/mentions/{n}" for n in w.close()]
+            names = w.close()
+            if names:  # a split without rows has no file and no card entry (see _warn)
+                summary["data_files"]["mentions"][split] = [f"data/mentions/{n}" for n in names]
             summary["configs"]["mentions"][split] = st
+        if not summary["data_files"]["mentions"]:
+            raise MalformedDataError(
+                f"{raw_dir}: no mention rows in any split ("
+                + ", ".join(
+                    f"{st['source']}: {st['input_rows']} rows, {sum(st['skipped'].values())} skipped"
+                    for st in summary["configs"]["mentions"].values()
+                )
+                + ")"
+            )
         for config, splits in summary["configs"].items():
             for split, st in splits.items():
                 _check_counts(config, split, st)
@@ -829,13 +928,13 @@ Multimodal entity linking data converted from a MIMIC "cleaned" layout folder by
 
 ```python
 from datasets import load_dataset
-mentions = load_dataset("path/to/this/folder", "mentions")  # train / validation / test
+mentions = load_dataset("path/to/this/folder", "mentions")  # {" / ".join(summary["data_files"]["mentions"])}
 kb = load_dataset("path/to/this/folder", "kb")["train"]
 ```
 
 ## Schema
 
-Config `mentions` (splits train, validation, test):
+Config `mentions` (splits {", ".join(summary["data_files"]["mentions"])}):
 
 | column | type | meaning |
 |---|---|---|
@@ -870,8 +969,11 @@ unreadable {kbf["unreadable"]}, unsafe path {kbf["unsafe path"]}, not checked {k
 (only the first usable picture of an entity is embedded).
 
 Rules: a mention picture is `mention_image/<stem>.jpg` (stem = basename of `imgPath` up to its
-first dot), else the exact basename; `mention_images/` is searched too.  Paths with `..` components
-or resolving outside the source folder (symlinks) are never read ("unsafe").  Answers `nil`/empty
+first dot), else the exact basename; `mention_images/` is searched too; a name that is not found
+as written is looked up URL-unquoted (`G%C3%B6del.jpg` -> `Gödel.jpg`).  Paths with `..`
+components (as written or unquoted) or resolving outside the source folder (symlinks) are never
+read ("unsafe").  An empty `imgPath` means no picture.  A split left without rows has no file
+and is not listed in the configs above.  Answers `nil`/empty
 are kept as `nil` (the entity is not in the KB); other answers absent from the KB are skipped;
 duplicate KB qids keep the first row.
 """

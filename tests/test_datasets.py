@@ -589,3 +589,167 @@ def test_convert_cli(tmp_path):
         env=env,
     )
     assert good.returncode == 0 and "mentions  train" in good.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# empty splits and KBs, named offenders, URL-quoted picture names
+
+
+def _mention(i, answer="Q1", img=""):
+    return {"id": f"m{i}", "mentions": "A", "sentence": "s.", "imgPath": img, "answer": answer}
+
+
+def test_empty_split_left_out_and_the_others_load(tmp_path, caplog):
+    from datasets import load_dataset
+
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0), _mention(1)])
+    _write(raw / "Bad_dev.json", [])  # empty file
+    _write(raw / "Bad_test.json", [_mention(0, answer="Q404"), _mention(1, answer="Q405")])  # every row skipped
+    with caplog.at_level(logging.WARNING, logger=cm.__name__):
+        summary = cm.convert(raw, tmp_path / "hf", verbose=False)
+    assert_counts_add_up(summary)
+    assert list(summary["data_files"]["mentions"]) == ["train"]
+    assert summary["configs"]["mentions"]["validation"]["input_rows"] == 0  # still counted in the summary
+    assert summary["configs"]["mentions"]["test"]["skipped"] == {"answer not in KB": 2}
+    logs = caplog.text
+    assert "mentions/validation (Bad_dev.json): no rows (0 in the file, 0 skipped)" in logs
+    assert "mentions/test (Bad_test.json): no rows (2 in the file, 2 skipped)" in logs
+    assert sorted(p.name for p in (tmp_path / "hf" / "data" / "mentions").iterdir()) == [
+        "train-00000-of-00001.parquet"
+    ]
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "split: train" in card and "split: validation" not in card and "split: test" not in card
+    mentions = load_dataset(str(tmp_path / "hf"), "mentions", cache_dir=str(tmp_path / "cache"))
+    assert list(mentions) == ["train"] and mentions["train"].num_rows == 2
+    assert load_dataset(str(tmp_path / "hf"), "kb", cache_dir=str(tmp_path / "cache"))["train"].num_rows == 1
+
+
+def test_no_mention_rows_in_any_split_raises(tmp_path):
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0, answer="Q404")])
+    with pytest.raises(
+        cm.MalformedDataError, match=r"no mention rows in any split \(Bad_train\.json: 1 rows, 1 skipped"
+    ):
+        cm.convert(raw, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_kb_raises(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    _minimal(raw, kb=[])
+    with pytest.raises(cm.MalformedDataError, match=r"kb_entity\.json: no entities$"):
+        cm.convert(raw, tmp_path / "out", verbose=False)
+    assert cm.main([str(raw), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "kb_entity.json: no entities" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_kb_of_duplicates_or_empty_qids(tmp_path):
+    # No KB can end with every row skipped: duplicates keep their first row, an empty qid stops the conversion.
+    raw = tmp_path / "raw"
+    _minimal(raw, kb=[{"qid": "Q1", "entity_name": "A"}, {"qid": "Q1", "entity_name": "B"}])
+    summary = cm.convert(raw, tmp_path / "ok", verbose=False)
+    assert summary["configs"]["kb"]["train"]["rows"] == 1
+    assert summary["configs"]["kb"]["train"]["examples"] == {"duplicate qid": ["row 1: qid Q1 (first in row 0)"]}
+    _minimal(raw, kb=[{"qid": "", "entity_name": "A"}, {"qid": "", "entity_name": "B"}])
+    with pytest.raises(cm.MalformedDataError, match=r"kb_entity\.json: row 0: empty 'qid'"):
+        cm.convert(raw, tmp_path / "out", verbose=False)
+
+
+def test_dirty_warnings_name_offenders(dirty):
+    # Each counted warning names its first offenders: row (0-based, as MalformedDataError), id or qid, picture.
+    logs = "\n".join(dirty["logs"])
+    assert "skipped 1 of 20 rows: answer not in KB 1. First: row 13 (id m13): answer Q999" in logs
+    assert "duplicate qid 1. First: row 8: qid Q1 (first in row 0)" in logs
+    assert (
+        "missing 1, unreadable 2, unsafe path 2. First: row 1 (id m1): m1.jpg (missing: no mention_image/m1.jpg)"
+        in logs
+    )
+    assert "row 2 (id m2): m2.jpg (unreadable: mention_image/m2.jpg: not a picture format PIL reads)" in logs
+    assert "row 10 (id m10): ../../etc/passwd (unsafe path: '..' in the path)" in logs
+    assert "row 11 (id m11): m11.jpg (unsafe path: mention_image/m11.jpg resolves outside the dataset folder)" in logs
+    assert "row 1 (qid Q2): Q2.jpg (missing: no kb_image/Q2.jpg)" in logs
+    assert "row 7 (qid Q8): Q8.jpg (unreadable: kb_image/Q8.jpg: " in logs
+    assert "id m0)" not in logs and "id m14)" not in logs  # a found picture or imgPath "" is no offender
+    # the same examples are kept per reason in the summary (conversion_summary.json)
+    t = dirty["summary"]["configs"]["mentions"]["train"]["examples"]
+    assert set(t) == {"answer not in KB", "missing", "unreadable", "unsafe path"}
+    assert t["unreadable"][1].startswith("row 3 (id m3): m3.jpg (unreadable: mention_image/m3.jpg: ")
+    saved = json.loads((Path(dirty["summary"]["out_dir"]) / "conversion_summary.json").read_text(encoding="utf-8"))
+    assert saved["configs"]["kb"]["train"]["examples"]["unsafe path"] == [
+        "row 9 (qid Q9): ../../secret.jpg (unsafe path: '..' in the path)"
+    ]
+
+
+def test_examples_are_capped(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0)] + [_mention(i, answer=f"Q{900 + i}") for i in range(1, 9)])
+    with caplog.at_level(logging.WARNING, logger=cm.__name__):
+        summary = cm.convert(raw, tmp_path / "hf", verbose=False)
+    ex = summary["configs"]["mentions"]["train"]["examples"]["answer not in KB"]
+    assert len(ex) == cm.EXAMPLES and ex[0] == "row 1 (id m1): answer Q901"
+    assert "answer not in KB 8. First: row 1 (id m1): answer Q901; " in caplog.text
+    assert caplog.text.rstrip().endswith("; ...") and "Q906" not in caplog.text
+
+
+def test_url_quoted_picture_names(tmp_path):
+    base = tmp_path / "base"
+    raw = base / "raw"
+    _write(raw / "mention_image" / "Gödel pic.jpg", _jpeg())
+    _write(raw / "kb_image" / "Kurt Gödel.jpg", _jpeg((0, 0, 200)))
+    _write(base / "secret.jpg", _jpeg((4, 5, 6)))  # must never be read
+    _write(raw / "mention_image" / "m1.jpg", _jpeg())  # exact name wins over nothing
+    kb = [
+        {"qid": "Q1", "entity_name": "Kurt%20G%C3%B6del", "image_list": ["Kurt%20G%C3%B6del.jpg"]},
+        {"qid": "Q2", "entity_name": "Escape", "image_list": ["..%2Fsecret.jpg", "..%2F..%2Fsecret.jpg"]},
+    ]
+    train = [
+        _mention(0, img="mention_image/G%C3%B6del%20pic.jpg"),
+        _mention(1, img="mention_image/m1.jpg"),
+        _mention(2, img="mention_image/..%2F..%2Fsecret.jpg"),
+        _mention(3, img="mention_image/%2E%2E%2Fsecret.jpg"),
+        _mention(4, img="mention_image/G%C3%B6del%20missing.jpg"),
+    ]
+    _minimal(raw, kb=kb, train=train)
+    reads = []
+    real_decode = cm._decode
+
+    def recording_decode(path):
+        reads.append(os.path.realpath(path))
+        return real_decode(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cm, "_decode", recording_decode)
+        summary = cm.convert(raw, tmp_path / "hf", verbose=False)
+    assert_counts_add_up(summary)
+    t = summary["configs"]["mentions"]["train"]
+    assert t["images"] == {"found": 2, "no image": 0, "missing": 1, "unreadable": 0, "unsafe path": 2}
+    assert (
+        "(missing: no mention_image/G%C3%B6del%20missing.jpg or mention_image/Gödel missing.jpg)"
+        in (t["examples"]["missing"][0])
+    )
+    k = summary["configs"]["kb"]["train"]
+    assert k["images"]["found"] == 1 and k["images"]["unsafe path"] == 1
+    assert all(p.startswith(os.path.realpath(raw) + os.sep) for p in reads)
+    assert os.path.realpath(base / "secret.jpg") not in reads
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "hf" / "data"
+    m = pq.read_table(next((out / "mentions").glob("train-*.parquet"))).to_pylist()
+    assert m[0]["image"]["bytes"] == (raw / "mention_image" / "Gödel pic.jpg").read_bytes()
+    assert m[0]["image"]["path"] == "Gödel pic.jpg"
+    e = pq.read_table(next((out / "kb").glob("train-*.parquet"))).to_pylist()
+    assert e[0]["image"]["bytes"] == (raw / "kb_image" / "Kurt Gödel.jpg").read_bytes()
+    assert e[0]["image_names"] == ["Kurt%20G%C3%B6del.jpg"]  # the list is kept as written
+    assert e[1]["image"] is None
+
+
+def test_empty_imgpath_means_no_picture(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0, img=""), _mention(1, img="  "), {**_mention(2), "imgPath": None}])
+    with caplog.at_level(logging.WARNING, logger=cm.__name__):
+        summary = cm.convert(raw, tmp_path / "hf", verbose=False)
+    t = summary["configs"]["mentions"]["train"]
+    assert t["images"]["no image"] == 3 and t["rows"] == 3 and t["examples"] == {}
+    assert "without their picture" not in caplog.text
