@@ -4,7 +4,8 @@
     python serving_otmel.py ...    # the same
 
 - `POST /link`: `{"mentions": [{"mention", "sentence", "image_base64"?, "image_path"?}], "top_k": 5, "candidates": 50,
-  "assignment": "ot" | "attention" | null}` -> `{"results": [[{"qid", "name", "score"}, ...], ...], "index_version",
+  "assignment": "ot" | "attention" | null, "nil_threshold": number | null (no NIL) | absent (the model's)}` ->
+  `{"results": [[{"qid", "name", "score"}, ...], ...], "index_version",
   "index_fingerprint", "index_size"}`: one list per mention, whatever [`~linking_otmel.OTMELLinker.link`] returns for
   it, or `{"error": "..."}` in the slot of a mention that cannot be linked (empty, text too long, picture unreadable,
   too large, or a path outside `--image_root`); the others are linked. A request none of whose mentions can be linked
@@ -21,7 +22,7 @@
 
 Dynamic batching: requests wait in an asyncio queue; one batcher takes up to `--max_batch_mentions` mentions from it
 (waiting at most `--max_wait_ms` for more once the queue is empty), groups them by their settings (`top_k`,
-`candidates`, `assignment`) and links each group with one [`~linking_otmel.OTMELLinker.link`] call on the single
+`candidates`, `assignment`, `nil_threshold`) and links each group with one [`~linking_otmel.OTMELLinker.link`] call on the single
 model thread, which also encodes new entities. Under load the queue fills while the model works, so batches grow by
 themselves. With `--worker process` the model runs in a worker process instead of a thread ([`ProcessWorker`]): the
 same batches over a pipe, and the model never shares a GIL with the HTTP event loop.
@@ -50,7 +51,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -135,6 +136,9 @@ class LinkRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="entities per mention (default 5)")
     candidates: int | None = Field(None, ge=1, description="stage-1 shortlist (default 50, or the server's limit)")
     assignment: Literal["ot", "attention"] | None = None
+    nil_threshold: Annotated[float, Field(allow_inf_nan=False)] | Literal["config"] | None = Field(
+        "config", description="NIL below this best score; null: no NIL answers; default: the model's"
+    )
 
 
 class EntityIn(BaseModel):
@@ -354,17 +358,25 @@ class ModelCore:
         }
 
     def link_groups(self, groups: list) -> tuple:
-        """Links `[((top_k, candidates, assignment), mentions), ...]` against one snapshot.
+        """Links `[((top_k, candidates, assignment, nil_threshold), mentions), ...]` against one snapshot.
 
         Returns `(state, outcomes, seconds, cpu_seconds)`: per group the `OTMELLinker.link` results or an error
         message."""
         start, cpu_start = time.perf_counter(), time.thread_time()
         snapshot = self.snapshot
         outcomes = []
-        for (top_k, candidates, assignment), mentions in groups:
+        for (top_k, candidates, assignment, nil_threshold), mentions in groups:
             try:
                 self.linker.index = snapshot.index
-                outcomes.append(self.linker.link(mentions, top_k=top_k, candidates=candidates, assignment=assignment))
+                outcomes.append(
+                    self.linker.link(
+                        mentions,
+                        top_k=top_k,
+                        candidates=candidates,
+                        assignment=assignment,
+                        nil_threshold=nil_threshold,
+                    )
+                )
             except Exception as err:  # noqa: BLE001 - reported to each request of the group
                 logger.exception("linking %d mentions failed", len(mentions))
                 outcomes.append(f"linking failed ({type(err).__name__}: {err})")
@@ -684,7 +696,7 @@ class ProcessWorker:
 @dataclass
 class _Job:
     mentions: list
-    key: tuple  # (top_k, candidates, assignment)
+    key: tuple  # (top_k, candidates, assignment, nil_threshold)
     future: asyncio.Future
 
 
@@ -740,7 +752,14 @@ class LinkingService:
 
     # ---- linking ----------------------------------------------------------------------------------------------
 
-    async def link(self, mentions: list, top_k: int = 5, candidates: int = 50, assignment: str | None = None):
+    async def link(
+        self,
+        mentions: list,
+        top_k: int = 5,
+        candidates: int = 50,
+        assignment: str | None = None,
+        nil_threshold: float | str | None = "config",
+    ):
         """Links prepared mentions (dicts for `OTMELLinker.link`) in the next batch: `(results, state)`, the state of
         the KB they were ranked against."""
         if self._batcher is None:
@@ -754,7 +773,7 @@ class LinkingService:
             )
         future = asyncio.get_running_loop().create_future()
         self.queued_mentions += len(mentions)
-        await self._queue.put(_Job(mentions, (top_k, candidates, assignment), future))
+        await self._queue.put(_Job(mentions, (top_k, candidates, assignment, nil_threshold), future))
         return await future
 
     async def _next_job(self, timeout: float | None):
@@ -1016,7 +1035,7 @@ def create_app(service: LinkingService) -> FastAPI:
             )
         service.stats["requests"] += 1
         service.stats["mentions"] += len(ok)
-        results, state = await service.link(ok, top_k, candidates, body.assignment)
+        results, state = await service.link(ok, top_k, candidates, body.assignment, body.nil_threshold)
         linked = iter(results)
         merged = [error if error is not None else next(linked) for error in errors]
         return JSONResponse({"results": merged, **state})  # plain JSON: no jsonable_encoder walk

@@ -215,6 +215,17 @@ def test_health_and_info(server, world):
     assert info["settings"]["max_mentions_per_request"] == 16 and info["settings"]["index_dir"] is None
 
 
+def test_link_takes_a_nil_threshold(server, world):
+    query = {"mentions": [_mention(0)], "top_k": 3}
+    best = server.client.post("/link", json={**query, "nil_threshold": None}).json()["results"][0]
+    assert all(c["qid"] is not None for c in best)
+    r = server.client.post("/link", json={**query, "nil_threshold": best[0]["score"] + 0.5})
+    first, *rest = r.json()["results"][0]
+    assert first == {"qid": None, "name": None, "nil": True, "score": best[0]["score"]} and rest == best[:2]
+    assert server.client.post("/link", json={**query, "nil_threshold": -5}).json()["results"][0] == best
+    assert server.client.post("/link", json={**query, "nil_threshold": "high"}).status_code == 422
+
+
 @pytest.mark.parametrize("assignment", ["ot", "attention"])
 def test_link_matches_in_process_link(server, world, assignment):
     mentions = [_mention(i) for i in range(5)] + [_mention(6, _png(6)), _mention(7, _png(20))]
