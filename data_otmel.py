@@ -153,6 +153,10 @@ def _resolve_columns(where: str, found: list, mapping: dict, fields, required, a
             f"{','.join(f'{f}=YOUR_COLUMN' for f in missing)}"
         )
     used = set(columns.values())
+    for source in used:
+        shared = [f for f, c in columns.items() if c == source]
+        if len(shared) > 1:  # allowed (e.g. the name as attributes too), but rarely meant: say so
+            logger.warning("%s: column %r feeds the fields %s (%s)", where, source, ", ".join(shared), argument)
     unknown = [c for c in found if c not in used and c not in DERIVED_KB_COLUMNS]
     if unknown:
         logger.warning(

@@ -255,7 +255,7 @@ class OTMELLinker:
 
         `mentions` is a list (or `datasets` split) even for one mention: a single dict or string raises a `TypeError`
         that says so, as does a mention without a string `mention` or with a non-string `sentence` (the message names
-        its position). An image of an unsupported type counts as no image, with a counted warning. `[]` gives `[]`.
+        its position); an empty `mention` raises a `ValueError` naming its position. An image of an unsupported type counts as no image, with a counted warning. `[]` gives `[]`.
 
         Returns, per mention, `[{"qid", "name", "score"}, ...]` best first (`top_k` entries, fewer when the KB is
         smaller; S_O scores, cosine scale). `assignment="attention"` is the KD fast path for the pairwise matching
@@ -279,6 +279,9 @@ class OTMELLinker:
         if len(index) == 0:
             raise ValueError("the entity index is empty: build it from a KB with at least one entity")
         surfaces, sentences, images = mention_columns(mentions)  # TypeError naming the first bad mention
+        empty = [i for i, surface in enumerate(surfaces) if not surface.strip()]
+        if empty:  # as the CLI and the server refuse them
+            raise ValueError(f"mention(s) {', '.join(map(str, empty[:20]))} have an empty 'mention' (surface text)")
         mentions = [{"mention": m, "sentence": s, "image": i} for m, s, i in zip(surfaces, sentences, images)]
         options = RankOptions(
             strategy=strategy,

@@ -514,7 +514,7 @@ def test_cli_warns_about_flags_it_ignores(world, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "unused")
 
 
-def test_small_inputs_odd_pictures_and_stage1_names(world, tmp_path):
+def test_small_inputs_odd_pictures_and_stage1_names(world, tmp_path, caplog):
     from datasets import DatasetDict
 
     from data_otmel import DataFormatError, load_kb
@@ -532,3 +532,10 @@ def test_small_inputs_odd_pictures_and_stage1_names(world, tmp_path):
     assert list(load_kb(str(tmp_path / "dd"))["qid"]) == ["Q1", "Q2"]
     with pytest.raises(DataFormatError, match="a model folder, not a KB"):
         load_kb(world["model_dir"])
+    (tmp_path / "kb.csv").write_text("qid,name\nQ1,ada smith\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="data_otmel"):
+        kb = load_kb(str(tmp_path / "kb.csv"), columns="attributes=name")
+    assert kb[0]["attributes"] == "ada smith" and "column 'name' feeds the fields name, attributes" in caplog.text
+    linker = lk.OTMELLinker(world["model"], world["processor"], world["index"])
+    with pytest.raises(ValueError, match=r"mention\(s\) 1 have an empty 'mention'"):
+        linker.link([{"mention": "ada smith"}, {"mention": "  ", "sentence": "a doctor"}])
