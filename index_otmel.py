@@ -55,6 +55,9 @@ SCORE_SETTINGS = (
 def import_faiss():
     """The `faiss` module, or an ImportError saying how to get it. Imported inside `try`: transformers requires every
     import outside one of remote-code users (an index checkpoint loaded from the Hub), and faiss is optional."""
+    # FAISS's loader reports at INFO level which of its builds it could not load (e.g. "No module named
+    # 'faiss.swigfaiss_avx2'" with wheels that dispatch at run time): not news for a user, and it reads like an error.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as err:
@@ -2576,6 +2579,7 @@ __all__ = [
     "content_fingerprint",
     "convert_index",
     "encode_kb",
+    "import_faiss",
     "index_towers",
     "inference_mode",
     "kb_fingerprint",

@@ -38,11 +38,11 @@ import torch
 
 
 try:  # a package when loaded as Hub remote code, plain modules in a checkout
-    from .index_otmel import ANN_MIN_ROWS, EntityIndex, inference_mode
+    from .index_otmel import ANN_MIN_ROWS, EntityIndex, import_faiss, inference_mode
     from .metrics_otmel import check_ties, gold_ranks_exhaustive, gold_ranks_two_stage, ranking_metrics, stage1_recall
     from .modeling_otmel import OTMELMentionFeatures
 except ImportError:
-    from index_otmel import ANN_MIN_ROWS, EntityIndex, inference_mode
+    from index_otmel import ANN_MIN_ROWS, EntityIndex, import_faiss, inference_mode
     from metrics_otmel import check_ties, gold_ranks_exhaustive, gold_ranks_two_stage, ranking_metrics, stage1_recall
     from modeling_otmel import OTMELMentionFeatures
 
@@ -230,8 +230,8 @@ _faiss_cache = {}
 def faiss_stage1(index: EntityIndex, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact stage-1 top-k by FAISS `IndexFlatIP` over `index.retrieval` (built once per index and `index.version`,
     so rebuilt after [`~index_otmel.EntityIndex.add`] / `remove`): `(scores, rows)`."""
-    try:  # optional: inside try, so that transformers does not require it of remote-code users
-        import faiss
+    try:
+        faiss = import_faiss()
     except ImportError as err:
         raise ImportError(
             "stage1='faiss' needs the faiss package (pip install faiss-cpu); stage1='torch' does not"
@@ -283,7 +283,7 @@ def stage1_search(options: RankOptions, index: EntityIndex) -> str:
         return options.stage1
     if len(index) >= ANN_MIN_ROWS:
         try:
-            import faiss  # noqa: F401
+            import_faiss()
         except ImportError:
             return "torch"
         return "ann"
