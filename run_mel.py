@@ -967,6 +967,9 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint and not os.path.isdir(checkpoint):
             raise UsageError(f"--resume_from_checkpoint {checkpoint}: no such folder")
+        problem = _checkpoint_problem(checkpoint) if checkpoint else None
+        if problem:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint}: not a checkpoint to resume from ({problem})")
     if "eval_every_epochs" in given and training_args.eval_strategy != "epoch":
         logger.warning(
             "--eval_every_epochs %d is ignored: it applies to --eval_strategy epoch, not %s",
@@ -987,6 +990,23 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
         logger.warning(
             "%s only shape the offline tiny CLIP: ignored with --model_name_or_path / --clip_model", ", ".join(ignored)
         )
+
+    if model_args.clip_model:
+        from transformers import PretrainedConfig
+
+        name = model_args.clip_model
+        try:
+            clip_config, _ = PretrainedConfig.get_config_dict(name)
+        except (OSError, ValueError) as error:  # not found locally nor on the Hub, offline, not a model folder
+            raise UsageError(
+                f"--clip_model {name}: no CLIP checkpoint there ({type(error).__name__}: {error})"
+            ) from None
+        if clip_config.get("model_type") != "clip":
+            otmel = clip_config.get("model_type") == OTMELConfig.model_type
+            raise UsageError(
+                f"--clip_model {name} is a {clip_config.get('model_type')!r} checkpoint, not a CLIP one"
+                + ("; to start from a trained OT-MEL checkpoint, use --model_name_or_path" if otmel else "")
+            )
 
     overrides = build_config_overrides(model_args, data_args)
     config = None
@@ -1049,9 +1069,48 @@ def check_arguments(model_args, data_args, training_args, given: dict) -> None:
             )
 
 
-def run_settings(model_args, data_args, training_args) -> dict:
+def _model_setting_names() -> list[str]:
+    """The model config settings the command line can give (fields of both ModelArguments / DataArguments and
+    OTMELConfig)."""
+    return [
+        f.name
+        for args in (ModelArguments, DataArguments)
+        for f in dataclasses.fields(args)
+        if f.name in OTMELConfig.__dataclass_fields__
+    ]
+
+
+def _model_defaults(model_name_or_path: str | None, clip_model: str | None, tiny_hidden_size: int) -> dict:
+    """The value each model setting of [`_model_setting_names`] takes when neither the command line nor `--mode` gives
+    it: the checkpoint's config with `--model_name_or_path`, else OTMELConfig's default (with the offline tiny CLIP,
+    `hidden_size` is half its width: see `load_model_and_processor`). Raises `OSError` / `ValueError` when the
+    checkpoint's config cannot be read."""
+    names = _model_setting_names()
+    if model_name_or_path:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
+        return {name: getattr(config, name, getattr(OTMELConfig, name)) for name in names}
+    defaults = {name: getattr(OTMELConfig, name) for name in names}
+    if not clip_model:
+        defaults["hidden_size"] = tiny_hidden_size // 2
+    return defaults
+
+
+# The content of the data a run trained on: one hash of the datasets' fingerprints and cache files of the training
+# split and the KB as loaded. They follow the files (names, sizes and times: a raw folder's conversion is keyed by all
+# its files, a dataset folder's cache by its files, a table file by its size and time), so data rewritten unchanged
+# counts as changed. A run_settings.json written before run_mel.py recorded it has none: its data is not compared.
+DATA_FINGERPRINT = "data_fingerprint"
+
+
+def run_settings(model_args, data_args, training_args, mentions=None, kb=None) -> dict:
     """What decides the result of a training run (data, starting model, model config, optimisation), as stored in
-    `run_settings.json` of the output folder and compared before resuming a run found there."""
+    `run_settings.json` of the output folder and compared before resuming a run found there.
+
+    Values are the effective ones (defaults filled in), so a setting given at its default compares equal to one left
+    out. With the loaded `mentions` (their `train` split) and `kb`, a fingerprint of their content is recorded too
+    (`DATA_FINGERPRINT`): a run is not resumed on data changed since it stopped."""
 
     def where(path):
         return os.path.abspath(path) if path and os.path.exists(path) else path
@@ -1072,8 +1131,16 @@ def run_settings(model_args, data_args, training_args) -> dict:
         settings.update(
             {f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args) if f.name.startswith("tiny_")}
         )
+    settings.update(_model_defaults(model_args.model_name_or_path, model_args.clip_model, model_args.tiny_hidden_size))
     settings.update(build_config_overrides(model_args, data_args))
     settings.update({name: getattr(training_args, name) for name in TRAINING_SETTINGS})
+    if mentions is not None and "train" in mentions and kb is not None:
+        # With their cache files: datasets keys a local folder's fingerprint by its name only; its cache (data_otmel's
+        # load_dataset_config) is keyed by the names, sizes and times of its files.
+        key = [
+            (data._fingerprint, sorted(f["filename"] for f in data.cache_files)) for data in (mentions["train"], kb)
+        ]
+        settings[DATA_FINGERPRINT] = _stable_hash(json.dumps(key))
     # What the collator adds to the batches: recorded only when on, so settings stored before they existed still compare.
     for name, off in (("kb_negatives", 0), ("pseudo_mentions", 0), ("augment_pictures", "none"), ("word_dropout", 0)):
         if getattr(training_args, name, off) != off:
@@ -1087,18 +1154,48 @@ def run_settings(model_args, data_args, training_args) -> dict:
 
 
 def _read_run_settings(folder: str) -> dict | None:
+    """The [`run_settings`] stored in `folder`, or None. A model setting missing there (a file written when only the
+    settings given were recorded) had its default: it is filled in, so that it compares with this run's value."""
     path = os.path.join(folder, RUN_SETTINGS_NAME)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        if not isinstance(settings, dict):
+            raise ValueError(f"a JSON {type(settings).__name__}, not an object")
+    except ValueError as err:  # JSONDecodeError is one
+        raise UsageError(
+            f"{path}: unreadable ({err}); the run that wrote it cannot be compared with this one: delete the file to "
+            "resume its checkpoints as this run's, or pass --overwrite_output_dir to train afresh"
+        ) from None
+    missing = [name for name in _model_setting_names() if name not in settings]
+    if missing:
+        try:
+            defaults = _model_defaults(
+                settings.get("model_name_or_path"),
+                settings.get("clip_model"),
+                settings.get("tiny_hidden_size", ModelArguments.tiny_hidden_size),
+            )
+        except (OSError, ValueError):  # that run's checkpoint is gone: its defaults are unknown, the settings "unset"
+            defaults = {}
+        defaults = json.loads(json.dumps(defaults, default=str))
+        settings.update({name: defaults[name] for name in missing if name in defaults})
+    return settings
 
 
 def _settings_differences(before: dict, now: dict) -> str:
+    """The settings that differ, as `name: value there, value now; ...` (empty when they match). The data's content
+    (`DATA_FINGERPRINT`) is compared only where `before` recorded it."""
+
     def show(settings, key):
         return repr(settings[key]) if key in settings else "unset"
 
-    keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+    keys = sorted(
+        k
+        for k in set(before) | set(now)
+        if before.get(k, "<unset>") != now.get(k, "<unset>") and (k in before or k != DATA_FINGERPRINT)
+    )
     return "; ".join(f"{key}: {show(before, key)} there, {show(now, key)} now" for key in keys)
 
 
@@ -1125,13 +1222,74 @@ def _checkpoint_progress(checkpoint: str) -> str:
         return "step unknown: no readable trainer_state.json"
 
 
+def _checkpoint_problem(checkpoint: str) -> str | None:
+    """Why Trainer could not resume from the folder `checkpoint`, or None when it looks whole. Cheap: parses
+    trainer_state.json (which Trainer writes last: a run stopped while saving leaves none) and reads the headers of the
+    safetensors weights and the ends of the torch files (optimizer, scheduler, random state), not their data."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except FileNotFoundError:
+        return "no trainer_state.json, which Trainer writes last: the run may have stopped while saving"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"trainer_state.json is unreadable ({type(error).__name__}: {error})"
+    single, index = (
+        os.path.join(checkpoint, "model.safetensors"),
+        os.path.join(checkpoint, "model.safetensors.index.json"),
+    )
+    if os.path.isfile(single):
+        weights = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weights = [os.path.join(checkpoint, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"model.safetensors.index.json is unreadable ({type(error).__name__}: {error})"
+    elif os.path.isfile(os.path.join(checkpoint, "pytorch_model.bin")):
+        weights = []  # a torch file: checked below
+    else:
+        return "no model weights (model.safetensors)"
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as error:
+            return f"{os.path.basename(path)} is unreadable ({type(error).__name__}: {error})"
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if name.endswith((".pt", ".pth", ".bin")) and os.path.isfile(path) and not zipfile.is_zipfile(path):
+            return f"{name} is not a whole torch file (truncated?)"
+    return None
+
+
+def _resumable(checkpoints: list[str]) -> str | None:
+    """The newest of `checkpoints` (oldest first) Trainer can resume from, with a warning naming each newer one
+    skipped and why ([`_checkpoint_problem`]); None when there is none."""
+    for checkpoint in reversed(checkpoints):
+        problem = _checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning(
+            "Skipping %s: it cannot be resumed from (%s). Delete it, or pass --overwrite_output_dir to train afresh",
+            checkpoint,
+            problem,
+        )
+    return None
+
+
 def resume_point(training_args, settings: dict) -> str | None:
     """The checkpoint `--do_train` resumes from, or None to train afresh; says so at the default log level (WARNING).
 
     The last checkpoint in `--output_dir` is resumed when the run that wrote it had the same [`run_settings`]. A run
     with other settings is refused ([`UsageError`] naming the folder, the settings that differ and the flags), unless
     `--overwrite_output_dir` (its checkpoints are deleted by [`start_run`]) or `--resume_from_checkpoint` (resumed as
-    asked, the differences logged).
+    asked, the differences logged). A checkpoint that cannot be resumed from (damaged, or half-written when the run
+    stopped: [`_checkpoint_problem`]) is skipped with a warning for the newest one that can; with none, training
+    starts afresh, as in a folder without checkpoints.
     """
     out = training_args.output_dir
     if training_args.resume_from_checkpoint:
@@ -1148,8 +1306,6 @@ def resume_point(training_args, settings: dict) -> str | None:
     if not os.path.isdir(out):
         return None
     checkpoints = _checkpoints(out)
-    before = _read_run_settings(out)
-    differences = _settings_differences(before, settings) if before is not None else ""
     if training_args.overwrite_output_dir:
         if checkpoints:
             logger.warning(
@@ -1158,13 +1314,19 @@ def resume_point(training_args, settings: dict) -> str | None:
                 len(checkpoints),
             )
         return None
-    if not checkpoints:
+    before = _read_run_settings(out)
+    differences = _settings_differences(before, settings) if before is not None else ""
+    checkpoint = _resumable(checkpoints)
+    if checkpoint is None:
+        if checkpoints:
+            logger.warning(
+                "None of the %d checkpoint(s) in %s can be resumed from: training afresh", len(checkpoints), out
+            )
         if differences:
             logger.warning(
                 "%s holds the outputs of a run with other settings (%s): this run replaces them", out, differences
             )
         return None
-    checkpoint = checkpoints[-1]
     if before is None:
         logger.warning(
             "Resuming the run in %s from %s (%s). Its settings cannot be compared with this run's (no %s: an older "
@@ -1176,11 +1338,19 @@ def resume_point(training_args, settings: dict) -> str | None:
         )
         return checkpoint
     if differences:
+        changed = DATA_FINGERPRINT in before and before[DATA_FINGERPRINT] != settings.get(DATA_FINGERPRINT)
+        tiny = not (settings.get("model_name_or_path") or settings.get("clip_model"))
         raise UsageError(
-            f"--output_dir {out} holds checkpoints of a run with other settings ({differences}). Resuming it would "
-            f"continue that run ({_checkpoint_progress(checkpoint)}) and keep its weights, not train with these "
-            f"settings. Pass --overwrite_output_dir to delete its checkpoints and train afresh, choose another "
-            f"--output_dir, or pass --resume_from_checkpoint {checkpoint} to continue it anyway"
+            f"--output_dir {out} holds checkpoints of a run with other settings ({differences})"
+            + (": its training mentions or KB have changed (or were rewritten) since" if changed else "")
+            + f". Resuming it would continue that run ({_checkpoint_progress(checkpoint)}) and keep its weights, not "
+            "train with these settings. Pass --overwrite_output_dir to delete its checkpoints and train afresh, choose "
+            f"another --output_dir, or pass --resume_from_checkpoint {checkpoint} to continue it anyway"
+            + (
+                " (only if the data's text is unchanged: the offline tiny CLIP's tokenizer is built from it)"
+                if changed and tiny
+                else ""
+            )
         )
     logger.warning(
         "Resuming the run in %s from %s (%s): its settings match this run's. Pass --overwrite_output_dir to "
@@ -1220,10 +1390,12 @@ def reuse_finished_run(trainer, checkpoint: str | None, settings: dict):
     from transformers.trainer_utils import TrainOutput
 
     out = trainer.args.output_dir
+    before = _read_run_settings(out)
     if (
         checkpoint is None
         or trainer.args.resume_from_checkpoint
-        or _read_run_settings(out) != settings
+        or before is None
+        or _settings_differences(before, settings)
         or os.path.dirname(os.path.abspath(checkpoint)) != os.path.abspath(out)
     ):
         return None
@@ -1425,10 +1597,8 @@ def main(argv=None):
         logger.log(level, note)
     logger.info("Training/evaluation parameters %s", training_args)
 
-    # Refuse what cannot do what it says before loading anything; find the run to resume (or refuse a different one).
+    # Refuse what cannot do what it says before loading anything.
     check_arguments(model_args, data_args, training_args, given)
-    settings = run_settings(model_args, data_args, training_args) if training_args.do_train else None
-    last_checkpoint = resume_point(training_args, settings) if training_args.do_train else None
     set_seed(training_args.seed)
     check_dataset_source(data_args)
 
@@ -1442,6 +1612,8 @@ def main(argv=None):
         kb_columns=data_args.kb_columns,
         mention_columns=data_args.mention_columns,
     )
+    # The run's settings include the content of the data as loaded, before the splits are checked and trimmed.
+    settings = run_settings(model_args, data_args, training_args, mentions, kb) if training_args.do_train else None
     # What the data is called in messages and the model card: the dataset, or the first mention file.
     dataset_label = data_args.dataset_name or next(
         f for f in (data_args.train_file, data_args.validation_file, data_args.test_file) if f
@@ -1456,15 +1628,20 @@ def main(argv=None):
     kb = kb.cast_column("image", ImageFeature(decode=False))
 
     def take(split, limit):
-        # Evaluation during training (any --eval_strategy but "no") turns do_eval on: it needs the validation split.
-        hint = (
-            "; pass --eval_strategy no to train without evaluation"
-            if split == "validation" and training_args.do_train
-            else ""
-        )
+        hint = ""
+        if split == "validation" and given.get("do_eval"):
+            hint = "; --do_eval needs it: drop --do_eval" + (
+                " and pass --eval_strategy no to train without evaluation"
+                if training_args.do_train and training_args.eval_strategy != "no"
+                else ""
+            )
+            hint += ", or add the split"
+        elif split == "validation" and training_args.do_train:
+            # Evaluation during training (any --eval_strategy but "no") turns do_eval on: it needs the validation split.
+            hint = "; pass --eval_strategy no to train without evaluation"
         if split not in mentions:
-            given = "" if data_args.dataset_name else f" (give --{split}_file)"
-            raise UsageError(f"{dataset_label} has no '{split}' split{given} (has: {', '.join(mentions)}){hint}")
+            files = "" if data_args.dataset_name else f" (give --{split}_file)"
+            raise UsageError(f"{dataset_label} has no '{split}' split{files} (has: {', '.join(mentions)}){hint}")
         data = mentions[split]
         data = data.select(range(min(limit, len(data)))) if limit is not None else data
         if len(data) == 0:
@@ -1475,6 +1652,8 @@ def main(argv=None):
     eval_dataset = take("validation", data_args.max_eval_samples) if training_args.do_eval else None
     if training_args.do_predict:
         take("test", data_args.max_predict_samples)  # checked now, not after training
+    # Find the run to resume (or refuse a different one), before the batch is fitted to the data (a setting compared).
+    last_checkpoint = resume_point(training_args, settings) if training_args.do_train else None
     if train_dataset is not None:
         fit_batch_to_data(training_args, len(train_dataset))
 

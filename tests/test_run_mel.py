@@ -416,6 +416,10 @@ OUT = ["--output_dir", "/nonexistent/otmel-out"]  # never written: every command
             ["--dataset_name", "x", *OUT, "--do_train", "--resume_from_checkpoint", "/nonexistent/checkpoint-3"],
             "--resume_from_checkpoint /nonexistent/checkpoint-3: no such folder",
         ),
+        (
+            ["--dataset_name", "x", *OUT, "--do_train", "--clip_model", "/nonexistent/clip"],
+            "--clip_model /nonexistent/clip: no CLIP checkpoint there (OSError",
+        ),
     ],
 )
 def test_refused_before_anything_is_loaded(argv, message, capsys):
@@ -499,7 +503,7 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
         f"--output_dir {out} holds checkpoints of a run with other settings",
         "learning_rate: 0.002 there, 5e-05 now",
         "mode: 'ot' there, 'att' now",
-        "fusion_assignment: unset there, 'attention' now",
+        "fusion_assignment: 'ot' there, 'attention' now",
         "step 2 of 2",
         "--overwrite_output_dir",
         f"--resume_from_checkpoint {out / 'checkpoint-2'}",
@@ -532,6 +536,144 @@ def test_resume_only_with_the_same_settings(converted, tmp_path, caplog):
     )
     second = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first if k in second)
+
+
+def _fake_checkpoint(folder, step, damage=None):
+    """A checkpoint folder as Trainer leaves it, as far as run_mel checks: trainer_state.json and model.safetensors.
+    `damage`: "weights" (truncated model.safetensors), "optimizer" (truncated optimizer.pt), "empty" (no file)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    if damage == "empty":
+        return str(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}))
+    save_file({"w": torch.zeros(4, 4)}, str(folder / "model.safetensors"))
+    torch.save({"lr": 1.0}, str(folder / "optimizer.pt"))
+    if damage:
+        damaged = folder / {"weights": "model.safetensors", "optimizer": "optimizer.pt"}[damage]
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[: len(whole) // 2])
+    return str(folder)
+
+
+def _settings_of(argv, mentions=None, kb=None):
+    import run_mel
+
+    model_args, data_args, training_args, _, _ = run_mel.parse_arguments(argv)
+    return training_args, run_mel.run_settings(model_args, data_args, training_args, mentions, kb)
+
+
+def test_damaged_checkpoints_are_skipped_or_refused(tmp_path, caplog, capsys):
+    """Resuming on its own, run_mel skips (with a warning naming each and why) the checkpoints Trainer could not load
+    and resumes from the newest whole one; with none whole it trains afresh, saying so. A damaged checkpoint given with
+    --resume_from_checkpoint is refused."""
+    import run_mel
+
+    out = tmp_path / "run"
+    training_args, settings = _settings_of(["--dataset_name", "x", "--output_dir", str(out), "--do_train", *TINY])
+    good = _fake_checkpoint(out / "checkpoint-2", 2)
+    truncated = _fake_checkpoint(out / "checkpoint-4", 4, damage="weights")
+    empty = _fake_checkpoint(out / "checkpoint-6", 6, damage="empty")
+    run_mel.start_run(training_args, settings)
+    with caplog.at_level(logging.WARNING):
+        assert run_mel.resume_point(training_args, settings) == good
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"Skipping {empty}: it cannot be resumed from (no trainer_state.json" in m for m in said)
+    assert any(
+        f"Skipping {truncated}: it cannot be resumed from (model.safetensors is unreadable (SafetensorError" in m
+        for m in said
+    )
+    assert any(f"Resuming the run in {out} from {good} (step 2 of 100)" in m for m in said)
+
+    err = usage_error(
+        ["--dataset_name", "x", "--output_dir", str(out), "--do_train", "--resume_from_checkpoint", truncated], capsys
+    )
+    assert err.startswith(f"error: --resume_from_checkpoint {truncated}: not a checkpoint to resume from (")
+    assert "model.safetensors is unreadable" in err and len(err.strip().splitlines()) == 1
+
+    shutil.rmtree(good)
+    _fake_checkpoint(out / "checkpoint-2", 2, damage="optimizer")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_mel.resume_point(training_args, settings) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"Skipping {good}: it cannot be resumed from (optimizer.pt is not a whole torch file" in m for m in said
+    )
+    assert any(f"None of the 3 checkpoint(s) in {out} can be resumed from: training afresh" in m for m in said)
+
+
+def test_resume_compares_effective_settings(tmp_path):
+    """A setting given at its default compares equal to one left out, also with a run_settings.json written when only
+    the given settings were recorded; another value differs."""
+    import run_mel
+
+    out = tmp_path / "run"
+    argv = ["--dataset_name", "x", "--output_dir", str(out), "--do_train", "--report_to", "none"]
+    training_args, settings = _settings_of(argv)
+    _, explicit = _settings_of(argv + ["--pooling", "softpool", "--hidden_size", "32", "--ot_epsilon", "0.1"])
+    assert explicit == settings and settings["pooling"] == "softpool" and settings["hidden_size"] == 32
+    # As run_mel.py wrote it before: the model settings neither given nor set by --mode left out.
+    old = {k: v for k, v in settings.items() if k not in ("pooling", "hidden_size", "ot_epsilon", "kd_weight")}
+    out.mkdir()
+    (out / "run_settings.json").write_text(json.dumps(old))
+    before = run_mel._read_run_settings(str(out))
+    assert run_mel._settings_differences(before, explicit) == ""
+    _, other = _settings_of(argv + ["--pooling", "mean"])
+    assert run_mel._settings_differences(before, other) == "pooling: 'softpool' there, 'mean' now"
+    _fake_checkpoint(out / "checkpoint-2", 2)
+    assert run_mel.resume_point(training_args, explicit) == str(out / "checkpoint-2")
+    with pytest.raises(run_mel.UsageError, match="pooling: 'softpool' there, 'mean' now"):
+        run_mel.resume_point(training_args, other)
+
+
+def test_resume_refused_when_the_data_changed(converted, tmp_path, monkeypatch):
+    """The run's settings hold a fingerprint of the training data and KB: the same data loaded again compares equal,
+    data rewritten with fewer mentions is refused, naming it."""
+    import datasets
+
+    import run_mel
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    path, cache = converted
+    mentions, kb, _ = run_mel.load_mel_dataset(path, cache)
+    data = write_dataset(tmp_path / "data", dict(mentions), kb)
+    out = tmp_path / "run"
+    argv = ["--dataset_name", data, "--output_dir", str(out), "--do_train", *TINY]
+    training_args, settings = _settings_of(argv, *run_mel.load_mel_dataset(data, cache)[:2])
+    assert _settings_of(argv, *run_mel.load_mel_dataset(data, cache)[:2])[1] == settings
+    run_mel.start_run(training_args, settings)
+    checkpoint = _fake_checkpoint(out / "checkpoint-2", 2)
+    assert run_mel.resume_point(training_args, settings) == checkpoint
+
+    shutil.rmtree(data)  # the same folder, rewritten in place with 70 training mentions
+    write_dataset(tmp_path / "data", {**mentions, "train": mentions["train"].select(range(70))}, kb)
+    changed_mentions, changed_kb, _ = run_mel.load_mel_dataset(data, cache)
+    assert len(changed_mentions["train"]) == 70
+    _, changed = _settings_of(argv, changed_mentions, changed_kb)
+    assert {k for k in settings if settings[k] != changed[k]} == {"data_fingerprint"}
+    with pytest.raises(run_mel.UsageError) as refused:
+        run_mel.resume_point(training_args, changed)
+    message = str(refused.value)
+    assert f"--output_dir {out} holds checkpoints of a run with other settings (data_fingerprint: " in message
+    assert "its training mentions or KB have changed (or were rewritten) since" in message
+
+
+def test_no_validation_split_with_do_eval_says_so(converted, tmp_path, capsys):
+    import datasets
+
+    path, cache = converted
+    mentions = datasets.load_dataset(path, "mentions")
+    kb = datasets.load_dataset(path, "kb")["train"]
+    no_dev = write_dataset(tmp_path / "no_dev", {"train": mentions["train"], "test": mentions["test"]}, kb)
+    argv = [*TINY, "--data_cache_dir", cache, "--dataset_name", no_dev, "--output_dir", str(tmp_path / "o")]
+    err = usage_error(argv + ["--do_train", "--do_eval", "--eval_strategy", "no"], capsys)
+    assert "has no 'validation' split (has: train, test); --do_eval needs it: drop --do_eval, or add the split" in err
+    assert "pass --eval_strategy no" not in err
+    err = usage_error(argv + ["--do_train", "--do_eval"], capsys)
+    assert "--do_eval needs it: drop --do_eval and pass --eval_strategy no to train without evaluation" in err
+    err = usage_error(argv + ["--do_train"], capsys)
+    assert "has no 'validation' split (has: train, test); pass --eval_strategy no to train without evaluation" in err
 
 
 def test_small_training_split_shrinks_the_batch(converted, tmp_path, caplog):
@@ -800,3 +942,21 @@ def test_zero_shot_clip_baseline_is_allowed_and_evaluates_only_what_is_asked(
     )
     assert "test_mrr" in metrics and not any(k.startswith("eval_") for k in metrics)
     assert (tmp_path / "predictions_test.jsonl").is_file()
+
+
+def test_damaged_run_settings_is_an_error_unless_overwriting(tmp_path):
+    import run_mel
+
+    out = tmp_path / "run"
+    argv = ["--dataset_name", "x", "--output_dir", str(out), "--do_train", "--report_to", "none"]
+    training_args, settings = _settings_of(argv)
+    out.mkdir()
+    _fake_checkpoint(out / "checkpoint-2", 2)
+    (out / "run_settings.json").write_text('{"pooling": "softp')
+    with pytest.raises(run_mel.UsageError, match=r"run_settings.json: unreadable \(.*--overwrite_output_dir"):
+        run_mel.resume_point(training_args, settings)
+    (out / "run_settings.json").write_text("[1, 2]")
+    with pytest.raises(run_mel.UsageError, match="a JSON list, not an object"):
+        run_mel.resume_point(training_args, settings)
+    overwrite, settings = _settings_of(argv + ["--overwrite_output_dir"])
+    assert run_mel.resume_point(overwrite, settings) is None
