@@ -698,8 +698,7 @@ def tiny_clip_for(mentions, kb, model_args, seed: int, cache_dir: str) -> str:
     key = "-".join(
         str(x)
         for x in (
-            kb._fingerprint,
-            mentions["train"]._fingerprint,
+            training_data_key(mentions, kb),  # a folder rewritten in place gets a tokenizer of its new text
             model_args.tiny_hidden_size,
             model_args.tiny_layers,
             model_args.tiny_image_size,
@@ -1104,6 +1103,14 @@ def _model_defaults(model_name_or_path: str | None, clip_model: str | None, tiny
 DATA_FINGERPRINT = "data_fingerprint"
 
 
+def training_data_key(mentions, kb) -> str:
+    """A hash of the content of the training split of `mentions` and of `kb` as loaded: their datasets fingerprints
+    with their cache files (datasets keys a local folder's fingerprint by its name only; its cache, data_otmel's
+    `load_dataset_config`, is keyed by the names, sizes and times of its files)."""
+    key = [(data._fingerprint, sorted(f["filename"] for f in data.cache_files)) for data in (mentions["train"], kb)]
+    return _stable_hash(json.dumps(key))
+
+
 def run_settings(model_args, data_args, training_args, mentions=None, kb=None) -> dict:
     """What decides the result of a training run (data, starting model, model config, optimisation), as stored in
     `run_settings.json` of the output folder and compared before resuming a run found there.
@@ -1135,12 +1142,7 @@ def run_settings(model_args, data_args, training_args, mentions=None, kb=None) -
     settings.update(build_config_overrides(model_args, data_args))
     settings.update({name: getattr(training_args, name) for name in TRAINING_SETTINGS})
     if mentions is not None and "train" in mentions and kb is not None:
-        # With their cache files: datasets keys a local folder's fingerprint by its name only; its cache (data_otmel's
-        # load_dataset_config) is keyed by the names, sizes and times of its files.
-        key = [
-            (data._fingerprint, sorted(f["filename"] for f in data.cache_files)) for data in (mentions["train"], kb)
-        ]
-        settings[DATA_FINGERPRINT] = _stable_hash(json.dumps(key))
+        settings[DATA_FINGERPRINT] = training_data_key(mentions, kb)
     # What the collator adds to the batches: recorded only when on, so settings stored before they existed still compare.
     for name, off in (("kb_negatives", 0), ("pseudo_mentions", 0), ("augment_pictures", "none"), ("word_dropout", 0)):
         if getattr(training_args, name, off) != off:

@@ -640,7 +640,8 @@ def test_resume_refused_when_the_data_changed(converted, tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "data", dict(mentions), kb)
     out = tmp_path / "run"
     argv = ["--dataset_name", data, "--output_dir", str(out), "--do_train", *TINY]
-    training_args, settings = _settings_of(argv, *run_mel.load_mel_dataset(data, cache)[:2])
+    before = run_mel.load_mel_dataset(data, cache)[:2]
+    training_args, settings = _settings_of(argv, *before)
     assert _settings_of(argv, *run_mel.load_mel_dataset(data, cache)[:2])[1] == settings
     run_mel.start_run(training_args, settings)
     checkpoint = _fake_checkpoint(out / "checkpoint-2", 2)
@@ -657,6 +658,20 @@ def test_resume_refused_when_the_data_changed(converted, tmp_path, monkeypatch):
     message = str(refused.value)
     assert f"--output_dir {out} holds checkpoints of a run with other settings (data_fingerprint: " in message
     assert "its training mentions or KB have changed (or were rewritten) since" in message
+
+    # The offline tiny CLIP's tokenizer is trained on the new text, not taken from the cache of the old.
+    import tiny_clip
+
+    def fake_build(path, texts, **kwargs):
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write(str(len(texts)))
+
+    monkeypatch.setattr(tiny_clip, "build_tiny_clip", fake_build)
+    model_args = run_mel.parse_arguments(argv)[0]
+    old_clip = run_mel.tiny_clip_for(*before, model_args, 0, str(tmp_path / "clips"))
+    new_clip = run_mel.tiny_clip_for(changed_mentions, changed_kb, model_args, 0, str(tmp_path / "clips"))
+    assert old_clip != new_clip and run_mel.tiny_clip_for(*before, model_args, 0, str(tmp_path / "clips")) == old_clip
 
 
 def test_no_validation_split_with_do_eval_says_so(converted, tmp_path, capsys):
