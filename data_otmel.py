@@ -526,6 +526,19 @@ def load_mention_file(
     _skip_warning(path, "mention", skipped, len(rows))
     if not parsed:
         raise DataFormatError(f"{path}: no usable mentions (the file has {len(rows)} row(s))")
+    first, repeated = {}, []
+    for location, fields, _ in parsed:
+        if fields["id"] in first:
+            repeated.append(f"{location} (id {fields['id']!r}, as {first[fields['id']]})")
+        first.setdefault(fields["id"], location)
+    if repeated:  # kept (they are mentions), but predictions keyed by id would be ambiguous
+        logger.warning(
+            "%s: %d mention row(s) repeat the id of an earlier row (kept; predictions name both by that id): %s%s",
+            path,
+            len(repeated),
+            ", ".join(repeated[:EXAMPLES]),
+            ", ..." if len(repeated) > EXAMPLES else "",
+        )
     fingerprint = _fingerprint(f"mentions:{split}:{require_answer}", path, mapping, [e for _, _, e in parsed])
     return _build("mentions", path, parsed, MENTION_FEATURES, fingerprint, cache_dir, split)
 

@@ -277,6 +277,20 @@ def test_mention_files(tmp_path, caplog):
         dx.load_mention_files({"train": path, "validation": bad})
     mapped = dx.load_mention_files({"validation": bad}, columns="mention=text,answer=gold")["validation"]
     assert mapped["mention"] == ["ada"] and mapped["answer"] == ["E000"] and mapped["sentence"] == [""]
+    twice = os.path.join(folder, "twice.jsonl")
+    with open(twice, "w") as f:
+        for mention in ("ada", "bob", "cyd"):
+            f.write(
+                json.dumps({"id": "m1" if mention != "bob" else "m2", "mention": mention, "answer": "E000"}) + "\n"
+            )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_otmel"):
+        kept = dx.load_mention_files({"test": twice})["test"]
+    assert kept["id"] == ["m1", "m2", "m1"]
+    assert (
+        "1 mention row(s) repeat the id of an earlier row (kept; predictions name both by that id): line 3 (id 'm1', as line 1)"
+        in _messages(caplog)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
