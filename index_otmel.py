@@ -544,15 +544,26 @@ def default_codecs(dtype: str, fields: dict, token_sample: dict | None = None, s
     for name, value in fields.items():
         if not value.is_floating_point():
             continue
-        if dtype in ("float32", "float16"):
-            codecs[name] = FloatCodec(dtype)
-        elif dtype == "int8" or name not in TOKEN_FIELDS:
+        kind, setting = codec_kind(dtype, name)
+        if kind == "float":
+            codecs[name] = FloatCodec(setting)
+        elif kind == "int8":
             codecs[name] = Int8Codec()
         else:
             if token_sample is None or name not in token_sample:
                 raise ValueError(f"a {dtype} index needs a token sample of {name} to train its residual codec")
-            codecs[name] = ResidualCodec.train(token_sample[name], int(dtype[3:]), seed=seed)
+            codecs[name] = ResidualCodec.train(token_sample[name], setting, seed=seed)
     return codecs
+
+
+def codec_kind(dtype: str, field: str) -> tuple[str, str | int | None]:
+    """How an index of storage `dtype` stores the float `field` ([`default_codecs`]): `("float", "float32" |
+    "float16")`, `("int8", None)` or `("residual", bits)`."""
+    if dtype in ("float32", "float16"):
+        return "float", dtype
+    if dtype == "int8" or field not in TOKEN_FIELDS:
+        return "int8", None
+    return "residual", int(dtype[3:])
 
 
 class StringColumn(Sequence):
@@ -1415,13 +1426,8 @@ def _layout_problem(meta: dict, rows: int, codecs: dict) -> str | None:
         return f"unknown storage dtype {dtype!r} (one of {', '.join(INDEX_DTYPES)})"
     for field, codec in codecs.items():
         config = codec.config()
-        if dtype in ("float32", "float16"):
-            fits = config["kind"] == "float" and config.get("dtype") == dtype
-        elif dtype.startswith("res") and field in TOKEN_FIELDS:
-            fits = config["kind"] == "residual" and config.get("bits") == int(dtype[3:])
-        else:
-            fits = config["kind"] == "int8"
-        if not fits:
+        stored = (config["kind"], config.get({"float": "dtype", "residual": "bits"}.get(config["kind"], "")))
+        if stored != codec_kind(dtype, field):
             return f"says storage dtype {dtype!r}, but {field} is stored as {config}"
     return None
 
@@ -2576,6 +2582,7 @@ __all__ = [
     "ann_default_code",
     "build_index",
     "check_index_dtype",
+    "codec_kind",
     "content_fingerprint",
     "convert_index",
     "encode_kb",
