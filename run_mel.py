@@ -750,8 +750,7 @@ def load_model_and_processor(model_args, data_args, training_args, mentions, kb)
         cache = data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "otmel")
         base = tiny_clip_for(mentions, kb, model_args, training_args.seed, cache)
         logger.info("Using the offline tiny CLIP at %s", base)
-        # The paper's D = 96 is sized for ViT-B/32; the tiny model's assignment space is half its width.
-        overrides.setdefault("hidden_size", model_args.tiny_hidden_size // 2)
+        overrides.setdefault("hidden_size", tiny_assignment_size(model_args.tiny_hidden_size))
     # Seeded here, not only at start-up: building the tiny CLIP on a first run draws random numbers a cached run does not.
     set_seed(training_args.seed)
     model = OTMELModel.from_clip(base, **overrides)
@@ -1082,8 +1081,8 @@ def _model_setting_names() -> list[str]:
 def _model_defaults(model_name_or_path: str | None, clip_model: str | None, tiny_hidden_size: int) -> dict:
     """The value each model setting of [`_model_setting_names`] takes when neither the command line nor `--mode` gives
     it: the checkpoint's config with `--model_name_or_path`, else OTMELConfig's default (with the offline tiny CLIP,
-    `hidden_size` is half its width: see `load_model_and_processor`). Raises `OSError` / `ValueError` when the
-    checkpoint's config cannot be read."""
+    `hidden_size` is [`tiny_assignment_size`]). Raises `OSError` / `ValueError` when the checkpoint's config cannot be
+    read."""
     names = _model_setting_names()
     if model_name_or_path:
         from transformers import AutoConfig
@@ -1092,8 +1091,14 @@ def _model_defaults(model_name_or_path: str | None, clip_model: str | None, tiny
         return {name: getattr(config, name, getattr(OTMELConfig, name)) for name in names}
     defaults = {name: getattr(OTMELConfig, name) for name in names}
     if not clip_model:
-        defaults["hidden_size"] = tiny_hidden_size // 2
+        defaults["hidden_size"] = tiny_assignment_size(tiny_hidden_size)
     return defaults
+
+
+def tiny_assignment_size(tiny_hidden_size: int) -> int:
+    """The assignment space (`hidden_size`) of an OT-MEL on the offline tiny CLIP when none is given: half the tiny
+    CLIP's width (the paper's D = 96 is sized for ViT-B/32)."""
+    return tiny_hidden_size // 2
 
 
 # The content of the data a run trained on: one hash of the datasets' fingerprints and cache files of the training
