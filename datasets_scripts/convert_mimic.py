@@ -536,9 +536,11 @@ def _convert_mentions(
         "images": {o: 0 for o in MENTION_IMAGE_OUTCOMES},
         "reencoded": 0,
         "text_repaired": 0,
+        "repeated_ids": 0,
         "examples": {},
     }
     rows, tasks, where = [], [], []
+    first_row = {}  # id -> the file row that first used it
     for i, r in enumerate(raw):
         surface = _text(path, i, "mentions", _field(path, i, r, "mentions"))
         sentence = _text(path, i, "sentence", _field(path, i, r, "sentence"), allow_none=True)
@@ -560,6 +562,10 @@ def _convert_mentions(
             s2, fixed = _repair_text(s)
             stats["text_repaired"] += fixed
             texts.append(s2)
+        if texts[0] in first_row:  # kept (a mention), but predictions keyed by id would be ambiguous
+            stats["repeated_ids"] += 1
+            _example(stats, "repeated id", f"row {i} (id {mid}, as row {first_row[texts[0]]})")
+        first_row.setdefault(texts[0], i)
         rows.append({"id": texts[0], "mention": texts[1], "sentence": texts[2], "answer": texts[3]})
         where.append(f"row {i} (id {mid}): {img_path}")
         if img_path.strip() == "":  # MIMIC's "no picture": counted as "no image", no warning
@@ -661,6 +667,15 @@ def _warn(config: str, split: str, s: dict) -> None:
             ", ".join(f"{k} {v}" for k, v in bad.items()),
             _first(s, bad),
         )
+    if s.get("repeated_ids"):
+        logger.warning(
+            "%s/%s (%s): %d rows repeat the id of an earlier row (kept; predictions name both by that id)%s",
+            config,
+            split,
+            s["source"],
+            s["repeated_ids"],
+            _first(s, {"repeated id": s["repeated_ids"]}),
+        )
     if s["text_repaired"]:
         logger.warning(
             "%s/%s (%s): repaired %d strings with invalid unicode (lone surrogates)",
@@ -669,6 +684,26 @@ def _warn(config: str, split: str, s: dict) -> None:
             s["source"],
             s["text_repaired"],
         )
+
+
+def _remove_abandoned_tmp(out_dir: Path) -> None:
+    """Removes the work folders (``.<name>.tmp-<pid>``) that conversions to `out_dir` killed on this machine left
+    behind: those whose process no longer runs. A running conversion's folder is left alone."""
+    if not out_dir.parent.is_dir():
+        return
+    for folder in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or another user's process)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        logger.info("%s: removing %s, left by a conversion that was stopped", out_dir, folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _safe_to_replace(out_dir: Path) -> bool:
@@ -738,6 +773,7 @@ def convert(
         world = ceilings.get("world") if isinstance(ceilings, dict) else None
         license = world.get("license", "unknown") if isinstance(world, dict) else "unknown"
 
+    _remove_abandoned_tmp(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -753,3 +753,30 @@ def test_empty_imgpath_means_no_picture(tmp_path, caplog):
     t = summary["configs"]["mentions"]["train"]
     assert t["images"]["no image"] == 3 and t["rows"] == 3 and t["examples"] == {}
     assert "without their picture" not in caplog.text
+
+
+def test_repeated_mention_ids_are_kept_and_warned(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0), _mention(1), {**_mention(2), "id": "m0"}, {**_mention(3), "id": "m0"}])
+    with caplog.at_level(logging.WARNING, logger=cm.__name__):
+        summary = cm.convert(raw, tmp_path / "hf", verbose=False)
+    t = summary["configs"]["mentions"]["train"]
+    assert t["rows"] == 4 and t["repeated_ids"] == 2
+    assert (
+        "mentions/train (Bad_train.json): 2 rows repeat the id of an earlier row (kept; predictions name both by "
+        "that id). First: row 2 (id m0, as row 0); row 3 (id m0, as row 0)" in caplog.text
+    )
+
+
+def test_work_folders_of_killed_conversions_are_removed(tmp_path):
+    raw = tmp_path / "raw"
+    _minimal(raw, train=[_mention(0)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    abandoned = tmp_path / f".hf.tmp-{dead.pid}"
+    running = tmp_path / f".hf.tmp-{os.getppid()}"  # a live process's folder is left alone
+    for folder in (abandoned, running):
+        (folder / "data").mkdir(parents=True)
+    cm.convert(raw, tmp_path / "hf", verbose=False)
+    assert not abandoned.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".hf.tmp-" + str(os.getppid()), "hf", "raw"])
