@@ -1281,11 +1281,32 @@ def _resumable(checkpoints: list[str]) -> str | None:
         if problem is None:
             return checkpoint
         logger.warning(
-            "Skipping %s: it cannot be resumed from (%s). Delete it, or pass --overwrite_output_dir to train afresh",
+            "Skipping %s: it cannot be resumed from (%s). It is moved aside to %s when training starts",
             checkpoint,
             problem,
+            DAMAGED_PREFIX + os.path.basename(checkpoint),
         )
     return None
+
+
+DAMAGED_PREFIX = "damaged-"  # a checkpoint resuming skipped, kept for inspection under this name (not checkpoint-*)
+
+
+def _move_aside_damaged(out: str, resumed: str | None) -> None:
+    """Renames the checkpoints of `out` newer than `resumed` (all when None) that cannot be resumed from to
+    ``damaged-checkpoint-N``: out of Trainer's checkpoint rotation (`--save_total_limit`), of the next resume's search
+    and of the way of the step-N save to come, and still there to look at."""
+    after = int(_CHECKPOINT_DIR.match(os.path.basename(resumed)).group(1)) if resumed else -1
+    for checkpoint in _checkpoints(out):
+        step = int(_CHECKPOINT_DIR.match(os.path.basename(checkpoint)).group(1))
+        if step <= after or _checkpoint_problem(checkpoint) is None:
+            continue
+        target, n = os.path.join(out, DAMAGED_PREFIX + os.path.basename(checkpoint)), 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(out, f"{DAMAGED_PREFIX}{os.path.basename(checkpoint)}.{n}")
+        os.rename(checkpoint, target)
+        logger.warning("Moved %s aside to %s", checkpoint, target)
 
 
 def resume_point(training_args, settings: dict) -> str | None:
@@ -1369,8 +1390,9 @@ def resume_point(training_args, settings: dict) -> str | None:
     return checkpoint
 
 
-def start_run(training_args, settings: dict) -> None:
-    """Right before training, on the main process: deletes the checkpoints `--overwrite_output_dir` discards and
+def start_run(training_args, settings: dict, resumed: str | None = None) -> None:
+    """Right before training, on the main process: deletes the checkpoints `--overwrite_output_dir` discards, moves
+    aside those newer than `resumed` (the [`resume_point`] found in `--output_dir`) that cannot be resumed from, and
     writes the run's settings to `--output_dir/run_settings.json` (what a later run compares before resuming)."""
     if training_args.process_index != 0:
         return
@@ -1379,6 +1401,8 @@ def start_run(training_args, settings: dict) -> None:
     if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
         for checkpoint in _checkpoints(out):
             shutil.rmtree(checkpoint)
+    elif not training_args.resume_from_checkpoint:
+        _move_aside_damaged(out, resumed)
     tmp = os.path.join(out, f".{RUN_SETTINGS_NAME}.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
@@ -1693,7 +1717,7 @@ def main(argv=None):
     all_metrics, training = {}, None
     if training_args.do_train:
         train_result = reuse_finished_run(trainer, last_checkpoint, settings)
-        start_run(training_args, settings)
+        start_run(training_args, settings, last_checkpoint)
         train_result = train_result or trainer.train(resume_from_checkpoint=last_checkpoint)
         # The NIL threshold of the trained model, chosen on validation and saved with it (config.nil_threshold).
         nil_split = eval_dataset

@@ -574,7 +574,7 @@ def test_damaged_checkpoints_are_skipped_or_refused(tmp_path, caplog, capsys):
     good = _fake_checkpoint(out / "checkpoint-2", 2)
     truncated = _fake_checkpoint(out / "checkpoint-4", 4, damage="weights")
     empty = _fake_checkpoint(out / "checkpoint-6", 6, damage="empty")
-    run_mel.start_run(training_args, settings)
+    (out / run_mel.RUN_SETTINGS_NAME).write_text(json.dumps(settings))  # as the run that wrote them
     with caplog.at_level(logging.WARNING):
         assert run_mel.resume_point(training_args, settings) == good
     said = [r.getMessage() for r in caplog.records]
@@ -584,6 +584,22 @@ def test_damaged_checkpoints_are_skipped_or_refused(tmp_path, caplog, capsys):
         for m in said
     )
     assert any(f"Resuming the run in {out} from {good} (step 2 of 100)" in m for m in said)
+    # When training starts, the skipped ones are moved aside (kept, out of Trainer's rotation and the next search).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_mel.start_run(training_args, settings, good)
+        assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+            "checkpoint-2",
+            "damaged-checkpoint-4",
+            "damaged-checkpoint-6",
+        ]
+        assert run_mel.resume_point(training_args, settings) == good
+    said = [r.getMessage() for r in caplog.records]
+    assert f"Moved {truncated} aside to {out / 'damaged-checkpoint-4'}" in said and not any(
+        "Skipping" in m for m in said
+    )
+    shutil.move(out / "damaged-checkpoint-4", truncated)
+    _fake_checkpoint(out / "checkpoint-6", 6, damage="empty")
 
     err = usage_error(
         ["--dataset_name", "x", "--output_dir", str(out), "--do_train", "--resume_from_checkpoint", truncated], capsys
