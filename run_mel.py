@@ -1101,19 +1101,39 @@ def tiny_assignment_size(tiny_hidden_size: int) -> int:
     return tiny_hidden_size // 2
 
 
-# The content of the data a run trained on: one hash of the datasets' fingerprints and cache files of the training
-# split and the KB as loaded. They follow the files (names, sizes and times: a raw folder's conversion is keyed by all
-# its files, a dataset folder's cache by its files, a table file by its size and time), so data rewritten unchanged
-# counts as changed. A run_settings.json written before run_mel.py recorded it has none: its data is not compared.
-DATA_FINGERPRINT = "data_fingerprint"
+# The content of the data a run trained on: one hash of the Arrow data of the training split and the KB as loaded
+# (`training_data_key`). A run_settings.json written before run_mel.py recorded it has none: its data is not compared;
+# nor is the key an earlier run_mel.py recorded from the files' names and times (`_OLD_DATA_FINGERPRINT`).
+DATA_FINGERPRINT = "data_content"
+_OLD_DATA_FINGERPRINT = "data_fingerprint"
+_DATA_KEYS: dict[str, str] = {}  # training_data_key's result by the datasets' fingerprints and cache files
+
+
+def _arrow_tables(data):
+    """The pyarrow tables behind a `datasets.Dataset`: its data, then its indices mapping (select / shuffle) if any."""
+    for table in (data.data, data._indices):
+        if table is not None:
+            yield getattr(table, "table", table)
 
 
 def training_data_key(mentions, kb) -> str:
-    """A hash of the content of the training split of `mentions` and of `kb` as loaded: their datasets fingerprints
-    with their cache files (datasets keys a local folder's fingerprint by its name only; its cache, data_otmel's
-    `load_dataset_config`, is keyed by the names, sizes and times of its files)."""
-    key = [(data._fingerprint, sorted(f["filename"] for f in data.cache_files)) for data in (mentions["train"], kb)]
-    return _stable_hash(json.dumps(key))
+    """A hash of the content of the training split of `mentions` and of `kb` as loaded: their schemas and every Arrow
+    buffer of their columns (and indices mappings). Data rewritten or copied unchanged (new file names or times,
+    hence new datasets fingerprints and cache files) gives the same key; any changed value, row or column another.
+    Reads the memory-mapped tables once per process (about a second per GB)."""
+    parts = (mentions["train"], kb)
+    known = json.dumps([(data._fingerprint, sorted(f["filename"] for f in data.cache_files)) for data in parts])
+    if known not in _DATA_KEYS:
+        digest = hashlib.sha256()
+        for data in parts:
+            for table in _arrow_tables(data):
+                digest.update(f"{table.schema}|{table.num_rows}|".encode())
+                for column in table.columns:
+                    for chunk in column.chunks:
+                        for buffer in chunk.buffers():
+                            digest.update(b"-" if buffer is None else memoryview(buffer))
+        _DATA_KEYS[known] = digest.hexdigest()[:16]
+    return _DATA_KEYS[known]
 
 
 def run_settings(model_args, data_args, training_args, mentions=None, kb=None) -> dict:
@@ -1201,7 +1221,9 @@ def _settings_differences(before: dict, now: dict) -> str:
     keys = sorted(
         k
         for k in set(before) | set(now)
-        if before.get(k, "<unset>") != now.get(k, "<unset>") and (k in before or k != DATA_FINGERPRINT)
+        if before.get(k, "<unset>") != now.get(k, "<unset>")
+        and (k in before or k != DATA_FINGERPRINT)
+        and k != _OLD_DATA_FINGERPRINT
     )
     return "; ".join(f"{key}: {show(before, key)} there, {show(now, key)} now" for key in keys)
 
@@ -1370,7 +1392,7 @@ def resume_point(training_args, settings: dict) -> str | None:
         tiny = not (settings.get("model_name_or_path") or settings.get("clip_model"))
         raise UsageError(
             f"--output_dir {out} holds checkpoints of a run with other settings ({differences})"
-            + (": its training mentions or KB have changed (or were rewritten) since" if changed else "")
+            + (": its training mentions or KB have changed since" if changed else "")
             + f". Resuming it would continue that run ({_checkpoint_progress(checkpoint)}) and keep its weights, not "
             "train with these settings. Pass --overwrite_output_dir to delete its checkpoints and train afresh, choose "
             f"another --output_dir, or pass --resume_from_checkpoint {checkpoint} to continue it anyway"
