@@ -197,6 +197,18 @@ class OTMELConfig(PreTrainedConfig):
         super().validate_architecture()
         self.check_settings()
 
+    def get_text_config(self, decoder=None, encoder=None):
+        """The text tower's config (`clip_config.text_config`): what `resize_token_embeddings` updates."""
+        return self.clip_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # `from_pretrained(..., ot_epsilon=0.0)` (also through `AutoModel.from_pretrained`) sets its keyword arguments
+        # after `__post_init__` has checked the saved ones: checked again here.
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_settings()
+        return loaded
+
 
 __all__ = ["PAPER_ABLATIONS", "PAPER_MODELS", "OTMELConfig", "paper_variant"]
 

@@ -514,6 +514,13 @@ class OTMELModel(OTMELPreTrainedModel):
         self.apply_frozen_parameters()
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding of CLIP's text tower (mentions and entities share it), `(vocab_size, D_t)`."""
+        return self.clip.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.clip.text_model.embeddings.token_embedding = value
+
     def apply_frozen_parameters(self) -> None:
         """Sets `requires_grad` of the parameters the config keeps fixed: CLIP's own temperature, which takes part in
         no OT-MEL score; the null visual token of a model without token-level matching (the CLIP baseline: only fusion

@@ -131,6 +131,36 @@ def test_save_load_round_trip_in_safetensors(tiny_clip_dir, processor, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
+def test_input_embeddings_resize_and_survive_a_round_trip(tiny_clip_dir, processor, tmp_path):
+    # ModelTesterMixin.test_resize_tokens_embeddings / test_model_get_set_embeddings: the text tower's token embedding,
+    # which mentions and entities share; the new size is what the saved config builds.
+    model = build(tiny_clip_dir).eval()
+    embedding = model.get_input_embeddings()
+    assert embedding is model.clip.text_model.embeddings.token_embedding
+    old = embedding.num_embeddings
+    batch = make_batch(processor)
+    with torch.no_grad():
+        before = model(**batch).logits
+    resized = model.resize_token_embeddings(old + 7, mean_resizing=False)
+    assert resized.weight.shape[0] == old + 7 and model.get_input_embeddings() is resized
+    assert torch.equal(resized.weight[:old], embedding.weight[:old])
+    assert (
+        model.config.clip_config.text_config.vocab_size == old + 7 and "vocab_size" not in model.config.to_diff_dict()
+    )
+    batch["mention_input_ids"][0, 1] = old + 6  # a new token id is embedded
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1:], before[1:])
+    model.save_pretrained(tmp_path)
+    loaded = OTMELModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.get_input_embeddings().weight, resized.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, after)
+    replacement = torch.nn.Embedding(old, resized.embedding_dim)
+    loaded.set_input_embeddings(replacement)
+    assert loaded.clip.text_model.embeddings.token_embedding is replacement
+
+
 def test_loading_a_clip_checkpoint_initialises_every_new_weight(tiny_clip_dir):
     """transformers 5 leaves weights absent from a checkpoint as they come out of memory unless `_init_weights`
     covers them (values like 7e34): the OT-MEL heads are absent from a CLIP checkpoint."""

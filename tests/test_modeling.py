@@ -556,11 +556,19 @@ def test_save_load_round_trip_and_remote_code(tiny_clip_dir, processor, tmp_path
         (dict(sinkhorn_tolerance=-1.0), ["sinkhorn_tolerance"]),
     ],
 )
-def test_config_errors_name_the_setting_and_allowed_values(settings, named):
+def test_config_errors_name_the_setting_and_allowed_values(settings, named, tmp_path):
     with pytest.raises(ValueError) as info:
         OTMELConfig(**settings)
     for text in named:
         assert text in str(info.value), f"{text!r} not in {info.value}"
+    # The same settings given as keyword arguments at load time (as AutoModel.from_pretrained passes them on).
+    OTMELConfig().save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as info:
+        OTMELConfig.from_pretrained(tmp_path, **settings)
+    for text in named:
+        assert text in str(info.value), f"{text!r} not in {info.value}"
+    loaded, unused = OTMELConfig.from_pretrained(tmp_path, return_unused_kwargs=True, ot_epsilon=0.2, other=1)
+    assert loaded.ot_epsilon == 0.2 and unused == {"other": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------------
