@@ -1197,9 +1197,16 @@ class EntityIndex:
             fp = model_fingerprint(model)
             problems += _diff("model setting", self.meta["model"]["settings"], fp["settings"])
             if fp["weights"] != self.meta["model"]["weights"]:
+                loaded_in = (getattr(model, "otmel_towers", None) or {}).get("loaded_in")  # towers_otmel.float32_heads
                 problems.append(
                     f"model weights differ (index built with weights sha256 {self.meta['model']['weights'][:12]}..., "
                     f"given model {fp['weights'][:12]}...)"
+                    + (
+                        f"; the model was loaded in {loaded_in}, which rounds its weights: load it in float32 (with "
+                        f"quantize='bfloat16' for bfloat16 towers) to use an index built with the float32 model"
+                        if loaded_in
+                        else ""
+                    )
                 )
             elif index_towers(fp) != index_towers(self.meta["model"]):
                 # Not a mismatch: the same trained weights, features within the tolerance of towers_otmel.

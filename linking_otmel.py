@@ -69,7 +69,7 @@ try:  # a package when loaded as Hub remote code, plain modules in a checkout
     from .modeling_otmel import OTMELModel
     from .processing_otmel import OTMELProcessor, read_image
     from .ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
-    from .towers_otmel import QUANTIZE_CHOICES, optimize_towers, resolve_quantize, towers_precision
+    from .towers_otmel import QUANTIZE_CHOICES, float32_heads, optimize_towers, resolve_quantize, towers_precision
 except ImportError:
     from configuration_otmel import PAPER_MODELS
     from data_otmel import load_kb
@@ -85,7 +85,7 @@ except ImportError:
     from modeling_otmel import OTMELModel
     from processing_otmel import OTMELProcessor, read_image
     from ranking_otmel import RankOptions, encode_mentions, mention_columns, rank_mentions
-    from towers_otmel import QUANTIZE_CHOICES, optimize_towers, resolve_quantize, towers_precision
+    from towers_otmel import QUANTIZE_CHOICES, float32_heads, optimize_towers, resolve_quantize, towers_precision
 
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class OTMELLinker:
     """
 
     def __init__(self, model, processor, index: EntityIndex | None = None, batch_size: int = 64):
-        self.model = model.eval()
+        # A model loaded in bfloat16 / float16 links with float32 heads (the index's features are float32).
+        self.model = float32_heads(model).eval()
         self.processor = processor
         self.index = index
         self.batch_size = batch_size
@@ -140,6 +141,10 @@ class OTMELLinker:
             processor = AutoProcessor.from_pretrained(model_dir_or_hub_id, trust_remote_code=trust_remote_code)
         if device is not None:
             model = model.to(device)
+        if model.dtype != torch.float32:  # loaded in bfloat16 / float16 (dtype=...): towers stay in it, heads float32
+            if quantize not in ("auto", None, "none", str(model.dtype).removeprefix("torch.")):
+                logger.warning("quantize=%r ignored: the model was loaded in %s", quantize, model.dtype)
+            return cls(model, processor)
         return cls(optimize_towers(model, precision), processor)
 
     @classmethod

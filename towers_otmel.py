@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 TOWER_PRECISIONS = ("float32", "int8", "bfloat16")
 # What `OTMELLinker.from_pretrained(quantize=...)` and `otmel-link --quantize` accept.
 QUANTIZE_CHOICES = ("auto", "none", "int8", "bfloat16")
-# The attribute of a model whose towers were optimised: {"precision": str, "weights": sha256 of the float32 weights}.
+# The attribute of a model whose towers were optimised: {"precision": str, "weights": sha256 of the float32 weights},
+# and "loaded_in" (the dtype) for a model loaded in bfloat16 / float16 ([`float32_heads`]): the weights are its own.
 TOWERS_ATTRIBUTE = "otmel_towers"
 
 
@@ -143,20 +144,44 @@ def _floats_to(value, dtype):
     return value
 
 
-def _bfloat16(towers: dict):
-    """Towers in bfloat16: floating inputs cast to it on the way in, outputs back to float32 on the way out (the
-    projections and the OT-MEL heads read float32)."""
+def _reduced(towers: dict, dtype: torch.dtype = torch.bfloat16):
+    """Towers in `dtype` (bfloat16 or float16): floating inputs cast to it on the way in, outputs back to float32 on
+    the way out (the projections and the OT-MEL heads read float32)."""
 
     def cast_in(module, args, kwargs):
-        return _floats_to(args, torch.bfloat16), {k: _floats_to(v, torch.bfloat16) for k, v in kwargs.items()}
+        return _floats_to(args, dtype), {k: _floats_to(v, dtype) for k, v in kwargs.items()}
 
     def cast_out(module, args, kwargs, output):
         return _floats_to(output, torch.float32)
 
     for tower in towers.values():
-        tower.to(torch.bfloat16)
+        tower.to(dtype)
         tower.register_forward_pre_hook(cast_in, with_kwargs=True)
         tower.register_forward_hook(cast_out, with_kwargs=True)
+
+
+def float32_heads(model):
+    """A model loaded in bfloat16 or float16 (`from_pretrained(..., dtype=torch.bfloat16)`, `pipeline(...,
+    dtype=...)`), made ready to link, in place: its projections and OT-MEL heads back in float32 (an entity index holds
+    float32 features), its CLIP towers kept in the loaded dtype with float32 outputs, as [`optimize_towers`] does for
+    `"bfloat16"`; inference only. A float32 model, or one whose towers were optimised, is returned unchanged.
+
+    Its weights were rounded when it was loaded: its fingerprint is that of the rounded weights, so an index built
+    with the float32 model does not match it (load that model in float32 with `quantize="bfloat16"` to use such an
+    index; [`~index_otmel.EntityIndex.check`] says so)."""
+    dtype = model.dtype
+    if dtype == torch.float32 or getattr(model, TOWERS_ATTRIBUTE, None):
+        return model
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"an OT-MEL links in float32, bfloat16 or float16, the model is in {dtype}")
+    model.float().eval()
+    precision = str(dtype).removeprefix("torch.")
+    state = {"precision": precision, "weights": model_fingerprint(model)["weights"], "loaded_in": precision}
+    _reduced(tower_modules(model), dtype)
+    setattr(model, TOWERS_ATTRIBUTE, state)
+    _guard(model)
+    logger.info("model loaded in %s: heads in float32, CLIP towers in %s (inference only)", precision, precision)
+    return model
 
 
 def optimize_towers(model, precision: str = "int8"):
@@ -192,7 +217,7 @@ def optimize_towers(model, precision: str = "int8"):
     if precision == "int8":
         _quantize_int8(towers)
     else:
-        _bfloat16(towers)
+        _reduced(towers, torch.bfloat16)
     setattr(model, TOWERS_ATTRIBUTE, {"precision": precision, "weights": weights})
     _guard(model)
     logger.info("CLIP towers now run in %s (inference only)", precision)
@@ -203,6 +228,7 @@ __all__ = [
     "QUANTIZE_CHOICES",
     "TOWER_PRECISIONS",
     "default_towers_precision",
+    "float32_heads",
     "optimize_towers",
     "resolve_quantize",
     "tower_modules",

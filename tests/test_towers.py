@@ -131,6 +131,31 @@ def test_optimised_linker_agrees_with_float32_on_a_float32_index(world, precisio
     _check_tolerance(expected, _link_all(linker))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_loaded_in_half_precision_links(world, dtype, tmp_path):
+    # from_pretrained(dtype=...) (pipeline(..., dtype=...)): the heads go back to float32 for the index's float32
+    # features, the towers stay in the loaded dtype, and the scores are those of the float32 model within the tolerance.
+    loaded = OTMELModel.from_pretrained(world["model_dir"], dtype=dtype)
+    assert loaded.text_matching.query.weight.dtype == dtype
+    linker = lk.OTMELLinker(loaded, world["reference"].processor)
+    assert tw.towers_precision(linker.model) == str(dtype).removeprefix("torch.")
+    assert linker.model.clip.text_model.encoder.layers[0].self_attn.q_proj.weight.dtype == dtype
+    assert linker.model.text_matching.query.weight.dtype == torch.float32
+    linker.build_index(world["rows"], progress=False)
+    _check_tolerance(_link_all(world["reference"]), _link_all(linker))
+    # Its own index round-trips; the float32 model's is refused, saying why and what to do.
+    linker.save_index(str(tmp_path / "half"))
+    again = lk.OTMELLinker.from_pretrained(world["model_dir"], quantize=None, dtype=dtype)
+    again.load_index(str(tmp_path / "half"), kb=world["rows"])
+    assert again.link(_mentions()[:3], top_k=3) == linker.link(_mentions()[:3], top_k=3)
+    with pytest.raises(
+        ix.IndexMismatchError, match=f"the model was loaded in {str(dtype)[6:]}, which rounds its weights"
+    ):
+        again.load_index(world["index_dir"])
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        linker.model.save_pretrained(str(tmp_path / "no"))
+
+
 def test_index_round_trip_records_the_towers(world, tmp_path):
     int8 = lk.OTMELLinker.from_pretrained(world["model_dir"], quantize="int8")
     int8.build_index(world["rows"], progress=False)
