@@ -1,5 +1,7 @@
 """Processor for OT-MEL: mention / entity texts plus images, for a CLIP backbone."""
 
+import difflib
+import inspect
 import io
 import logging
 import os
@@ -7,11 +9,13 @@ import re
 import threading
 import warnings
 from collections import Counter
-from urllib.parse import unquote
+from collections.abc import Mapping
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from transformers import AutoProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -44,16 +48,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 _OPEN_LOCK = threading.Lock()
+# One picture, as opposed to a list of them (`processor(..., images=...)` of a single mention or entity).
+SINGLE_IMAGE_TYPES = (Image.Image, str, bytes, bytearray, os.PathLike, Mapping)
+
+
+def exif_upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer displays it: rotated / flipped by its EXIF `Orientation` tag (`PIL.ImageOps.
+    exif_transpose`, as transformers' `load_image` and `datasets` do); unchanged without the tag or with an unreadable
+    EXIF block."""
+    try:
+        if image.getexif().get(0x0112, 1) in (None, 1):  # 0x0112: the EXIF Orientation tag; 1: upright
+            return image
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unreadable
+        return image
+
+
+def local_path(source: str) -> str | None:
+    """The local path of a picture given as a path or a `file://` URL (URL-unquoted); None for other URLs."""
+    if re.match(r"file://", source, re.IGNORECASE):
+        parts = urlsplit(source)
+        return url2pathname(parts.path) if parts.netloc in ("", "localhost") else None
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", source):
+        return None
+    return source
 
 
 def read_image(source) -> tuple[Image.Image | None, str | None]:
-    """Reads an image given as a PIL image, a path, raw bytes, a datasets `{"bytes", "path"}` dict, or None.
+    """Reads an image given as a PIL image, a path or `file://` URL, raw bytes, a datasets `{"bytes", "path"}` dict, or
+    None.
 
     Returns `(RGB image, None)` or `(None, reason)`; a missing or unreadable picture is "no image", never an error and
     never a stand-in picture. The reason starts with its kind (`missing`, `unsupported`, `oversized`, `unreadable`,
-    `empty`). Truncated files are rejected rather than half-decoded. Files over PIL's decompression-bomb limit
-    (`PIL.Image.MAX_IMAGE_PIXELS` pixels, about 89M by default; PIL only warns up to twice that) are refused before
-    decoding: raise that limit (or set it to None) to accept them.
+    `empty`). Pictures are turned upright by their EXIF orientation ([`exif_upright`]). Truncated files are rejected
+    rather than half-decoded. Files over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS` pixels, about 89M
+    by default; PIL only warns up to twice that) are refused before decoding: raise that limit (or set it to None) to
+    accept them.
     """
     if source is None or (isinstance(source, str) and not source.strip()):  # "" is the MIMIC layout's "no picture"
         return None, None
@@ -67,8 +97,11 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
     if not isinstance(source, (Image.Image, bytes, bytearray, str, os.PathLike)):
         return None, f"unsupported image type {type(source).__name__} (expected a PIL image, path, bytes or None)"
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", os.fspath(source)):
-            return None, f"unsupported image URL {os.fspath(source)} (only local files are read: download it first)"
+        if not os.path.exists(source) and isinstance(source, str):
+            path = local_path(source)
+            if path is None:
+                return None, f"unsupported image URL {source} (only local files are read: download it first)"
+            source = path
         if not os.path.exists(source):
             return None, f"missing file {os.fspath(source)}"
         if not os.path.isfile(source):
@@ -90,7 +123,7 @@ def read_image(source) -> tuple[Image.Image | None, str | None]:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
         if image.width < 1 or image.height < 1:
             return None, "empty image"
-        return to_rgb(image), None
+        return to_rgb(exif_upright(image)), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return None, f"oversized image ({err} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.)"
     except Exception as err:  # noqa: BLE001 - any decoder failure is "no image", reported with its cause
@@ -104,8 +137,10 @@ class OTMELProcessor(ProcessorMixin):
     r"""Builds OT-MEL inputs: a CLIP image processor plus a tokenizer.
 
     Mentions become `surface [SEP] sentence`, entities `name [SEP] attributes` (names and surfaces are URL-unquoted, as
-    in the MIMIC data), truncated to `max_text_length` tokens. Images may be PIL images (any mode), file paths, bytes,
-    `datasets` image dicts, or None; unreadable ones count as "no image" (`has_image` False) with a counted warning.
+    in the MIMIC data), truncated to `max_text_length` tokens. Images may be PIL images (any mode), file paths or
+    `file://` URLs, bytes, `datasets` image dicts, or None, and are seen upright (EXIF orientation, [`read_image`]);
+    unreadable ones count as "no image" (`has_image` False) with a counted warning. Calls take lists, or one mention /
+    entity as a string with one picture; an unknown keyword argument raises a `TypeError` naming it.
 
     Args:
         image_processor ([`CLIPImageProcessorPil`] or any CLIP image processor).
@@ -141,12 +176,16 @@ class OTMELProcessor(ProcessorMixin):
 
     def process_images(self, images: list) -> dict:
         """`pixel_values` `(B, 3, H, W)` (zeros where there is no image) and `has_image` `(B,)` for a list of images
-        (PIL, path, bytes, datasets dict or None)."""
+        (PIL, path, bytes, datasets dict or None; one of them alone is a batch of one)."""
+        if isinstance(images, SINGLE_IMAGE_TYPES):
+            images = [images]
         return self._images(images, len(images))
 
     def _images(self, images, n: int) -> dict:
         if images is None:
             images = [None] * n
+        elif isinstance(images, SINGLE_IMAGE_TYPES):  # one picture (a path, not its characters)
+            images = [images]
         if len(images) != n:
             raise ValueError(f"got {len(images)} images for {n} texts; pass None for an item without image")
         decoded, problems = [], Counter()
@@ -184,37 +223,110 @@ class OTMELProcessor(ProcessorMixin):
         return [f"{unquote(n or '')}{sep}{a or ''}" for n, a in zip(names, attributes)]
 
     def process_mentions(
-        self, mentions: list[str], sentences: list[str], images=None, padding="longest"
+        self, mentions: list[str], sentences: list[str], images=None, padding="longest", return_tensors="pt"
     ) -> BatchFeature:
         """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`.
 
-        `padding="max_length"` pads every batch to `max_text_length` (equal shapes across processes)."""
+        A string (and one picture) is a batch of one. `padding="max_length"` pads every batch to `max_text_length`
+        (equal shapes across processes). `return_tensors`: `"pt"` (default, or None) or `"np"`."""
+        mentions, sentences = _as_batch(mentions), _as_batch(sentences)
+        _check_return_tensors(return_tensors)
         if len(mentions) != len(sentences):
             raise ValueError(f"got {len(mentions)} mentions and {len(sentences)} sentences")
         data = dict(self._tokenize(self.mention_texts(mentions, sentences), padding))
         data.update(self._images(images, len(mentions)))
-        return BatchFeature(data)
+        return _batch_feature(data, return_tensors)
 
     def process_entities(
-        self, names: list[str], attributes: list[str], images=None, padding="longest"
+        self, names: list[str], attributes: list[str], images=None, padding="longest", return_tensors="pt"
     ) -> BatchFeature:
-        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`."""
+        """Returns `input_ids`, `attention_mask` `(B, L)`, `pixel_values` `(B, 3, H, W)`, `has_image` `(B,)`; inputs
+        and `return_tensors` as in [`~OTMELProcessor.process_mentions`]."""
+        names, attributes = _as_batch(names), _as_batch(attributes)
+        _check_return_tensors(return_tensors)
         if len(names) != len(attributes):
             raise ValueError(f"got {len(names)} names and {len(attributes)} attribute texts")
         data = dict(self._tokenize(self.entity_texts(names, attributes), padding))
         data.update(self._images(images, len(names)))
-        return BatchFeature(data)
+        return _batch_feature(data, return_tensors)
 
-    def __call__(self, mentions=None, sentences=None, images=None, names=None, attributes=None, **kwargs):
-        """`processor(mentions=..., sentences=..., images=...)` for mentions, `processor(names=..., attributes=...)`
-        for entities."""
-        if mentions is not None:
-            return self.process_mentions(
-                mentions, sentences if sentences is not None else [""] * len(mentions), images
+    def __call__(
+        self,
+        mentions=None,
+        sentences=None,
+        images=None,
+        names=None,
+        attributes=None,
+        padding="longest",
+        return_tensors="pt",
+        **kwargs,
+    ):
+        """`processor(mentions=..., sentences=..., images=...)` for mentions ([`~OTMELProcessor.process_mentions`]),
+        `processor(names=..., attributes=..., images=...)` for entities ([`~OTMELProcessor.process_entities`]).
+
+        A single string (with a single sentence or attribute text and one picture) is a batch of one. Any other keyword
+        argument raises a `TypeError` naming it (a misspelt one would otherwise drop its data silently)."""
+        if kwargs:
+            raise TypeError(_unknown_arguments(type(self).__call__, kwargs))
+        if (mentions is None) == (names is None):
+            raise ValueError(
+                "pass mentions= (with sentences=) or names= (with attributes=)"
+                + ("" if mentions is None else ", not both")
             )
-        if names is not None:
-            return self.process_entities(names, attributes if attributes is not None else [""] * len(names), images)
-        raise ValueError("pass mentions= (with sentences=) or names= (with attributes=)")
+        if mentions is not None:
+            if attributes is not None:
+                raise ValueError("attributes= goes with names= (entities); the context of a mention is sentences=")
+            mentions = _as_batch(mentions)
+            sentences = sentences if sentences is not None else [""] * len(mentions)
+            return self.process_mentions(mentions, sentences, images, padding, return_tensors)
+        if sentences is not None:
+            raise ValueError("sentences= goes with mentions=; the text of an entity besides its name is attributes=")
+        names = _as_batch(names)
+        attributes = attributes if attributes is not None else [""] * len(names)
+        return self.process_entities(names, attributes, images, padding, return_tensors)
+
+
+def _as_batch(texts):
+    """A single string as a batch of one (a string is not split into its characters)."""
+    return [texts] if isinstance(texts, str) else texts
+
+
+RETURN_TENSORS = ("pt", "np")
+
+
+def _check_return_tensors(return_tensors):
+    if return_tensors is not None and return_tensors not in RETURN_TENSORS:
+        raise ValueError(
+            f"return_tensors must be 'pt' (PyTorch tensors, the default; also None) or 'np' (NumPy arrays), "
+            f"got {return_tensors!r}"
+        )
+
+
+def _batch_feature(data: dict, return_tensors) -> BatchFeature:
+    """`data` (PyTorch tensors) as a `BatchFeature` of the requested kind."""
+    if return_tensors == "np":
+        return BatchFeature({key: value.numpy() for key, value in data.items()})
+    return BatchFeature(data)
+
+
+def name_hints(names, known) -> str:
+    """`names` quoted and joined, each with the closest of `known` when one is close: `'sentence' (did you mean
+    'sentences'?), 'picture'`. For the messages that refuse unknown argument or key names."""
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(str(name).lower(), list(known), n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(hints)
+
+
+def _unknown_arguments(function, kwargs: dict) -> str:
+    """The message for keyword arguments that `function` does not take."""
+    known = [n for n, p in inspect.signature(function).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    known = [n for n in known if n != "self"]
+    return (
+        f"OTMELProcessor got unexpected keyword argument(s) {name_hints(kwargs, known)}; it takes "
+        f"{', '.join(n + '=' for n in known)}"
+    )
 
 
 OTMELProcessor.register_for_auto_class()
@@ -226,4 +338,4 @@ except ImportError:
 
 AutoProcessor.register(OTMELConfig, OTMELProcessor, exist_ok=True)
 
-__all__ = ["OTMELProcessor", "read_image", "to_rgb"]
+__all__ = ["OTMELProcessor", "exif_upright", "local_path", "name_hints", "read_image", "to_rgb"]

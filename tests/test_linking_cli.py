@@ -539,3 +539,43 @@ def test_small_inputs_odd_pictures_and_stage1_names(world, tmp_path, caplog):
     linker = lk.OTMELLinker(world["model"], world["processor"], world["index"])
     with pytest.raises(ValueError, match=r"mention\(s\) 1 have an empty 'mention'"):
         linker.link([{"mention": "ada smith"}, {"mention": "  ", "sentence": "a doctor"}])
+
+
+def test_read_image_turns_pictures_upright_by_their_exif_orientation(tmp_path):
+    """A phone JPEG stored sideways with EXIF Orientation 6 ("rotate 90° clockwise to display") is read as displayed,
+    as transformers' load_image and datasets read it, from a path, bytes, a datasets dict or an opened PIL image."""
+    from PIL import ImageOps
+
+    stored = PILImage.new("RGB", (128, 64), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 64, 64))  # left half blue
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif)
+    with PILImage.open(path) as opened:
+        displayed = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    assert displayed.shape[:2] == (128, 64)  # upright: taller than wide, blue on top
+    for source in (str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": None}, PILImage.open(path)):
+        image, reason = read_image(source)
+        assert reason is None and image.size == (64, 128), type(source)
+        np.testing.assert_array_equal(np.asarray(image), displayed)
+    # No orientation tag, or the upright one: pixels as stored.
+    plain = tmp_path / "plain.png"
+    stored.save(plain)
+    assert read_image(str(plain))[0].size == (128, 64)
+
+
+def test_read_image_reads_file_urls_as_local_paths(tmp_path):
+    folder = tmp_path / "with space"
+    folder.mkdir()
+    path = folder / "pic é.png"
+    PILImage.new("RGB", (20, 10), (0, 128, 0)).save(path)
+    from urllib.parse import quote
+
+    for url in (path.as_uri(), "file://" + quote(str(path)), "file://localhost" + quote(str(path))):
+        image, reason = read_image(url)
+        assert reason is None and image.size == (20, 10), url
+    assert read_image(path.as_uri() + ".missing") == (None, f"missing file {path}.missing")
+    # Other URLs (a file:// URL of another host included) stay refused: only local files are read.
+    for url in ("https://example.org/a.jpg", "file://server/share/a.png"):
+        assert read_image(url) == (None, f"unsupported image URL {url} (only local files are read: download it first)")

@@ -633,3 +633,68 @@ def test_each_mode_overfits_eight_examples(tiny_clip_dir, processor, mode):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert (logits.argmax(-1) == torch.arange(8)).all(), "every training mention should rank its entity first"
+
+
+# ---- the processor's call: nothing dropped silently --------------------------------------------------------------
+
+
+def test_processor_refuses_unknown_keyword_arguments(processor):
+    """A misspelt keyword (`sentence=`, `image=`) used to vanish into **kwargs, linking without the sentence and the
+    picture: now a TypeError naming each one, with the name it resembles."""
+    with pytest.raises(TypeError) as err:
+        processor(mentions=["obama"], sentence=["obama spoke in paris."], image=[make_image(0)])
+    assert "'sentence' (did you mean 'sentences'?)" in str(err.value)
+    assert "'image' (did you mean 'images'?)" in str(err.value)
+    with pytest.raises(TypeError, match="'text'"):
+        processor(text=["obama"], mentions=["obama"])
+    with pytest.raises(TypeError, match="'attribute' \\(did you mean 'attributes'\\?\\)"):
+        processor(names=["paris"], attribute=["capital of france."])
+    # Arguments of the wrong kind are refused, not dropped.
+    with pytest.raises(ValueError, match="not both"):
+        processor(mentions=["obama"], names=["barack obama"])
+    with pytest.raises(ValueError, match="attributes= goes with names="):
+        processor(mentions=["obama"], attributes=["44th president."])
+    with pytest.raises(ValueError, match="sentences= goes with mentions="):
+        processor(names=["barack obama"], sentences=["obama spoke."])
+
+
+def test_processor_return_tensors(processor):
+    pt = processor(mentions=["obama"], sentences=["obama spoke in paris."], images=[make_image(0)])
+    np_out = processor(
+        mentions=["obama"], sentences=["obama spoke in paris."], images=[make_image(0)], return_tensors="np"
+    )
+    assert set(np_out) == set(pt)
+    for key, value in np_out.items():
+        assert isinstance(value, np.ndarray), key
+        np.testing.assert_array_equal(value, pt[key].numpy())
+    assert np_out["has_image"].dtype == np.bool_
+    assert isinstance(processor(names=["paris"], return_tensors=None)["input_ids"], torch.Tensor)
+    for bad in ("tf", "jax", "list"):
+        with pytest.raises(ValueError, match=f"return_tensors must be 'pt'.*got '{bad}'"):
+            processor(names=["paris"], return_tensors=bad)
+
+
+def test_processor_takes_a_single_mention_as_a_batch_of_one(processor, tmp_path):
+    """A string is one mention (not one per character), and one picture (PIL image, path, bytes, datasets dict) is
+    the picture of that mention, as in transformers' processors."""
+    path = tmp_path / "one.png"
+    make_image(0).save(path)
+    listed = processor(mentions=["obama"], sentences=["obama spoke in paris."], images=[str(path)])
+    for image in (make_image(0), str(path), path, path.read_bytes(), {"bytes": path.read_bytes(), "path": None}):
+        single = processor(mentions="obama", sentences="obama spoke in paris.", images=image)
+        assert single["input_ids"].shape[0] == 1 and single["has_image"].tolist() == [True]
+        for key in listed:
+            torch.testing.assert_close(single[key], listed[key])
+    entity = processor(names="paris", attributes="capital of france.")
+    torch.testing.assert_close(
+        entity["input_ids"], processor(names=["paris"], attributes=["capital of france."])["input_ids"]
+    )
+    assert processor(mentions="obama")["input_ids"].shape[0] == 1
+    assert processor.process_images(str(path))["has_image"].tolist() == [True]
+    # Lengths that do not match are refused, naming both.
+    with pytest.raises(ValueError, match="got 2 mentions and 1 sentences"):
+        processor(mentions=["obama", "jaguar"], sentences="obama spoke.")
+    with pytest.raises(ValueError, match="got 1 images for 2 texts"):
+        processor(mentions=["obama", "jaguar"], images=str(path))
+    with pytest.raises(ValueError, match="got 1 names and 2 attribute texts"):
+        processor(names="paris", attributes=["a", "b"])

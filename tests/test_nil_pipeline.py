@@ -486,3 +486,121 @@ def test_model_card_says_what_the_model_does(nil_run):
     assert "multimodal-entity-linking" in card.data.tags
     assert 'pipeline("multimodal-entity-linking"' in card.text
     assert str(nil_run["out"]) not in card.text  # no local path as the model's name
+
+
+# ---- the pipeline's inputs, call arguments and saving (in-process, the zero-shot linker's model) --------------------
+
+
+@pytest.fixture
+def zero_shot_pipeline(zero_shot):
+    """An OTMELPipeline on copies of the zero-shot linker's model and processor (the tests change and save them)."""
+    import copy
+
+    from pipeline_otmel import OTMELPipeline
+
+    return OTMELPipeline(
+        model=copy.deepcopy(zero_shot.model), processor=copy.deepcopy(zero_shot.processor), index=zero_shot.index
+    )
+
+
+def test_pipeline_refuses_unknown_mention_keys(zero_shot_pipeline):
+    """`{"mention", "Sentence", "picture"}` used to link as `{"mention"}` alone: the unknown keys are refused, named."""
+    linker = zero_shot_pipeline
+    mention = {"mention": "obama", "sentence": "obama spoke in paris on monday.", "image": _png("red")}
+    with pytest.raises(ValueError) as err:
+        linker({"mention": "obama", "Sentence": mention["sentence"], "picture": mention["image"]}, top_k=2)
+    message = str(err.value)
+    assert "mention 0 has unknown key(s) 'Sentence' (did you mean 'sentence'?), 'picture'" in message
+    assert "id, mention, sentence, image, answer" in message
+    with pytest.raises(ValueError, match="mention 1 has unknown key"):
+        linker([mention, dict(mention, foo=1)])
+    # The other columns of a mentions split are accepted (and unused).
+    plain = linker(mention, top_k=2)
+    assert linker(dict(mention, id="m1", answer="Q1"), top_k=2) == plain
+
+
+def test_pipeline_takes_the_call_arguments_of_every_pipeline(zero_shot_pipeline):
+    """`batch_size=` and `num_workers=` of transformers' Pipeline.__call__ used to raise a TypeError."""
+    linker = zero_shot_pipeline
+    mentions = [dict(m) for m in MENTIONS]
+    expected = linker(mentions, top_k=3, nil_threshold=None)
+    for kwargs in ({"batch_size": 2}, {"batch_size": 1, "num_workers": 2}, {"num_workers": 0}):
+        got = linker(mentions, top_k=3, nil_threshold=None, **kwargs)
+        assert [[a["qid"] for a in answers] for answers in got] == [
+            [a["qid"] for a in answers] for answers in expected
+        ]
+        for g, e in zip(got, expected):
+            assert [a["score"] for a in g] == pytest.approx([a["score"] for a in e], abs=1e-5)
+    assert linker.linker.batch_size == 64  # a call's batch_size is for that call only
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        linker(mentions, batch_size=0)
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer, got -1"):
+        linker(mentions, num_workers=-1)
+    with pytest.raises(TypeError, match="topk"):
+        linker(mentions, topk=3)
+
+
+def test_pipeline_refuses_a_dataset_dict_and_reads_file_urls(zero_shot_pipeline, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    linker = zero_shot_pipeline
+    rows = [{"mention": m["mention"], "sentence": m["sentence"]} for m in MENTIONS]
+    splits = DatasetDict({"test": Dataset.from_list(rows)})
+    with pytest.raises(
+        TypeError, match=r"got a DatasetDict with the splits test: pass one split, e.g. dataset\['test'\]"
+    ):
+        linker(splits)
+    assert linker(splits["test"], top_k=2) == linker(rows, top_k=2)
+    # A picture as a file:// URL is the local file.
+    path = tmp_path / "red picture.png"
+    path.write_bytes(_png("red"))
+    mention = {"mention": "obama", "sentence": "obama spoke in paris on monday."}
+    by_path = linker(dict(mention, image=str(path)), top_k=2, nil_threshold=None)
+    assert linker(dict(mention, image=path.as_uri()), top_k=2, nil_threshold=None) == by_path
+    assert by_path != linker(mention, top_k=2, nil_threshold=None)  # the picture counts
+    # A KB of one split is taken as that split (it used to be refused as a Mapping).
+    kb = DatasetDict({"train": Dataset.from_list([{k: v for k, v in row.items() if k != "image"} for row in KB])})
+    assert len(linker.set_index(kb, progress=False)) == len(KB)
+
+
+def test_pipeline_save_pretrained_keeps_the_processor(zero_shot_pipeline, tmp_path):
+    """Pipeline.save_pretrained wrote the tokenizer and image processor but not processor_config.json: a reload had
+    max_text_length 40 and the default separator, silently. Now the folder loads back identically."""
+    from transformers import pipeline
+
+    linker = zero_shot_pipeline
+    linker.processor.max_text_length = 12
+    linker.processor.separator = " | "
+    linker.set_index(KB, progress=False)  # the KB encoded with these settings too
+    folder = tmp_path / "saved"
+    linker.save_pretrained(folder)
+    assert (folder / "processor_config.json").is_file() and (folder / "pipeline_otmel.py").is_file()
+    again = pipeline(model=str(folder), trust_remote_code=True, index=KB)
+    assert type(again).__name__ == "OTMELPipeline"
+    assert (again.processor.max_text_length, again.processor.separator) == (12, " | ")
+    mentions = [{"mention": m["mention"], "sentence": m["sentence"] * 3} for m in MENTIONS]  # over 12 tokens
+    got, expected = again(mentions, top_k=4), linker(mentions, top_k=4)
+    assert [[a["qid"] for a in x] for x in got] == [[a["qid"] for a in x] for x in expected]
+    for g, e in zip(got, expected):
+        assert [a["score"] for a in g] == pytest.approx([a["score"] for a in e], abs=1e-5)
+
+
+def test_pipeline_from_a_folder_without_processor_says_so(zero_shot_pipeline, tmp_path):
+    """A folder written by model.save_pretrained alone names the pipeline but has no processor: the error used to be
+    transformers' 'Can't load image processor ... preprocessor_config.json'."""
+    from transformers import pipeline
+
+    from pipeline_otmel import pipeline_config
+
+    folder = tmp_path / "model-only"
+    model = zero_shot_pipeline.model
+    model.config.custom_pipelines = pipeline_config()  # as in a model loaded from a run_mel.py folder
+    model.save_pretrained(folder)
+    assert (folder / "pipeline_otmel.py").is_file() and not (folder / "processor_config.json").exists()
+    with pytest.raises(ValueError) as err:
+        pipeline(model=str(folder), trust_remote_code=True, index=KB)
+    message = str(err.value)
+    assert f"{folder} has none (no processor_config.json" in message and "processor.save_pretrained(FOLDER)" in message
+    # Given the processor, the same folder works.
+    again = pipeline(model=str(folder), trust_remote_code=True, index=KB, processor=zero_shot_pipeline.processor)
+    assert again(MENTIONS[0], top_k=1)[0]["qid"] == zero_shot_pipeline(MENTIONS[0], top_k=1)[0]["qid"]
