@@ -9,6 +9,8 @@ Publish the whole folder (weights, config, remote code, processor files, card) w
 model only (no processor files) together with a generic card that replaces this one.
 """
 
+import json
+import math
 import os
 import re
 
@@ -87,9 +89,19 @@ def collect_metrics(metrics: dict | None) -> dict:
 
 
 def _as_percent(table: dict) -> bool:
-    """Trainer metrics are fractions; show them as percentages (as the paper does) unless some value exceeds 1."""
-    values = [v for split in table.values() for v in split.values()]
+    """Trainer metrics are fractions; show them as percentages (as the paper does) unless a finite value exceeds 1."""
+    values = [v for split in table.values() for v in split.values() if math.isfinite(v)]
     return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def _not_finite(table: dict) -> list[str]:
+    """The metrics of `table` that are NaN or infinite, as "validation MRR", ... (left out of the model-index)."""
+    return [
+        f"{split} {_metric_label(name)}"
+        for split in ("validation", "test")
+        for name in _metric_columns({split: table.get(split, {})})
+        if not math.isfinite(table[split][name])
+    ]
 
 
 def _metric_columns(table: dict) -> list[str]:
@@ -104,7 +116,8 @@ def _metric_label(name: str) -> str:
 
 
 def metrics_markdown(metrics: dict | None) -> str:
-    """The evaluation table (rows: validation, test; columns: H@1/3/5/10/20, MRR), or a line saying there is none."""
+    """The evaluation table (rows: validation, test; columns: H@1/3/5/10/20, MRR), or a line saying there is none.
+    A NaN or infinite value is shown as it is and named below the table: the model-index metadata leaves it out."""
     table = collect_metrics(metrics)
     if not table:
         return "_No evaluation metrics were recorded for this checkpoint._"
@@ -121,21 +134,32 @@ def metrics_markdown(metrics: dict | None) -> str:
         cells = []
         for column in columns:
             value = table[split].get(column)
-            cells.append("-" if value is None else (f"{100 * value:.2f}" if percent else f"{value:.4g}"))
+            if value is None:
+                cells.append("-")
+            elif not math.isfinite(value):
+                cells.append(str(value))
+            else:
+                cells.append(f"{100 * value:.2f}" if percent else f"{value:.4g}")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    bad = _not_finite(table)
+    if bad:
+        lines.append(f"\n_Not finite, so left out of the model-index metadata: {', '.join(bad)}._")
     return "\n".join(lines)
 
 
-def _eval_results(table: dict, dataset_name: str, dataset_id: str) -> list[EvalResult]:
+def _eval_results(table: dict, dataset: str) -> list[EvalResult]:
+    """The model-index entries of the finite metrics of `table`, on `dataset` (a Hub id or a short name)."""
     results = []
     for split in ("validation", "test"):
         for name in _metric_columns({split: table.get(split, {})}):
+            if not math.isfinite(table[split][name]):
+                continue
             results.append(
                 EvalResult(
                     task_type="entity-linking",
                     task_name="Multimodal Entity Linking",
-                    dataset_type=dataset_id,
-                    dataset_name=dataset_name,
+                    dataset_type=dataset,
+                    dataset_name=dataset,
                     dataset_split=split,
                     metric_type=name,
                     metric_name=f"{_metric_label(name)} ({split})",
@@ -220,14 +244,17 @@ def config_markdown(config) -> str:
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
-# The training facts a card's table shows, in this order: key -> label. `run_mel.py` records exactly these keys.
+# The training facts a card's table shows, in this order: key -> label. `run_mel.py` records these keys but
+# `max_steps`; `epochs` (trained), `steps` and `max_steps` come from the run's `trainer_state.json` when there is one
+# ([`trained_length`]).
 TRAINING_FIELDS = {
     "base_model": "base model",
     "mode": "variant trained (`run_mel.py --mode`)",
     "learning_rate": "learning rate",
     "batch_size": "batch size (all processes)",
-    "epochs": "epochs",
+    "epochs": "epochs trained",
     "steps": "optimisation steps",
+    "max_steps": "`max_steps` (set the length of training instead of `num_train_epochs`)",
     "seed": "seed",
     "train_runtime": "training time",
     "hardware": "hardware",
@@ -252,6 +279,25 @@ def _format_value(key: str, value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def trained_length(trainer_state: dict, configured_epochs=None) -> dict:
+    """The length of training as the `Trainer` recorded it in `trainer_state` (a `trainer_state.json`): `epochs` (the
+    epochs trained, fractional when training stopped inside an epoch) and `steps` and, when `max_steps` rather than the
+    `configured_epochs` (`num_train_epochs`) set that length, `max_steps`. Facts the state lacks are left out."""
+    facts = {}
+    epoch, steps, max_steps = (trainer_state.get(k) for k in ("epoch", "global_step", "max_steps"))
+    if isinstance(epoch, (int, float)) and math.isfinite(epoch):
+        facts["epochs"] = round(float(epoch), 4)
+    if isinstance(steps, int):
+        facts["steps"] = steps
+    if isinstance(configured_epochs, (int, float)) and isinstance(max_steps, int) and steps and epoch:
+        # Trained for the configured epochs, the Trainer's max_steps is ceil(epochs * steps per epoch): any other value
+        # was given as max_steps.
+        overshoot = max_steps - configured_epochs * steps / epoch
+        if not -1e-6 <= overshoot < 1 - 1e-6:
+            facts["max_steps"] = max_steps
+    return facts
 
 
 def training_markdown(training: dict | None) -> str:
@@ -339,9 +385,24 @@ def _looks_like_hub_id(name: str) -> bool:
     return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and ".." not in name
 
 
+def _hub_dataset_id(dataset_name: str) -> str | None:
+    """`dataset_name` when it names a Hub dataset (`owner/name`, or a bare name that is no local path), else None."""
+    if os.path.exists(dataset_name) or ".." in dataset_name:
+        return None
+    return dataset_name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset_name) else None
+
+
 def _is_synthetic(dataset_name: str, training: dict | None) -> bool:
+    """`training["synthetic"]` when given; else, for local data, whether its folder (or a mention file's folder) holds
+    a world written by `datasets_scripts/make_synthetic.py` or converted from one (its `ceilings.json`); else, for a
+    Hub dataset, whether its name says "synth"."""
     if training and training.get("synthetic") is not None:
         return bool(training["synthetic"])
+    if os.path.exists(dataset_name):
+        from datasets_scripts.make_synthetic import synthetic_world
+
+        folder = dataset_name if os.path.isdir(dataset_name) else os.path.dirname(os.path.abspath(dataset_name))
+        return synthetic_world(folder) is not None
     return "synth" in dataset_name.lower()
 
 
@@ -402,14 +463,27 @@ def build_model_card(
     base_model: str | None = None,
     repo_id: str | None = None,
     license: str = "apache-2.0",
+    trainer_state: dict | None = None,
 ) -> ModelCard:
-    """The model card of [`write_model_card`], as a `huggingface_hub.ModelCard` (nothing is written or downloaded)."""
+    """The model card of [`write_model_card`], as a `huggingface_hub.ModelCard` (nothing is written or downloaded).
+
+    `trainer_state` (the run's `trainer_state.json`, as a dict) gives the length of training ([`trained_length`]):
+    `training["epochs"]` is then read as the configured `num_train_epochs`.
+    """
     training = dict(training or {})
-    dataset_id = _dataset_id(dataset_name)
+    if trainer_state:
+        training.update(trained_length(trainer_state, training.get("epochs")))
+    dataset_name = os.fspath(dataset_name or "")
+    # The metadata names a Hub dataset only; local data (a path) is named by its folder's (or file's) base name in the
+    # text and in the model-index, and the card publishes no local path.
+    hub_dataset = _hub_dataset_id(dataset_name)
+    dataset_id = hub_dataset or _dataset_id(os.path.abspath(dataset_name) if dataset_name else "")
+    dataset_text = f"`{dataset_id}`" if hub_dataset else (f"the local dataset `{dataset_id}`" if dataset_id else "")
     if repo_id and not _looks_like_hub_id(str(repo_id)):  # a local folder (run_mel's --output_dir) names no repository
         training.setdefault("model_name", _dataset_id(os.path.abspath(str(repo_id))))
         repo_id = None
-    model_name = training.get("model_name") or repo_id or f"otmel-{dataset_id}".lower()
+    short_name = _dataset_id(dataset_id)
+    model_name = training.get("model_name") or repo_id or (f"otmel-{short_name}" if short_name else "otmel").lower()
     repo_id = repo_id or training.get("repo_id") or "your-username/" + model_name.split("/")[-1]
     license = training.get("license", license)
     table = collect_metrics(metrics)
@@ -425,10 +499,11 @@ def build_model_card(
         pipeline_tag=None,
         license=license,
         tags=list(TAGS) + (["synthetic-data"] if synthetic else []),
-        datasets=[dataset_id],
+        datasets=[hub_dataset] if hub_dataset else None,
         metrics=(["hits@k", "mrr"] if table else None),
         base_model=base_model if hub_base else None,
-        eval_results=_eval_results(table, dataset_name, dataset_id) or None,
+        # A model-index entry names its dataset: without one, the metrics are in the text only.
+        eval_results=(_eval_results(table, dataset_id) if dataset_id else None) or None,
     )
 
     if hub_base:
@@ -438,12 +513,13 @@ def build_model_card(
     else:
         base_line = "with a CLIP backbone"
     data_note = (
-        f"**This checkpoint was trained on synthetic data** (`{dataset_name}`: generated people with names, attribute "
-        "sentences and pictures made of coloured shapes). It demonstrates and tests the method and the code; it knows "
-        "nothing about real entities and must not be used to link real text or photos."
+        f"**This checkpoint was trained on synthetic data** ({dataset_text or 'a generated world'}: generated people "
+        "with names, attribute sentences and pictures made of coloured shapes). It demonstrates and tests the method "
+        "and the code; it knows nothing about real entities and must not be used to link real text or photos."
         if synthetic
-        else f"It was trained and evaluated on `{dataset_name}`; it links mentions against that dataset's KB and "
-        "transfers to another KB or domain only as far as its CLIP backbone and training data allow."
+        else f"It was trained and evaluated on {dataset_text or 'a dataset the card does not name'}; it links "
+        "mentions against that dataset's KB and transfers to another KB or domain only as far as its CLIP backbone "
+        "and training data allow."
     )
     variant = paper_variant(config)
     fusion, unimodal = _get(config, "fusion_assignment"), _get(config, "unimodal_assignment")
@@ -473,7 +549,7 @@ S_O = (S_F + S_T + S_V) / 3, trained with InfoNCE over in-batch negatives; optio
 attention so that inference can skip Sinkhorn.
 
 - **Variant:** {variant}
-- **Dataset:** `{dataset_name}`
+- **Dataset:** {dataset_text or "not recorded"}
 - **Paper:** {PAPER_URL}
 
 ## Configuration
@@ -535,13 +611,7 @@ The model and processor alone score mentions against entities:
 The pipeline wraps the linker of `linking_otmel.py` (also shipped with the checkpoint), which can save and reload the
 encoded KB:
 
-```python
-from linking_otmel import OTMELLinker
-
-linker = OTMELLinker.from_pretrained("{repo_id}")
-linker.build_index(kb)  # a list of dicts as above, or a `datasets.Dataset` with columns qid, name, attributes, image
-print(linker.link(mentions, top_k=5))  # per mention: [{{"qid", "name", "score"}}, ...], best first
-```
+{linker_snippet(repo_id)}
 
 ## Citation
 
@@ -552,14 +622,35 @@ print(linker.link(mentions, top_k=5))  # per mention: [{{"qid", "name", "score"}
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def linker_snippet(repo_id: str) -> str:
+    """Python code that links with `OTMELLinker`, imported from the checkpoint's own `linking_otmel.py` as
+    `trust_remote_code=True` does (no checkout needed), after the snippets of [`usage_snippet`] (`kb`, `mentions`)."""
+    return f'''```python
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+repo = "{repo_id}"  # a Hub repository id or a local folder
+# linking_otmel.py ships with the checkpoint: this imports it from there (a checkout of otmel's code is not needed).
+OTMELLinker = get_class_from_dynamic_module("linking_otmel.OTMELLinker", repo)
+linker = OTMELLinker.from_pretrained(repo)
+linker.build_index(kb)  # a list of dicts as above, or a `datasets.Dataset` with columns qid, name, attributes, image
+print(linker.link(mentions, top_k=5))  # per mention: [{{"qid", "name", "score"}}, ...], best first
+```'''
+
+
 def write_model_card(output_dir, config, **card_args) -> str:
     """Writes `output_dir/README.md` (created if needed), the card of [`build_model_card`]; returns its path.
 
-    `card_args` are those of [`build_model_card`]: `dataset_name` (a name containing "synth", or
-    `training["synthetic"]`, marks the card as trained on synthetic data), `metrics` (Trainer-style `eval_hits@1`, ...,
-    `eval_mrr`, `test_...`; fractions are shown as percentages), `training` (facts shown as a table), `base_model`,
-    `repo_id` (what the snippet loads) and `license`.
+    `card_args` are those of [`build_model_card`]: `dataset_name` (a Hub dataset id, or a local folder or file, of
+    which only the base name is shown; a world of `make_synthetic.py`, a Hub name containing "synth", or
+    `training["synthetic"]` marks the card as trained on synthetic data), `metrics` (Trainer-style `eval_hits@1`, ...,
+    `eval_mrr`, `test_...`; fractions are shown as percentages), `training` (facts shown as a table), `trainer_state`
+    (default: the `trainer_state.json` of `output_dir`, when there is one), `base_model`, `repo_id` (what the
+    snippets load) and `license`.
     """
+    state_path = os.path.join(os.fspath(output_dir), "trainer_state.json")
+    if card_args.get("trainer_state") is None and os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            card_args["trainer_state"] = json.load(f)
     card = build_model_card(config, **card_args)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(os.fspath(output_dir), "README.md")
@@ -617,6 +708,8 @@ __all__ = [
     "paper_variant",
     "usage_snippet",
     "model_snippet",
+    "linker_snippet",
+    "trained_length",
     "nil_markdown",
     "nil_metrics_markdown",
     "hub_files",

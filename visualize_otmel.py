@@ -17,6 +17,7 @@ Importable: `correlation_maps`, `plot_correlation_maps`, `load_log_history`, `pl
 """
 
 import argparse
+import errno
 import glob
 import json
 import math
@@ -347,9 +348,23 @@ def plot_correlation_maps(
         fontsize=11,
     )
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out)
     return fig
+
+
+def figure_path(out: str) -> str:
+    """The file that `savefig(out)` writes: `out`, or `out` + ".png" (matplotlib's `savefig.format`) when it has no
+    extension."""
+    out = os.fspath(out)
+    return out if os.path.splitext(out)[1] else f"{out}.{matplotlib.rcParams['savefig.format']}"
+
+
+def save_figure(fig, out: str) -> str:
+    """Saves `fig` to [`figure_path`]`(out)` (its folder created if needed) and returns that path."""
+    path = figure_path(out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,12 +395,23 @@ def find_trainer_state(run_dir: str) -> str:
         raise FileNotFoundError(f"no trainer_state.json in {run_dir} nor in its latest checkpoint-*/ folder")
 
     def reach(path):
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        steps = [e.get("step", 0) for e in state.get("log_history", [])]
+        steps = [e.get("step", 0) for e in _read_log_history(path) if isinstance(e, dict)]
         return (max(steps) if steps else -1, len(steps), path == own)
 
     return max(candidates, key=reach)
+
+
+def _read_log_history(path: str) -> list:
+    """The `log_history` of the trainer state saved in `path`; `ValueError` naming the file when it is not one."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            state = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ValueError(f"{path}: not a trainer state (a JSON object whose log_history is a list)")
+    return history
 
 
 def load_log_history(source) -> list[dict]:
@@ -394,8 +420,7 @@ def load_log_history(source) -> list[dict]:
         return source
     if isinstance(source, dict):
         return source.get("log_history", [])
-    with open(find_trainer_state(os.fspath(source)), encoding="utf-8") as f:
-        return json.load(f).get("log_history", [])
+    return _read_log_history(find_trainer_state(os.fspath(source)))
 
 
 def _series(history: list[dict], key: str):
@@ -481,8 +506,7 @@ def plot_training_curves(source, out: str | None = None, title: str | None = Non
             ax.set_xlim(min(all_steps) - 0.02 * max(all_steps), max(all_steps) * 1.02 + 1)
     fig.suptitle(title, fontsize=12)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out)
     return fig
 
 
@@ -530,13 +554,30 @@ def main(argv=None):
     curves.add_argument("--out", required=True, help="PNG file to write")
 
     args = parser.parse_args(argv)
+
+    def write(draw):
+        """Runs `draw(out)`, which saves the picture; a file that cannot be written ends with its OS error."""
+        path = figure_path(args.out)
+        try:
+            draw(path)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            folder = os.path.dirname(os.path.abspath(path))
+            if err.filename not in (None, path):  # its folder could not be made
+                reason += f": {err.filename}"
+            elif err.errno == errno.ENOENT and os.path.isdir(folder):  # e.g. in /proc: the folder is there
+                reason += f" (the folder {folder} exists but does not let this file be created)"
+            parser.error(f"--out {args.out}: could not write {path}: {reason}")
+        print(path)
+        return 0
+
     if args.command == "curves":
         try:
-            plot_training_curves(args.run_dir, out=args.out, title=args.title)
-        except FileNotFoundError as err:
+            history = load_log_history(args.run_dir)
+        except (OSError, ValueError) as err:  # no trainer state, unreadable, or not one
             parser.error(str(err))
-        print(args.out)
-        return 0
+        title = args.title or f"OT-MEL training: {os.path.basename(os.path.normpath(args.run_dir))}"
+        return write(lambda path: plot_training_curves(history, out=path, title=title))
 
     if args.side == "mention":
         first, second, image = args.mention, args.sentence, args.mention_image
@@ -549,23 +590,34 @@ def main(argv=None):
         parser.error(f"--side {args.side} needs {' and '.join(missing)}")
     if not os.path.isfile(image):
         parser.error(f"image not found: {image}")
-    model, processor = load_model_and_processor(args.model, args.processor)
     try:
-        plot_correlation_maps(
-            model,
-            processor,
-            first,
-            second,
-            image,
-            side=args.side,
-            direction=args.direction,
-            token=args.token,
-            out=args.out,
+        model, processor = load_model_and_processor(args.model, args.processor)
+    except (OSError, ValueError) as err:  # not a folder nor a Hub id, not a model folder, offline
+        folders = [f for f in (args.model, args.processor) if f]
+        where = "" if all(os.path.isdir(f) for f in folders) else "no such local folder, and as a Hub id: "
+        reason = " ".join(str(err).split())  # one line
+        parser.error(
+            f"--model {' / --processor '.join(folders)}: could not load an OT-MEL model and processor ({where}"
+            f"{type(err).__name__}: {reason})"
         )
-    except ValueError as err:
-        parser.error(str(err))
-    print(args.out)
-    return 0
+
+    def draw(path):
+        try:
+            plot_correlation_maps(
+                model,
+                processor,
+                first,
+                second,
+                image,
+                side=args.side,
+                direction=args.direction,
+                token=args.token,
+                out=path,
+            )
+        except ValueError as err:
+            parser.error(str(err))
+
+    return write(draw)
 
 
 if __name__ == "__main__":

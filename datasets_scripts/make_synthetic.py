@@ -6,7 +6,11 @@ Usage::
     python datasets_scripts/make_synthetic.py OUT_DIR --entities 3000 --mentions 6000 --seed 0 \
         [--image-size 64] [--workers 2] [--preset {default,hard}] [--partial_name_fraction F] \
         [--partial_name_cues {rich,plain}] [--mention_image_fraction F] [--style_shift P] \
-        [--style_shifts palette,invert,...] [--kb_images_per_entity N] [--nil_fraction F]
+        [--style_shifts palette,invert,...] [--kb_images_per_entity N] [--nil_fraction F] \
+        [--overwrite]
+
+OUT_DIR must be new, empty or a world written by this script (recognised by its ``ceilings.json``);
+``--overwrite`` writes into any other folder (its files of the same names are replaced).
 
 The world
 ---------
@@ -144,6 +148,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 DATASET_NAME = "Synth"
 GENERATOR_VERSION = 1
+GENERATOR = "datasets_scripts/make_synthetic.py"  # ceilings.json's world.generator: how a world of ours is recognised
 
 COLOURS = [
     (220, 30, 30),  # red
@@ -921,6 +926,33 @@ def _dump(path: Path, obj) -> None:
         f.write("\n")
 
 
+def synthetic_world(folder) -> dict | None:
+    """The ``world`` entry of ``folder/ceilings.json`` (generator, version, entities, mentions, seed, options, ...)
+    when the folder holds a world written by this script, or the converted copy of one (``convert_mimic.py`` copies
+    ``ceilings.json``); None otherwise (no such file, unreadable, or written by something else)."""
+    try:
+        with open(Path(folder) / "ceilings.json", encoding="utf-8") as f:
+            ceilings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    world = ceilings.get("world") if isinstance(ceilings, dict) else None
+    return world if isinstance(world, dict) and world.get("generator") == GENERATOR else None
+
+
+def check_out_dir(out_dir, overwrite: bool = False) -> None:
+    """Raises ``ValueError`` when ``out_dir`` may not receive a world: a file, or a non-empty folder that holds no
+    world of this script (someone's own data, which a world's files would overwrite), unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: refusing to write a world there")
+    if overwrite or not out.is_dir() or synthetic_world(out) is not None or not any(out.iterdir()):
+        return
+    raise ValueError(
+        f"{out} is not empty and holds no world of make_synthetic.py (no ceilings.json of its own): refusing to write "
+        "into it; choose a new or empty folder, or pass --overwrite (overwrite=True) to write its files there anyway"
+    )
+
+
 def generate(
     out_dir,
     entities: int,
@@ -938,12 +970,16 @@ def generate(
     style_shifts=None,
     kb_images_per_entity: int | None = None,
     nil_fraction: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write the world into ``out_dir``; return the ceilings dict (also written to ceilings.json).
 
     The keyword-only arguments are the hardness knobs of the module docstring; None means "the
-    preset's value, else the default", so explicit values override the preset.
+    preset's value, else the default", so explicit values override the preset. ``out_dir`` must be
+    new, empty or a world of this script (``check_out_dir``: ``ValueError`` otherwise) unless
+    ``overwrite``.
     """
+    check_out_dir(out_dir, overwrite)
     out = Path(out_dir)
     (out / "kb_image").mkdir(parents=True, exist_ok=True)
     (out / "mention_image").mkdir(parents=True, exist_ok=True)
@@ -993,7 +1029,7 @@ def generate(
 
     ceil = compute_ceilings(world)
     world_info = {
-        "generator": "datasets_scripts/make_synthetic.py",
+        "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
         "entities": entities,
         "mentions": mentions,
@@ -1065,6 +1101,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="processes drawing pictures (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT_DIR even when it is a non-empty folder that holds no world of this script",
+    )
     k = p.add_argument_group("hardness knobs (defaults: the version-1 world; explicit flags override --preset)")
     k.add_argument("--preset", choices=sorted(PRESETS), default=None)
     k.add_argument(
@@ -1134,6 +1175,7 @@ def main(argv=None) -> int:
             style_shifts=a.style_shifts,
             kb_images_per_entity=a.kb_images_per_entity,
             nil_fraction=a.nil_fraction,
+            overwrite=a.overwrite,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -192,6 +192,30 @@ def test_generator_cli(tmp_path, capsys):
     assert (tmp_path / "w" / "ceilings.json").is_file()
 
 
+def test_generator_refuses_a_folder_that_is_not_its_world(tmp_path, capsys):
+    """A non-empty folder that holds no world (someone's own data) is never written into without --overwrite; an
+    earlier world of the generator is regenerated in place."""
+    small = ["--entities", "12", "--mentions", "20", "--image-size", "16", "--workers", "1", "--no-progress"]
+    data = tmp_path / "mimic"
+    data.mkdir()
+    (data / "kb_entity.json").write_text("mine")
+    capsys.readouterr()
+    assert ms.main([str(data), *small]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data} is not empty and holds no world of make_synthetic.py") and "\n" not in err
+    assert sorted(os.listdir(data)) == ["kb_entity.json"] and (data / "kb_entity.json").read_text() == "mine"
+    with pytest.raises(ValueError, match="refusing to write into it"):
+        ms.generate(data, entities=12, mentions=20, image_size=16, workers=1)
+    (tmp_path / "a_file").write_text("x")
+    assert ms.main([str(tmp_path / "a_file"), *small]) == 2
+    # --overwrite writes there; then the folder is a world, which a later run may regenerate.
+    assert ms.main([str(data), *small, "--overwrite"]) == 0
+    assert ms.synthetic_world(data)["entities"] == 12
+    assert ms.main([str(data), *small[2:], "--entities", "14"]) == 0
+    assert ms.synthetic_world(data)["entities"] == 14
+    assert ms.synthetic_world(tmp_path) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # converter on a clean synthetic world
 
