@@ -381,15 +381,16 @@ def _dataset_id(dataset_name: str) -> str:
     return name or dataset_name
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and ".." not in name
+def _looks_like_hub_id(name: str, bare_name: bool = False) -> bool:
+    """Whether `name` reads as a Hub repository id and is no local path: `owner/name` (or, with `bare_name`, a name
+    without owner, as Hub datasets like `squad` have)."""
+    pattern = r"([\w.-]+/)?[\w.-]+" if bare_name else r"[\w.-]+/[\w.-]+"
+    return not os.path.exists(name) and re.fullmatch(pattern, name) is not None and ".." not in name
 
 
 def _hub_dataset_id(dataset_name: str) -> str | None:
     """`dataset_name` when it names a Hub dataset (`owner/name`, or a bare name that is no local path), else None."""
-    if os.path.exists(dataset_name) or ".." in dataset_name:
-        return None
-    return dataset_name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset_name) else None
+    return dataset_name if _looks_like_hub_id(dataset_name, bare_name=True) else None
 
 
 def _is_synthetic(dataset_name: str, training: dict | None) -> bool:
